@@ -1,0 +1,1 @@
+"""Turn sweep directories into result tables and plots (see analysis/make_tables.py)."""

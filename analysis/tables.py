@@ -1,0 +1,386 @@
+"""Result tables per ablation, written as Markdown, LaTeX (booktabs) and CSV.
+
+Layouts (row axes; column axis), chosen by the sweep's ``ablation``:
+  predictor_sharing  rows = methods; columns = shared, separate, each with kNN and linear, then
+                     Δ(separate − shared) for kNN and linear;
+  view_combination   rows = view sets;
+  backbone           rows = backbones;
+  method             rows = methods;
+  anything else      a generic pivot over the axes that vary: the last varying axis becomes the columns
+                     ("axis=value"), the others the rows.
+Any other axis that varies within a known layout is added to the rows, so no jobs are merged by accident. Seeds
+are never an axis of the table: they are what a cell aggregates. Sweeps of different ablations or profiles are
+never mixed in one table; each (ablation, profile) gets its own.
+
+Metrics: "kNN" is ``knn_top1`` (weighted kNN, k=20, online backbone), "linear" is ``linear_top1``; both top-1 in
+percent on the val split. A metric that no completed job reported is left out.
+
+Cell format (accuracies with one decimal):
+  ``72.3 ± 0.4 (n=3)``              mean ± sample standard deviation (ddof=1) over the completed seeds
+  ``72.3 (n=1)``                    a single completed seed
+  ``72.3 ± 0.4 (n=2); diverged``    jobs that did not complete are listed after the value, never averaged in
+  ``diverged``, ``failed ×2, running``   no completed seed: only the status marks
+  ``n/a``                           completed jobs that did not report this metric
+  ``—``                             no job for this cell
+Status marks appear in the order diverged, failed, malformed, running, missing, n/a, with "×k" when k > 1.
+Δ cells are the difference of the two means, signed, one decimal (``+1.2``, ``-0.3``), ``—`` when either side has
+no completed seed. The best (highest) mean of each accuracy column, compared at the displayed precision, is bold
+(``**…**`` in Markdown, ``\\textbf{…}`` in LaTeX, ``best`` column in CSV); ties are all marked, and nothing is
+marked in a column with fewer than two values or in Δ columns.
+
+LaTeX output is a bare ``tabular`` (needs ``\\usepackage{booktabs}``) with ``\\toprule``/``\\midrule``/
+``\\bottomrule``, ``\\multicolumn`` group headers with ``\\cmidrule``, escaped labels, ``$\\pm$``, and is meant to
+be ``\\input`` inside the paper's own ``table`` environment. CSV output is long-format: one line per cell with the
+row labels, column, metric, mean, std, n, the status marks, ``best`` and the displayed text.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+HEADLINE_METRICS = [("kNN", "knn_top1"), ("linear", "linear_top1")]
+MARK_ORDER = ("diverged", "failed", "malformed", "running", "missing", "n/a")
+# Configuration fields that can be table axes even when sweep.json does not name them.
+STANDARD_AXES = ["method", "views", "predictor", "backbone", "data"]
+CANONICAL_ORDER = {
+    "method": ["byol", "simsiam", "mocov3"],
+    "views": ["global", "global_local", "global_cutout", "global_local_cutout"],
+    "predictor": ["shared", "separate"],
+    "backbone": ["resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"],
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an ablation is laid out: row axes, an optional column axis, an optional Δ(a − b) of column values."""
+
+    row_axes: tuple[str, ...]
+    column_axis: str | None = None
+    delta: tuple[str, str] | None = None
+
+
+LAYOUTS = {
+    "predictor_sharing": Layout(("method",), "predictor", ("separate", "shared")),
+    "view_combination": Layout(("views",)),
+    "backbone": Layout(("backbone",)),
+    "method": Layout(("method",)),
+}
+
+
+@dataclass
+class Cell:
+    """The jobs of one table cell: completed values, counts of statuses not averaged in, or a Δ of two cells."""
+
+    values: list[float] = field(default_factory=list)
+    marks: dict[str, int] = field(default_factory=dict)
+    is_delta: bool = False
+    delta: float | None = None
+    best: bool = False
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.values) / self.n if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return float(pd.Series(self.values).std(ddof=1)) if self.n > 1 else None
+
+
+@dataclass
+class Column:
+    """One value column: a header group, a metric label, the results.json metric, and what the cells hold
+    (jobs whose column axis equals ``value``, or the Δ of the two column values in ``delta_of``)."""
+
+    group: str
+    label: str
+    metric: str
+    value: str = ""
+    delta_of: tuple[str, str] | None = None
+
+
+@dataclass
+class Table:
+    """A result table: labelled rows x columns of cells, plus the jobs it was built from."""
+
+    name: str
+    title: str
+    row_axes: list[str]
+    rows: list[tuple[str, ...]]
+    columns: list[Column]
+    cells: list[list[Cell]]
+    jobs: pd.DataFrame
+
+
+def build_tables(frame: pd.DataFrame) -> tuple[list[Table], list[str]]:
+    """One table per (ablation, profile) found in a gathered frame, and messages about how the input was split."""
+    messages: list[str] = []
+    if frame.empty:
+        return [], ["no jobs to tabulate"]
+    # Missing ablation/profile (no sweep.json) become "" so they group and compare like any other value.
+    ablations = frame["ablation"].astype(object).fillna("").astype(str)
+    profiles = frame["profile"].astype(object).fillna("").astype(str)
+    keys = list(dict.fromkeys(zip(ablations, profiles)))
+    if len(keys) > 1:
+        described = "; ".join(
+            f"ablation={a or '?'} profile={p or '?'} from "
+            + ", ".join(sorted(set(frame.loc[(ablations == a) & (profiles == p), "sweep"])))
+            for a, p in keys)
+        messages.append(f"the sweeps are of different kinds and are tabulated separately, never averaged "
+                        f"together: {described}")
+    ablation_counts = Counter(a for a, _ in keys)
+    tables = []
+    for ablation, profile in keys:
+        jobs = frame[(ablations == ablation) & (profiles == profile)]
+        name = _safe_name(str(ablation) if ablation else "jobs")
+        if ablation_counts[ablation] > 1 and profile:
+            name = f"{name}_{_safe_name(str(profile))}"
+        title = f"{ablation or 'jobs'} ({profile})" if profile else str(ablation or "jobs")
+        table, table_messages = build_table(jobs, ablation, name, title)
+        tables.append(table)
+        messages.extend(table_messages)
+    return tables, messages
+
+
+def build_table(jobs: pd.DataFrame, ablation: str | None, name: str, title: str) -> tuple[Table, list[str]]:
+    """Lay out the jobs of one sweep kind (see the module docstring for layouts and cell rules)."""
+    messages = []
+    varying = _varying_axes(jobs)
+    layout = LAYOUTS.get(ablation or "")
+    if layout is not None:
+        column_axis = layout.column_axis if layout.column_axis in jobs.columns else None
+        row_axes = list(layout.row_axes) + [a for a in varying if a not in layout.row_axes and a != column_axis]
+        delta = layout.delta
+    else:
+        column_axis = varying[-1] if len(varying) >= 2 else None
+        row_axes = varying[:-1] if len(varying) >= 2 else varying
+        delta = None
+
+    labels = pd.DataFrame(index=jobs.index)
+    for axis in row_axes + ([column_axis] if column_axis else []):
+        labels[axis] = jobs[axis].map(_label) if axis in jobs.columns else "?"
+    if not row_axes:
+        labels["config"] = "all"
+        row_axes = ["config"]
+    rows = _ordered_rows(labels, row_axes)
+    column_values = _ordered_values(labels[column_axis], column_axis) if column_axis else [""]
+    if delta is not None and not all(v in column_values for v in delta):
+        delta = None
+
+    completed = jobs["status"] == "completed"
+    metrics = [(label, metric) for label, metric in HEADLINE_METRICS
+               if metric in jobs.columns and jobs.loc[completed, metric].notna().any()]
+    if not metrics:
+        metrics = [(label, metric) for label, metric in HEADLINE_METRICS if metric in jobs.columns] or [
+            HEADLINE_METRICS[0]]
+    generic = layout is None and column_axis is not None
+    columns = [Column(f"{column_axis}={value}" if generic else value, label, metric, value)
+               for value in column_values for label, metric in metrics]
+    if delta is not None:
+        columns += [Column(f"Δ({delta[0]} − {delta[1]})", label, metric, delta_of=delta)
+                    for label, metric in metrics]
+
+    group_axes = row_axes + ([column_axis] if column_axis else [])
+    groups = {(key if isinstance(key, tuple) else (key,)): part.index
+              for key, part in labels.groupby(group_axes, sort=False)}
+    cells = []
+    for row in rows:
+        row_cells = []
+        for column in columns:
+            if column.delta_of is None:
+                key = row + ((column.value,) if column_axis else ())
+                index = groups.get(key)
+                row_cells.append(_cell(jobs.loc[index] if index is not None else jobs.iloc[0:0], column.metric))
+            else:
+                by_value = {c.value: cell for c, cell in zip(columns, row_cells)
+                            if c.metric == column.metric and c.delta_of is None}
+                minuend, subtrahend = by_value[column.delta_of[0]], by_value[column.delta_of[1]]
+                difference = (None if minuend.mean is None or subtrahend.mean is None
+                              else minuend.mean - subtrahend.mean)
+                row_cells.append(Cell(is_delta=True, delta=difference))
+        cells.append(row_cells)
+    _mark_best(cells)
+
+    identity = [c for c in group_axes if c in jobs.columns] + ["seed"]
+    done = jobs[completed & jobs["seed"].notna()]
+    duplicated = done[done.duplicated(subset=identity, keep=False)]
+    if not duplicated.empty:
+        messages.append(f"{name}: {len(duplicated)} completed jobs share their configuration and seed with another "
+                        f"job (the same run gathered twice?); each is counted in n: "
+                        + ", ".join(sorted(duplicated["job"].astype(str).unique())[:5]))
+    return Table(name, title, row_axes, rows, columns, cells, jobs), messages
+
+
+def _varying_axes(jobs: pd.DataFrame) -> list[str]:
+    """Axes (sweep.json axes, then standard config fields) that take more than one value; never the seed."""
+    declared = [a for axes in jobs["axes"].dropna() for a in str(axes).split(",") if a]
+    candidates = [a for a in dict.fromkeys(declared + STANDARD_AXES) if a != "seed" and a in jobs.columns]
+    return [a for a in candidates if jobs[a].map(_label, na_action="ignore").nunique(dropna=True) > 1]
+
+
+def _label(value: Any) -> str:
+    """A display label for an axis value: integral floats without '.0', missing as '?'."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "?"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _ordered_values(labels: pd.Series, axis: str) -> list[str]:
+    seen = list(dict.fromkeys(labels))
+    canonical = [v for v in CANONICAL_ORDER.get(axis, []) if v in seen]
+    return canonical + [v for v in seen if v not in canonical]
+
+
+def _ordered_rows(labels: pd.DataFrame, row_axes: list[str]) -> list[tuple[str, ...]]:
+    orders = {axis: _ordered_values(labels[axis], axis) for axis in row_axes}
+    rows = list(dict.fromkeys(map(tuple, labels[row_axes].itertuples(index=False))))
+    return sorted(rows, key=lambda row: tuple(orders[a].index(v) for a, v in zip(row_axes, row)))
+
+
+def _cell(jobs: pd.DataFrame, metric: str) -> Cell:
+    completed = jobs[jobs["status"] == "completed"]
+    values = [float(v) for v in completed[metric].dropna()] if metric in jobs.columns else []
+    marks = Counter(jobs.loc[jobs["status"] != "completed", "status"])
+    if len(completed) > len(values):
+        marks["n/a"] = len(completed) - len(values)
+    return Cell(values=values, marks={m: marks[m] for m in MARK_ORDER if marks.get(m)})
+
+
+def _mark_best(cells: list[list[Cell]]) -> None:
+    """Bold the highest displayed mean of each accuracy column (ties included) when it has two or more values."""
+    for column in zip(*cells) if cells else []:
+        valued = [c for c in column if not c.is_delta and c.n > 0]
+        if len(valued) < 2:
+            continue
+        best = max(float(f"{c.mean:.1f}") for c in valued)
+        for c in valued:
+            c.best = float(f"{c.mean:.1f}") == best
+
+
+# ---------------------------------------------------------------------------------------------------- rendering
+
+_EMPTY = {"markdown": "—", "latex": "---", "text": "—"}
+_PM = {"markdown": " ± ", "latex": r" $\pm$ ", "text": " ± "}
+_TIMES = {"markdown": " ×", "latex": r" $\times$", "text": " ×"}
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def escape_latex(text: str) -> str:
+    """Escape LaTeX's special characters in a plain-text label."""
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def format_cell(cell: Cell, fmt: str = "text") -> str:
+    """A cell's display text in ``fmt`` ("markdown", "latex" or "text"); see the module docstring."""
+    if cell.is_delta:
+        if cell.delta is None:
+            return _EMPTY[fmt]
+        shown = f"{float(f'{cell.delta:.1f}') + 0.0:+.1f}"  # + 0.0 turns -0.0 into +0.0
+        return f"${shown}$" if fmt == "latex" else shown
+    value = None
+    if cell.n:
+        value = f"{cell.mean:.1f}" + (f"{_PM[fmt]}{cell.std:.1f}" if cell.n > 1 else "") + f" (n={cell.n})"
+        if cell.best and fmt == "markdown":
+            value = f"**{value}**"
+        elif cell.best and fmt == "latex":
+            value = rf"\textbf{{{value}}}"
+    marks = ", ".join(m + (f"{_TIMES[fmt]}{k}" if k > 1 else "") for m, k in cell.marks.items())
+    parts = [p for p in (value, marks) if p]
+    return "; ".join(parts) if parts else _EMPTY[fmt]
+
+
+def _column_header(column: Column, fmt: str) -> tuple[str, str]:
+    """(group, label) header texts of a column in ``fmt``."""
+    if fmt == "latex":
+        if column.delta_of:
+            a, b = (escape_latex(v) for v in column.delta_of)
+            return rf"$\Delta$({a} $-$ {b})", escape_latex(column.label)
+        return escape_latex(column.group), escape_latex(column.label)
+    return column.group, column.label
+
+
+def to_markdown(table: Table) -> str:
+    """The table as a GitHub-flavoured Markdown pipe table (best values bold)."""
+    def row_text(items: list[str]) -> str:
+        return "| " + " | ".join(item.replace("|", r"\|") for item in items) + " |"
+
+    headers = [" ".join(p for p in _column_header(c, "markdown") if p) for c in table.columns]
+    lines = [row_text(table.row_axes + headers),
+             "|" + "|".join([":---"] * len(table.row_axes) + ["---:"] * len(table.columns)) + "|"]
+    for row, cells in zip(table.rows, table.cells):
+        lines.append(row_text(list(row) + [format_cell(c, "markdown") for c in cells]))
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(table: Table) -> str:
+    """The table as a booktabs ``tabular`` (best values in \\textbf, labels escaped)."""
+    n_labels = len(table.row_axes)
+    headers = [_column_header(c, "latex") for c in table.columns]
+    lines = [r"% generated by analysis/make_tables.py; needs \usepackage{booktabs}",
+             r"\begin{tabular}{" + "l" * n_labels + "c" * len(table.columns) + "}", r"\toprule"]
+    if any(group for group, _ in headers):
+        spans: list[tuple[str, int, int]] = []  # (group, first column, last column), 1-based
+        for i, (group, _) in enumerate(headers, start=n_labels + 1):
+            if spans and spans[-1][0] == group:
+                spans[-1] = (group, spans[-1][1], i)
+            else:
+                spans.append((group, i, i))
+        cells = [""] * n_labels + [rf"\multicolumn{{{last - first + 1}}}{{c}}{{{group}}}"
+                                   for group, first, last in spans]
+        lines.append(" & ".join(cells) + r" \\")
+        lines.append(" ".join(rf"\cmidrule(lr){{{first}-{last}}}" for group, first, last in spans if group))
+    lines.append(" & ".join([escape_latex(a) for a in table.row_axes] + [label for _, label in headers]) + r" \\")
+    lines.append(r"\midrule")
+    for row, cells in zip(table.rows, table.cells):
+        lines.append(" & ".join([escape_latex(v) for v in row] + [format_cell(c, "latex") for c in cells]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv_frame(table: Table) -> pd.DataFrame:
+    """Long-format frame: one line per cell with row labels, column, metric, mean, std, n, marks, best, text."""
+    records = []
+    for row, cells in zip(table.rows, table.cells):
+        for column, cell in zip(table.columns, cells):
+            header = " ".join(p for p in _column_header(column, "text") if p)
+            records.append({
+                **dict(zip(table.row_axes, row)), "column": header, "metric": column.metric,
+                "mean": cell.delta if cell.is_delta else cell.mean, "std": None if cell.is_delta else cell.std,
+                "n": None if cell.is_delta else cell.n,
+                "not_averaged": ", ".join(f"{m}={k}" for m, k in cell.marks.items()),
+                "best": cell.best, "text": format_cell(cell, "text")})
+    frame = pd.DataFrame.from_records(records)
+    frame["n"] = frame["n"].astype("Int64")
+    return frame
+
+
+def write_table(table: Table, out_dir: Path) -> dict[str, Path]:
+    """Write ``<name>.md``, ``<name>.tex`` and ``<name>.csv`` into out_dir; returns {"md"|"tex"|"csv": path}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out_dir / f"{table.name}.{ext}" for ext in ("md", "tex", "csv")}
+    paths["md"].write_text(f"### {table.title}\n\n{to_markdown(table)}\n{LEGEND}\n", encoding="utf-8")
+    paths["tex"].write_text(to_latex(table), encoding="utf-8")
+    to_csv_frame(table).to_csv(paths["csv"], index=False)
+    return paths
+
+
+LEGEND = ("kNN: weighted kNN top-1 (k=20), linear: linear-probe top-1, in % on the val split. Cells: mean ± sample "
+          "std over completed seeds (n); jobs that did not complete are listed by status and not averaged in; "
+          "best per column in bold; Δ is the difference of the means.")
+
+
+def _safe_name(text: str) -> str:
+    """A file stem for a table; never one of the index files written beside the tables."""
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text) or "jobs"
+    return f"table_{name}" if name.lower() in ("results", "readme") else name

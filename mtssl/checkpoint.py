@@ -1,0 +1,143 @@
+"""Sharded, atomic, resumable checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout: ``out_dir/checkpoints/step_00001234/`` holding DCP shards, DCP's ``.metadata``, the
+trainer state (``trainer_state.json``) and the resolved config. A checkpoint is written into
+``.tmp_step_*`` and renamed when complete, so a directory without ``.metadata`` or trainer state
+is never a valid checkpoint. DCP reshards on load, so a run saved on 2 ranks resumes on 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+log = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
+# BatchNorm statistics are per rank (each rank normalises its own batch) while DCP stores one copy
+# of unsharded tensors; each rank therefore also saves its own buffers.
+RANK_BUFFERS = "buffers_rank{rank}.pt"
+
+
+class CheckpointMismatch(RuntimeError):
+    """out_dir holds a checkpoint of a different config: resuming it would mix two runs."""
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    samples_seen: int = 0  # global samples seen in ``epoch``
+    config_hash: str = ""
+    world_size: int = 1
+    skipped_images: int = 0
+
+
+class ModelAndOptimizer(Stateful):
+    """DCP view of the network (online, predictors, target) and the optimizer state."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self):
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optim": optim_state}
+
+    def load_state_dict(self, state_dict):
+        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"])
+
+
+def _step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in (".metadata", TRAINER_STATE, RANK_BUFFERS.format(rank=0)))
+
+
+class CheckpointManager:
+    """Save every N steps / minutes / on demand, keep the newest ``keep``, resume the newest valid."""
+
+    def __init__(self, root: Path, keep: int, rank: int = 0):
+        self.root = Path(root)
+        self.keep = keep
+        self.rank = rank
+        self.is_main = rank == 0
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, newest first; partial ones are reported and ignored."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in sorted(self.root.glob("step_*"), reverse=True):
+            if is_complete(path):
+                found.append(path)
+            else:
+                log.warning("ignoring incomplete checkpoint %s (no .metadata or %s)", path, TRAINER_STATE)
+        return found
+
+    def save(self, state: TrainerState, model_and_optimizer: ModelAndOptimizer, config_yaml: str) -> Path:
+        """Write a complete checkpoint atomically (all ranks must call)."""
+        final = _step_dir(self.root, state.step)
+        tmp = self.root / f".tmp_{final.name}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        dcp.save({"app": model_and_optimizer}, checkpoint_id=str(tmp))
+        buffers = {name: b.detach().cpu() for name, b in model_and_optimizer.model.named_buffers()}
+        torch.save(buffers, tmp / RANK_BUFFERS.format(rank=self.rank))
+        dist.barrier()
+        if self.is_main:
+            (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
+            (tmp / "config.yaml").write_text(config_yaml)
+            if final.exists():  # re-saving a step (e.g. stop right after a periodic save)
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in self.checkpoints()[self.keep :]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return final
+
+    def load_latest(self, model_and_optimizer: ModelAndOptimizer, config_hash: str) -> TrainerState | None:
+        """Load the newest loadable checkpoint into place; None when there is none.
+
+        Refuses (CheckpointMismatch) a checkpoint written by a different config. A corrupted
+        newest checkpoint is skipped with a warning and the one before it is used.
+        """
+        for path in self.checkpoints():
+            state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+            if state.config_hash != config_hash:
+                raise CheckpointMismatch(
+                    f"{path} was written by a different config (hash {state.config_hash[:12]} vs "
+                    f"{config_hash[:12]}; its config is {path / 'config.yaml'}). Use a new out_dir, or delete "
+                    f"{self.root} to start this config from scratch."
+                )
+            try:
+                dcp.load({"app": model_and_optimizer}, checkpoint_id=str(path))
+                # Same world size: each rank gets its own statistics back; otherwise rank r takes
+                # those of saved rank r mod saved world size.
+                own = path / RANK_BUFFERS.format(rank=self.rank % state.world_size)
+                saved = torch.load(own, map_location="cpu")
+                with torch.no_grad():
+                    for name, buffer in model_and_optimizer.model.named_buffers():
+                        buffer.copy_(saved[name])
+            except (Exception, CheckpointException) as error:  # truncated or corrupted files
+                first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+                log.warning("checkpoint %s could not be loaded (%s); trying the previous one", path, first_line)
+                continue
+            log.info("resumed from %s (step %d)", path, state.step)
+            return state
+        return None

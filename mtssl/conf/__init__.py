@@ -1,0 +1,1 @@
+"""Hydra config groups of an mtssl job (see config.yaml)."""

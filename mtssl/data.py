@@ -1,0 +1,193 @@
+"""ImageFolder data, class-balanced subsets, and the resumable global-batch sampler.
+
+Augmentation randomness is a pure function of (seed, epoch, sample index): every sample is
+augmented under its own seeded RNG. Together with the sampler, whose whole state is the global
+(epoch, samples seen), this makes a run's data stream independent of the number of ranks and
+data-loader workers, and lets a resumed run see exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A data root, split or subset that cannot be used; the message says how to fix it."""
+
+
+@functools.lru_cache(maxsize=16)
+def list_image_folder(root: str | os.PathLike, split: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """Scan ``root/split/<class>/*`` and return ([(path, class index)], class names).
+
+    Raises DataError naming ``data.root`` when the folder, classes or images are missing.
+    Cached: launching a sweep validates every job against the same folders.
+    """
+    split_dir = Path(root) / split
+    if not Path(root).is_dir():
+        raise DataError(
+            f"data.root: folder {root!s} does not exist. Point data.root (or $MTSSL_DATA_ROOT) at a folder "
+            f"holding {split}/<class>/*.jpg"
+        )
+    if not split_dir.is_dir():
+        raise DataError(f"data.root: {root!s} has no '{split}' folder; expected {split_dir}/<class>/*.jpg")
+    classes = sorted(d.name for d in os.scandir(split_dir) if d.is_dir())
+    samples = []
+    for index, name in enumerate(classes):
+        files = sorted(f.path for f in os.scandir(split_dir / name) if f.name.lower().endswith(IMG_EXTENSIONS))
+        samples.extend((path, index) for path in files)
+    if not samples:
+        raise DataError(f"data.root: split folder {split_dir} holds no images (expected <class>/*.jpg)")
+    present = {label for _, label in samples}
+    if len(present) < 2:
+        raise DataError(f"data.root: split folder {split_dir} has images of {len(present)} class; at least 2 are needed")
+    return samples, classes
+
+
+def class_balanced_subset(samples: list[tuple[str, int]], size: int, seed: int = 0) -> list[tuple[str, int]]:
+    """A deterministic subset of ``size`` samples with (nearly) equal counts per class."""
+    if size >= len(samples):
+        return samples
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(i)
+    labels = sorted(by_class)
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = {c: [by_class[c][j] for j in torch.randperm(len(by_class[c]), generator=generator)] for c in labels}
+    chosen: list[int] = []
+    rank = 0
+    while len(chosen) < size:  # round-robin over classes keeps counts within one of each other
+        for c in labels:
+            if rank < len(shuffled[c]) and len(chosen) < size:
+                chosen.append(shuffled[c][rank])
+        rank += 1
+    return [samples[i] for i in sorted(chosen)]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of one sample's augmentations: stable across processes and Python versions."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        return image.convert("RGB")
+
+
+class AugmentedImageFolder(Dataset):
+    """Samples indexed by (epoch, index) and augmented under a per-sample seeded RNG.
+
+    An unreadable image is replaced by the next readable one and reported through the
+    ``skipped`` count returned with each sample, so a bad file costs a warning, not a job.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable, seed: int):
+        self.samples = samples
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        skipped = 0
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                image = load_rgb(path)
+                break
+            except (OSError, ValueError) as error:
+                log.warning("skipping unreadable image %s: %s", path, error)
+                skipped += 1
+        else:
+            raise DataError("data.root: no readable image in the dataset")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            views = self.transform(image)
+        return views, label, skipped
+
+
+class EvalImageFolder(Dataset):
+    """Deterministic (validation-transform) samples for feature extraction."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            image = load_rgb(path)
+        except (OSError, ValueError) as error:
+            # Keep the row count fixed so features stay aligned with labels.
+            log.warning("unreadable image %s replaced by black: %s", path, error)
+            image = Image.new("RGB", (32, 32))
+        return self.transform(image), label
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Seeded per-epoch permutation, cut into global batches, each sliced by rank.
+
+    Yields, for this rank, lists of (epoch, sample index). The state is the global position
+    (epoch, samples seen in that epoch), so resuming at any world size covers the same data.
+    The last incomplete global batch of each epoch is dropped.
+    """
+
+    def __init__(self, num_samples: int, global_batch_size: int, rank: int, world_size: int, seed: int):
+        if global_batch_size % world_size:
+            raise ValueError(
+                f"train.batch_size: {global_batch_size} does not divide across {world_size} ranks; "
+                f"use a multiple of {world_size}"
+            )
+        self.num_samples = num_samples
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // world_size
+        self.rank = rank
+        self.steps_per_epoch = num_samples // global_batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.start_sample = 0
+
+    def set_position(self, step: int) -> None:
+        """Continue from global step ``step`` (epoch and offset follow from the global batch)."""
+        self.epoch, batch = divmod(step, self.steps_per_epoch)
+        self.start_sample = batch * self.global_batch_size
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_sample // self.global_batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = self.permutation(self.epoch).tolist()
+        end = self.steps_per_epoch * self.global_batch_size
+        for start in range(self.start_sample, end, self.global_batch_size):
+            lo = start + self.rank * self.local_batch_size
+            yield [(self.epoch, i) for i in order[lo : lo + self.local_batch_size]]
+
+
+def collate_views(batch):
+    """[(views, label, skipped)] -> (list of [B, C, H, W] per view, labels, skipped count)."""
+    views = [torch.stack([sample[0][v] for sample in batch]) for v in range(len(batch[0][0]))]
+    labels = torch.tensor([sample[1] for sample in batch])
+    skipped = sum(sample[2] for sample in batch)
+    return views, labels, skipped

@@ -1,0 +1,103 @@
+"""Process groups for torchrun, submitit tasks and plain single-process runs.
+
+A process group always exists (world size 1 uses an in-memory store), so the same FSDP2 code
+path, checkpoint format and collectives serve 1 and N ranks. CUDA uses nccl; CPU uses gloo.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _export_submitit_env() -> None:
+    """Inside a submitit task, derive torch.distributed's env vars from SLURM's."""
+    try:
+        import submitit
+
+        job_env = submitit.JobEnvironment()
+    except RuntimeError:  # not in a submitit job
+        return
+    os.environ.setdefault("RANK", str(job_env.global_rank))
+    os.environ.setdefault("LOCAL_RANK", str(job_env.local_rank))
+    os.environ.setdefault("WORLD_SIZE", str(job_env.num_tasks))
+    os.environ.setdefault("MASTER_ADDR", job_env.hostnames[0])
+    # One port per job id, so jobs sharing a node do not collide.
+    job_id = "".join(ch for ch in str(job_env.job_id) if ch.isdigit()) or "0"
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(job_id) % 20000))
+
+
+def select_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str = "auto") -> DistEnv:
+    """Join (or create) the default process group from torchrun / submitit environment."""
+    if "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ or "SLURM_JOB_ID" in os.environ:
+        _export_submitit_env()
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = select_device(device_preference, local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(minutes=30)
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def cpu_group():
+    """A gloo group for small host-side agreements (stop flags) that must not sync the GPU."""
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return _CPU_GROUP
+
+
+_CPU_GROUP = None
+
+
+def agree_any(flags: list[bool]) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks (one small all-reduce)."""
+    if dist.get_world_size() == 1:
+        return list(flags)
+    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=cpu_group())
+    return [bool(v) for v in tensor.tolist()]
+
+
+def broadcast_object(obj, src: int = 0):
+    if dist.get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def destroy_distributed() -> None:
+    global _CPU_GROUP
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CPU_GROUP = None

@@ -1,0 +1,63 @@
+"""FSDP2 wrapping: one unit per backbone block, per projector and per predictor, then the root.
+
+The online encoder and the EMA target are sharded with the same plan, so every target shard
+sits on the same rank as its online twin and the EMA update is purely local.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+# Residual / transformer block classes of timm backbones; each becomes one FSDP unit.
+BLOCK_CLASS_NAMES = {"BasicBlock", "Bottleneck", "Block", "ResidualBlock", "ConvNeXtBlock"}
+
+
+def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
+    return [m for m in backbone.modules() if type(m).__name__ in BLOCK_CLASS_NAMES]
+
+
+def mixed_precision_policy(device: torch.device) -> MixedPrecisionPolicy:
+    """bf16 parameters with fp32 gradient reduction on GPU; plain fp32 on CPU."""
+    if device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Apply fully_shard per block, per head and at the root of a MultiTaskSiamese."""
+    policy = mixed_precision_policy(device)
+    encoders = [model.online] + ([model.target] if model.target is not None else [])
+    for encoder in encoders:
+        for block in backbone_blocks(encoder.backbone):
+            fully_shard(block, mp_policy=policy)
+        fully_shard(encoder.backbone, mp_policy=policy)
+        fully_shard(encoder.projector, mp_policy=policy)
+    for predictor in model.predictors.values():
+        fully_shard(predictor, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU copy of a module's parameters and buffers (collective: all ranks call)."""
+    state = {}
+    for key, value in module.state_dict().items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        state[key] = value.detach().to("cpu", copy=True)
+    return state
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in sorted key order."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,155 @@
+"""Backbone, projector/predictor MLPs and the multi-task Siamese network.
+
+The online branch is backbone -> projector -> predictor of the view's type. The target branch
+is a backbone -> projector only (never a predictor): an EMA copy for BYOL and MoCo v3, or, for
+SimSiam, the online projections of the global views under stop-gradient (no extra forward).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Mapping, Sequence
+
+import timm
+import torch
+from torch import nn
+
+from mtssl.ghost_bn import GhostBatchNorm, grouped_views_mode
+
+SHARED_PREDICTOR = "shared"
+
+
+def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int, last_bn: bool = False) -> nn.Sequential:
+    """Hidden layers Linear(no bias) -> BN -> ReLU; last layer Linear(bias); optional non-affine BN."""
+    layers: list[nn.Module] = []
+    dim = in_dim
+    for hidden in hidden_dims:
+        layers += [nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        dim = hidden
+    layers.append(nn.Linear(dim, out_dim))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers)
+
+
+def build_backbone(timm_name: str, small_images: bool = False, **timm_kwargs) -> nn.Module:
+    """A timm model without classifier (``num_classes=0``): returns pooled / CLS features.
+
+    ``small_images`` adapts it to 32 px inputs as is usual for CIFAR: a 3x3 stride-1 stem
+    without max-pool for ResNets, 4 px patches for ViTs. ViTs accept mixed crop sizes through
+    timm's dynamic image size.
+    """
+    kwargs = dict(num_classes=0, pretrained=False, **timm_kwargs)
+    is_vit = timm_name.startswith(("vit_", "deit_"))
+    if is_vit:
+        kwargs.setdefault("dynamic_img_size", True)
+        if small_images:
+            kwargs.setdefault("img_size", 32)
+            kwargs.setdefault("patch_size", 4)
+    model = timm.create_model(timm_name, **kwargs)
+    if small_images and not is_vit and hasattr(model, "conv1") and hasattr(model, "maxpool"):
+        out_channels = model.conv1.out_channels
+        model.conv1 = nn.Conv2d(3, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    return backbone.num_features
+
+
+class Encoder(nn.Module):
+    """Backbone followed by projector: the part shared by online and target branches."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(images))
+
+
+class MultiTaskSiamese(nn.Module):
+    """Shared encoder, one predictor per view type (or one shared), and an optional EMA target.
+
+    ``forward(views, view_types, target_indices)`` runs one training forward:
+      * the online encoder and the predictor of each view's type on every view;
+      * the target encoder on the target (global) views only, under no_grad.
+    BatchNorm statistics are per view (one call per view), as in the paper. ``grouped_views``:
+      * "ghost": same-resolution views go through the encoder in one call while every BN layer
+        normalises each view's chunk with its own statistics (``mtssl.ghost_bn``): the same
+        outputs, gradients and running statistics as per-view calls, faster;
+      * "plain" (or True): one backbone call per resolution with BN statistics over the group,
+        projector still per view: faster, but a change of BN semantics.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        predictors: Mapping[str, nn.Module],
+        ema_target: bool,
+        grouped_views: bool | str | None = False,
+    ):
+        super().__init__()
+        self.online = encoder
+        self.predictors = nn.ModuleDict(dict(predictors))
+        self.target = copy.deepcopy(encoder) if ema_target else None
+        if self.target is not None:
+            self.target.requires_grad_(False)
+        self.grouped_views = grouped_views_mode(grouped_views)  # None | "ghost" | "plain"
+        self._ghost_bn: dict[int, GhostBatchNorm] = {}  # per encoder, reused across steps
+
+    def predictor_for(self, view_type: str) -> nn.Module:
+        if SHARED_PREDICTOR in self.predictors:
+            return self.predictors[SHARED_PREDICTOR]
+        return self.predictors[view_type]
+
+    def _encode(self, encoder: Encoder, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.grouped_views:
+            return [encoder(x) for x in views]
+        outputs: list[torch.Tensor | None] = [None] * len(views)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, x in enumerate(views):
+            by_shape.setdefault(tuple(x.shape[1:]), []).append(i)
+        if self.grouped_views == "ghost":
+            # Backbone and projector in one call per resolution, BN statistics per view chunk.
+            ghost = self._ghost_bn.get(id(encoder))
+            if ghost is None or not ghost.covers(encoder):  # first call, or BN layers swapped (SyncBN)
+                ghost = self._ghost_bn[id(encoder)] = GhostBatchNorm(encoder)
+            with ghost:
+                for indices in by_shape.values():
+                    with ghost.views(indices):
+                        projections = encoder(torch.cat([views[i] for i in indices]))
+                    for i, chunk in zip(indices, projections.chunk(len(indices))):
+                        outputs[i] = chunk
+            return outputs  # type: ignore[return-value]
+        # "plain": one backbone call per resolution; projector still per view so its BN stays per view.
+        for indices in by_shape.values():
+            features = encoder.backbone(torch.cat([views[i] for i in indices]))
+            for i, chunk in zip(indices, features.chunk(len(indices))):
+                outputs[i] = encoder.projector(chunk)
+        return outputs  # type: ignore[return-value]
+
+    def forward(self, views: Sequence[torch.Tensor], view_types: Sequence[str], target_indices: Sequence[int]):
+        """Return (predictions per view, target projections per target view, online projections)."""
+        projections = self._encode(self.online, views)
+        predictions = [self.predictor_for(t)(z) for t, z in zip(view_types, projections)]
+        with torch.no_grad():
+            if self.target is None:  # SimSiam: the online network under stop-gradient
+                targets = [projections[i].detach() for i in target_indices]
+            else:
+                targets = self._encode(self.target, [views[i] for i in target_indices])
+        return predictions, targets, projections
+
+
+def build_model(cfg, task_names: Sequence[str], small_images: bool, ema_target: bool) -> MultiTaskSiamese:
+    """Build the network from the ``backbone``, ``method`` and ``predictor`` config groups."""
+    backbone = build_backbone(cfg.backbone.timm_name, small_images=small_images, **dict(cfg.backbone.get("kwargs") or {}))
+    proj = cfg.method.projector
+    projector = mlp(feature_dim(backbone), list(proj.hidden_dims), proj.out_dim, proj.last_bn)
+    pred = cfg.method.predictor
+    keys = [SHARED_PREDICTOR] if cfg.predictor.mode == "shared" else list(task_names)
+    predictors = {k: mlp(proj.out_dim, list(pred.hidden_dims), pred.out_dim, pred.last_bn) for k in keys}
+    grouped = grouped_views_mode(cfg.train.get("grouped_views"))  # checked before any weights are built
+    return MultiTaskSiamese(Encoder(backbone, projector), predictors, ema_target, grouped_views=grouped)

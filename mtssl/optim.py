@@ -1,0 +1,114 @@
+"""Optimisers (LARS, SGD, AdamW) and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 DTensor, or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as used by BYOL and MoCo v3: SGD momentum with a layer-wise trust ratio.
+
+    For adapted parameters the update is u = g + wd * w, scaled by
+    ``trust_coefficient * ||w|| / ||u||`` (1 when either norm is 0). Groups with
+    ``lars_exclude=True`` (biases, norm layers) get neither weight decay nor adaptation.
+    Works on FSDP2-sharded DTensor parameters: squared norms of all local shards are summed
+    with one all-reduce per step.
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, trust_coefficient: float = 0.001):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        entries = []  # (group, param, local weight, local update, adapted)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                weight, grad = _local(p), _local(p.grad)
+                if group["lars_exclude"]:
+                    entries.append((group, p, weight, grad, False))
+                else:
+                    entries.append((group, p, weight, grad.add(weight, alpha=group["weight_decay"]), True))
+        adapted = [e for e in entries if e[4]]
+        if adapted:
+            squares = torch.stack([torch.stack([w.float().pow(2).sum(), u.float().pow(2).sum()]) for _, _, w, u, _ in adapted])
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(squares)
+            norms = squares.sqrt()
+            for (group, _, _, update, _), (w_norm, u_norm) in zip(adapted, norms):
+                trust = torch.where((w_norm > 0) & (u_norm > 0), group["trust_coefficient"] * w_norm / u_norm, torch.ones_like(w_norm))
+                update.mul_(trust.to(update.dtype))
+        for group, p, weight, update, _ in entries:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buffer = _local(state["momentum_buffer"])
+            buffer.mul_(group["momentum"]).add_(update)
+            weight.add_(buffer, alpha=-group["lr"])
+        return loss
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, fixed_lr_prefixes: tuple[str, ...] = ()) -> list[dict]:
+    """Split trainable parameters into groups.
+
+    1-D parameters (biases, norm scales) get no weight decay and no LARS adaptation. Parameters
+    whose name starts with one of ``fixed_lr_prefixes`` keep the peak lr (SimSiam's predictor).
+    """
+    groups: dict[tuple[bool, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_1d = p.ndim <= 1
+        fixed = name.startswith(fixed_lr_prefixes) if fixed_lr_prefixes else False
+        key = (is_1d, fixed)
+        if key not in groups:
+            groups[key] = dict(params=[], weight_decay=0.0 if is_1d else weight_decay, lars_exclude=is_1d, fixed_lr=fixed)
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_optimizer(optim_cfg, model: nn.Module, peak_lr: float, fixed_lr_prefixes: tuple[str, ...] = ()) -> torch.optim.Optimizer:
+    """``optim.name`` in {lars, sgd, adamw}; the lr is set per step by ``lr_at_step``."""
+    groups = parameter_groups(model, optim_cfg.weight_decay, fixed_lr_prefixes)
+    name = optim_cfg.name
+    if name == "lars":
+        return LARS(groups, lr=peak_lr, weight_decay=optim_cfg.weight_decay, momentum=optim_cfg.momentum, trust_coefficient=optim_cfg.trust_coefficient)
+    for g in groups:
+        g.pop("lars_exclude")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=peak_lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay, foreach=True)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay, foreach=True)
+    raise ValueError(f"optim.name: unknown optimizer {name!r}; valid names are ['adamw', 'lars', 'sgd']")
+
+
+def peak_learning_rate(base_lr: float, global_batch_size: int) -> float:
+    """Linear scaling rule: base_lr * batch / 256."""
+    return base_lr * global_batch_size / 256
+
+
+def lr_at_step(step: int, total_steps: int, warmup_steps: int, peak_lr: float, final_ratio: float = 0.001) -> float:
+    """Linear warmup from 0, then cosine from ``peak_lr`` down to ``final_ratio * peak_lr``."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    final = final_ratio * peak_lr
+    return final + (peak_lr - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, peak_lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = peak_lr if group.get("fixed_lr") else lr

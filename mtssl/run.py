@@ -1,0 +1,180 @@
+"""One complete job: validate, pretrain (resuming if possible), evaluate, write results.
+
+    python -m mtssl.run method=byol views=global_local_cutout predictor=separate \
+        backbone=resnet18 data=cifar10 train.epochs=2 out_dir=runs/demo
+
+Writes ``out_dir/config.yaml`` (resolved config) at the start and ``out_dir/results.json`` at
+the end. Runs as one of N ranks under torchrun or submitit. Exit codes: 0 done (completed or
+diverged, see results.json), 2 bad config, 3 stopped on a signal after a checkpoint (rerun the
+same command to resume), 1 failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from mtssl.checkpoint import CheckpointMismatch
+from mtssl.config import ConfigError, resolve_config, validate_config
+from mtssl.distributed import DistEnv, destroy_distributed, init_distributed
+from mtssl.train import PretrainOutcome, StopRequest, Trainer, TrainingInterrupted
+
+log = logging.getLogger("mtssl")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3
+FINAL_STATUSES = ("completed", "diverged")
+
+
+def git_revision() -> str:
+    """Commit of the mtssl source tree, with '-dirty' when it has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def setup_logging(out_dir: Path, env: DistEnv) -> None:
+    """Rank 0 logs INFO to the console and out_dir/train.log; other ranks only warnings."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    fmt = logging.Formatter(f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    root.setLevel(logging.INFO if env.is_main else logging.WARNING)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(out_dir / "train.log")
+        file_handler.setFormatter(fmt)
+        root.addHandler(file_handler)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_results(out_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(out_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def base_results(cfg: DictConfig, env: DistEnv) -> dict:
+    return {
+        "method": cfg.method.name,
+        "views": cfg.views.name,
+        "predictor": cfg.predictor.mode,
+        "backbone": cfg.backbone.name,
+        "data": cfg.data.name,
+        "seed": cfg.train.seed,
+        "epochs": cfg.train.epochs,
+        "world_size": env.world_size,
+        "git_revision": git_revision(),
+    }
+
+
+def run_job(cfg: DictConfig) -> int:
+    """Run one job in this process (one rank). Returns the exit code."""
+    env = init_distributed(OmegaConf.select(cfg, "train.device") or "auto")
+    out_dir = Path(cfg.out_dir)
+    setup_logging(out_dir, env)
+    try:
+        cfg = resolve_config(cfg)
+        validate_config(cfg, world_size=env.world_size)
+    except ConfigError as error:
+        log.error("invalid config: %s", error)
+        return EXIT_BAD_CONFIG
+    previous = read_results(out_dir)
+    if previous and previous.get("status") in FINAL_STATUSES:
+        log.info("%s already holds final results (status %s): nothing to do", out_dir, previous["status"])
+        return EXIT_OK
+    if env.is_main:
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    if cfg.train.deterministic and env.device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    results = base_results(cfg, env)
+    stop = StopRequest()
+    writer = None
+    try:
+        trainer = Trainer(cfg, env, out_dir)
+        if env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            state_step = _latest_step(out_dir)
+            writer = SummaryWriter(str(out_dir / "tb"), purge_step=state_step)
+        outcome = trainer.fit(stop, writer)
+        results.update(_outcome_fields(outcome, cfg))
+        if outcome.status == "completed":
+            from mtssl.evaluation import evaluate_backbones  # noqa: deferred, heavy
+
+            results.update(evaluate_backbones(cfg, env, outcome, out_dir, writer))
+    except TrainingInterrupted as interrupt:
+        log.warning("%s; rerun the same command to resume", interrupt)
+        return EXIT_INTERRUPTED
+    except (ConfigError, CheckpointMismatch) as error:
+        log.error("%s", error)
+        return EXIT_BAD_CONFIG
+    except Exception as error:
+        log.exception("job failed")
+        results.update(status="failed", error=f"{type(error).__name__}: {error}")
+        if env.is_main:
+            write_json_atomic(out_dir / "results.json", results)
+        return EXIT_FAILED
+    finally:
+        stop.restore()
+        if writer is not None:
+            writer.close()
+    if env.is_main:
+        write_json_atomic(out_dir / "results.json", results)
+        log.info("results: %s", json.dumps({k: results.get(k) for k in ("status", "knn_top1", "linear_top1", "weights_sha256")}))
+    return EXIT_OK
+
+
+def _latest_step(out_dir: Path) -> int | None:
+    from mtssl.checkpoint import CheckpointManager
+
+    found = CheckpointManager(out_dir / "checkpoints", 2).checkpoints()
+    return int(found[0].name.split("_")[1]) if found else None
+
+
+def _outcome_fields(outcome: PretrainOutcome, cfg: DictConfig) -> dict:
+    fields = {
+        "status": outcome.status,
+        "steps": outcome.steps,
+        "final_losses": outcome.final_losses,
+        "wall_time_s": outcome.wall_time_s,
+        "images_per_s": outcome.images_per_s,
+        "skipped_images": outcome.skipped_images,
+    }
+    if outcome.error:
+        fields["error"] = outcome.error
+    return fields
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    code = run_job(cfg)
+    destroy_distributed()
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

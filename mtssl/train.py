@@ -1,0 +1,303 @@
+"""The multi-task pretraining loop: one explicit step shared by every method.
+
+Per step: the online network sees every view, the target network (EMA copy, or the online one
+under stop-gradient for SimSiam) sees only the global views, the multi-task loss is built from
+the method's pair loss, one backward, the optimiser step, then the EMA update.
+
+Runs survive the cluster: SIGUSR2/SIGTERM only set a flag; at the next step boundary all ranks
+agree on it, write a synchronous checkpoint and stop (``TrainingInterrupted``). Randomness is a
+function of (seed, rank, step) and of (seed, epoch, sample), so a resumed run is bitwise equal
+to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from mtssl.checkpoint import CheckpointManager, ModelAndOptimizer, TrainerState
+from mtssl.config import ConfigError, config_hash
+from mtssl.data import AugmentedImageFolder, GlobalBatchSampler, class_balanced_subset, collate_views, list_image_folder
+from mtssl.distributed import DistEnv, agree_any
+from mtssl.ema import ema_momentum, ema_update
+from mtssl.fsdp import shard_model
+from mtssl.model import MultiTaskSiamese, build_model
+from mtssl.multitask import multitask_loss
+from mtssl.objectives import Objective, build_objective
+from mtssl.optim import build_optimizer, lr_at_step, peak_learning_rate, set_learning_rate
+from mtssl.views import MultiViewTransform, ViewLayout, build_view_layout
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after writing a checkpoint; rerun (requeue) to resume."""
+
+    def __init__(self, signum: int | None, checkpoint: Path, step: int):
+        reason = signal.Signals(signum).name if signum else "another rank's signal"
+        super().__init__(f"stopped on {reason} at step {step}; checkpoint {checkpoint}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+        self.step = step
+
+
+class StopRequest:
+    """Signal handler that only records the signal; the loop acts on it between steps."""
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.signum: int | None = None
+        self.previous_handlers = {s: signal.signal(s, self._record) for s in signals}
+
+    def _record(self, signum, frame) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def restore(self) -> None:
+        for s, handler in self.previous_handlers.items():
+            signal.signal(s, handler)
+
+
+@dataclass
+class PretrainOutcome:
+    status: str  # completed | diverged
+    model: MultiTaskSiamese
+    layout: ViewLayout
+    train_samples: list
+    steps: int
+    final_losses: dict[str, float] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    images_per_s: float = 0.0
+    skipped_images: int = 0
+    error: str | None = None
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the step's own randomness (dropout, drop-path) on one rank."""
+    digest = hashlib.blake2b(f"step:{seed}:{rank}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def training_samples(cfg: DictConfig) -> list:
+    samples, _ = list_image_folder(cfg.data.root, cfg.data.train_split)
+    if cfg.data.subset is not None:
+        samples = class_balanced_subset(samples, cfg.data.subset, cfg.data.subset_seed)
+    return samples
+
+
+def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    keys = sorted(values)
+    stacked = torch.stack([values[k].detach().float() for k in keys])
+    if dist.get_world_size() > 1:
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(keys, stacked.tolist()))
+
+
+def embedding_std(z: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension std of L2-normalised embeddings: ~1/sqrt(D) when healthy, 0 on collapse."""
+    return F.normalize(z.detach().float(), dim=-1).std(dim=0).mean()
+
+
+class Trainer:
+    """Builds every component of a job from its config and runs the pretraining loop."""
+
+    def __init__(self, cfg: DictConfig, env: DistEnv, out_dir: Path):
+        self.cfg = cfg
+        self.env = env
+        self.out_dir = Path(out_dir)
+        self.layout = build_view_layout(OmegaConf.to_container(cfg.views.types), dict(cfg.data.view_sizes or {}))
+        self.view_types = [name for name, _ in self.layout.entries]
+        self.target_indices = self.layout.target_indices
+        self.weights = {t.name: t.weight for t in self.layout.types}
+        self.objective: Objective = build_objective(cfg.method)
+
+        if cfg.train.sync_bn and env.device.type != "cuda":
+            raise ConfigError(
+                "train.sync_bn: synchronised BatchNorm needs CUDA (torch's SyncBatchNorm refuses CPU tensors); "
+                "use train.sync_bn=false (per-rank statistics, as in the paper)"
+            )
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = build_model(cfg, self.layout.task_names, cfg.data.small_images, self.objective.ema_target)
+        if cfg.train.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = shard_model(model.to(env.device), env.device)
+
+        self.train_samples = training_samples(cfg)
+        self.sampler = GlobalBatchSampler(len(self.train_samples), cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed)
+        steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = cfg.train.epochs * steps_per_epoch
+        # Warmup is capped at 10% of training so short runs still reach the peak lr.
+        self.warmup_steps = min(cfg.optim.warmup_epochs * steps_per_epoch, self.total_steps // 10)
+        self.peak_lr = peak_learning_rate(cfg.optim.base_lr, cfg.train.batch_size)
+        fixed = ("predictors.",) if cfg.method.fixed_predictor_lr else ()
+        self.optimizer = build_optimizer(cfg.optim, self.model, self.peak_lr, fixed)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+        dataset = AugmentedImageFolder(self.train_samples, MultiViewTransform(self.layout, cfg.data.mean, cfg.data.std), cfg.train.seed)
+        self.dataset = dataset
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_checkpoints, env.rank)
+        self.config_hash = config_hash(cfg)
+        self.config_yaml = OmegaConf.to_yaml(cfg)
+
+    # ------------------------------------------------------------------ one step
+    def training_step(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Forward all views, build the multi-task loss, backward, optimiser step and EMA update."""
+        lr = lr_at_step(step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.optim.final_lr_ratio)
+        set_learning_rate(self.optimizer, lr, self.peak_lr)
+        predictions, target_projections, projections = self.model(views, self.view_types, self.target_indices)
+        prepared = [self.objective.prepare_target(z.float()) for z in target_projections]
+        loss, task_losses = multitask_loss(
+            [p.float() for p in predictions], self.view_types, prepared, self.target_indices, self.objective.pair_loss, self.weights
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.clip_grad, foreach=True)
+        self.optimizer.step()
+        if self.model.target is not None:
+            ema_update(self.model.target, self.model.online, self.tau(step))
+        return loss.detach(), {k: v.detach() for k, v in task_losses.items()}, projections[self.target_indices[0]].detach()
+
+    def tau(self, step: int) -> float:
+        return ema_momentum(step, self.total_steps, self.cfg.train.ema_tau)
+
+    def learning_rate(self, step: int) -> float:
+        return lr_at_step(step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.optim.final_lr_ratio)
+
+    # ------------------------------------------------------------------ the loop
+    def save(self, state: TrainerState, skipped_local: torch.Tensor) -> Path:
+        state.skipped_images += int(_sum_over_ranks(skipped_local))
+        skipped_local.zero_()
+        state.epoch, batch = divmod(state.step, max(1, self.sampler.steps_per_epoch))
+        state.samples_seen = batch * self.cfg.train.batch_size
+        state.world_size = self.env.world_size
+        path = self.checkpoints.save(state, ModelAndOptimizer(self.model, self.optimizer), self.config_yaml)
+        log.info("checkpoint %s", path)
+        return path
+
+    def fit(self, stop: StopRequest, writer=None) -> PretrainOutcome:
+        cfg, env = self.cfg, self.env
+        state = self.checkpoints.load_latest(ModelAndOptimizer(self.model, self.optimizer), self.config_hash)
+        state = state or TrainerState(config_hash=self.config_hash, world_size=env.world_size)
+        last_step = self.total_steps if cfg.train.max_steps is None else min(self.total_steps, cfg.train.max_steps)
+        step = state.step
+        skipped_local = torch.zeros((), dtype=torch.int64)
+        outcome = PretrainOutcome("completed", self.model, self.layout, self.train_samples, step, skipped_images=state.skipped_images)
+        if step >= last_step:
+            log.info("pretraining already done (%d steps)", step)
+            return outcome
+
+        start_time = time.monotonic()
+        last_save = window_start = time.monotonic()
+        window_steps, start_step = 0, step
+        last_nonfinite = False
+        logged: dict[str, float] = {}
+        log.info(
+            "pretraining %s: %d steps (%d/epoch), global batch %d on %d rank(s), %d views/sample, peak lr %.4g",
+            cfg.method.name, last_step, self.sampler.steps_per_epoch, cfg.train.batch_size, env.world_size,
+            self.layout.num_views, self.peak_lr,
+        )
+        self.model.train()
+        while step < last_step:
+            self.sampler.set_position(step)
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=self.sampler,
+                num_workers=cfg.data.num_workers,
+                collate_fn=collate_views,
+                pin_memory=env.device.type == "cuda",
+            )
+            for views, _, skipped in loader:
+                # Agree before the forward pass: it updates BN running statistics, which a
+                # checkpoint taken after it would wrongly include.
+                due = env.is_main and time.monotonic() - last_save > 60 * cfg.train.checkpoint_every_min
+                stop_now, save_now, diverged = agree_any([stop.requested, due, last_nonfinite])
+                if diverged:
+                    outcome.status, outcome.error = "diverged", f"non-finite loss at step {step - 1}"
+                    log.error("loss is not finite at step %d: stopping, status diverged", step - 1)
+                    break
+                if stop_now:
+                    state.step = step
+                    path = self.save(state, skipped_local)
+                    raise TrainingInterrupted(stop.signum, path, step)
+                if save_now:
+                    state.step = step
+                    self.save(state, skipped_local)
+                    last_save = time.monotonic()
+
+                torch.manual_seed(step_seed(cfg.train.seed, env.rank, step))
+                views = [v.to(env.device, non_blocking=True) for v in views]
+                loss, task_losses, z = self.training_step(views, step)
+                skipped_local += skipped
+                step += 1
+                window_steps += 1
+                check_finite = env.device.type == "cpu" or step % cfg.train.log_every_steps == 0
+                if check_finite:
+                    last_nonfinite = not bool(torch.isfinite(loss))
+                if step % cfg.train.log_every_steps == 0 or step == last_step:
+                    logged = self._log(step, last_step, loss, task_losses, z, window_steps, window_start, writer)
+                    window_start, window_steps = time.monotonic(), 0
+                if step % cfg.train.checkpoint_every_steps == 0 and step < last_step:
+                    state.step = step
+                    self.save(state, skipped_local)
+                    last_save = time.monotonic()
+                if step >= last_step:
+                    break
+            if outcome.status == "diverged":
+                break
+        if outcome.status == "completed" and last_nonfinite:
+            outcome.status, outcome.error = "diverged", f"non-finite loss at step {step - 1}"
+        state.step = step
+        if outcome.status == "completed":
+            self.save(state, skipped_local)
+        elapsed = time.monotonic() - start_time
+        outcome.steps = step
+        outcome.final_losses = {k: v for k, v in logged.items() if k.startswith("loss")}
+        outcome.wall_time_s = elapsed
+        outcome.images_per_s = (step - start_step) * cfg.train.batch_size / max(elapsed, 1e-9)
+        outcome.skipped_images = state.skipped_images + int(_sum_over_ranks(skipped_local))
+        return outcome
+
+    def _log(self, step, last_step, loss, task_losses, z, window_steps, window_start, writer) -> dict[str, float]:
+        values = {"loss": loss, **{f"loss_{k}": v for k, v in task_losses.items()}, "embedding_std": embedding_std(z)}
+        values = _mean_over_ranks(values)
+        elapsed = max(time.monotonic() - window_start, 1e-9)
+        values["images_per_s"] = window_steps * self.cfg.train.batch_size / elapsed
+        values["lr"] = self.learning_rate(step - 1)
+        values["tau"] = self.tau(step - 1) if self.model.target is not None else 0.0
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        values["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if writer is not None:
+            for key, value in values.items():
+                writer.add_scalar(f"train/{key}", value, step)
+        tasks = " ".join(f"{k[5:]}={values[k]:.4f}" for k in sorted(values) if k.startswith("loss_"))
+        log.info(
+            "step %d/%d epoch %d loss %.4f (%s) lr %.4g tau %.5f grad %.3g std %.4f %.1f img/s",
+            step, last_step, (step - 1) // self.sampler.steps_per_epoch, values["loss"], tasks, values["lr"],
+            values["tau"], values["grad_norm"], values["embedding_std"], values["images_per_s"],
+        )
+        return values
+
+
+def _sum_over_ranks(value: torch.Tensor) -> int:
+    total = value.clone()
+    if dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    return int(total)

@@ -1,0 +1,195 @@
+"""View types and the multi-view augmentation pipeline.
+
+Each view type is one latent alignment task. Its defaults live in ``VIEW_TYPES``, the only
+place to touch when adding a type: presets in ``conf/views/`` just list which types to use
+and may override any field.
+
+Every view uses bicubic RandomResizedCrop, flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1)
+p=0.8, grayscale p=0.2, Gaussian blur (sigma in [0.1, 2], kernel ~10% of the crop), optional
+solarize, then mean/std normalisation. The i-th view of a type uses ``blur_p[i % len]`` and
+``solarize_p[i % len]``, which keeps BYOL's asymmetric pair of global views.
+
+All geometric and colour ops run on uint8 tensors; conversion to float happens last.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+import torch
+from torchvision.transforms import v2
+
+TARGET_VIEW_TYPE = "global"  # targets are the target network's embeddings of these views
+
+
+@dataclass(frozen=True)
+class ViewType:
+    """One view type: how many crops, their size and augmentation probabilities."""
+
+    name: str
+    count: int
+    size: int
+    scale: tuple[float, float]
+    blur_p: tuple[float, ...]
+    solarize_p: tuple[float, ...]
+    cutout_area: tuple[float, float] | None = None  # fraction of the crop masked, if any
+    weight: float = 1.0  # w_t in the multi-task loss
+
+    def blur_probability(self, index: int) -> float:
+        return self.blur_p[index % len(self.blur_p)]
+
+    def solarize_probability(self, index: int) -> float:
+        return self.solarize_p[index % len(self.solarize_p)]
+
+
+# Paper defaults (ImageNet). Adding a view type = adding an entry here.
+VIEW_TYPES: dict[str, ViewType] = {
+    "global": ViewType("global", count=2, size=224, scale=(0.25, 1.0), blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2)),
+    "local": ViewType("local", count=2, size=96, scale=(0.08, 0.25), blur_p=(0.5,), solarize_p=(0.0,)),
+    "cutout": ViewType(
+        "cutout", count=1, size=224, scale=(0.25, 1.0), blur_p=(0.5,), solarize_p=(0.0,), cutout_area=(0.2, 0.4)
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ViewLayout:
+    """The ordered list of views a sample is turned into: globals first, then the other types."""
+
+    types: tuple[ViewType, ...]
+    entries: tuple[tuple[str, int], ...] = field(init=False)  # (type name, index within type) per view
+
+    def __post_init__(self):
+        entries = tuple((t.name, i) for t in self.types for i in range(t.count))
+        object.__setattr__(self, "entries", entries)
+
+    @property
+    def num_views(self) -> int:
+        return len(self.entries)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.types]
+
+    def type(self, name: str) -> ViewType:
+        return next(t for t in self.types if t.name == name)
+
+    def indices_of(self, name: str) -> list[int]:
+        return [i for i, (t, _) in enumerate(self.entries) if t == name]
+
+    @property
+    def target_indices(self) -> list[int]:
+        return self.indices_of(TARGET_VIEW_TYPE)
+
+
+def build_view_layout(types_cfg: Mapping[str, Mapping[str, Any] | None], default_sizes: Mapping[str, int] | None = None) -> ViewLayout:
+    """Resolve a ``views.types`` config into a layout.
+
+    ``types_cfg`` maps a registered type name to field overrides (``count``, ``size``, ``scale``,
+    ``blur_p``, ``solarize_p``, ``cutout_area``, ``weight``). A size left null falls back to
+    ``default_sizes`` (the data preset's sizes, e.g. 32/16 for CIFAR) and then to the registry.
+    """
+    unknown = [n for n in types_cfg if n not in VIEW_TYPES]
+    if unknown:
+        raise ValueError(
+            f"views.types: unknown view type {unknown}; valid types are {sorted(VIEW_TYPES)}"
+        )
+    ordered = sorted(types_cfg, key=lambda n: list(VIEW_TYPES).index(n))  # registry order: global first
+    types = []
+    for name in ordered:
+        overrides = {k: v for k, v in dict(types_cfg[name] or {}).items() if v is not None}
+        if "size" not in overrides and default_sizes and default_sizes.get(name):
+            overrides["size"] = default_sizes[name]
+        for key in ("scale", "blur_p", "solarize_p", "cutout_area"):
+            if key in overrides:
+                overrides[key] = tuple(float(x) for x in overrides[key])
+        for key in overrides:
+            if key not in ViewType.__dataclass_fields__ or key == "name":
+                raise ValueError(
+                    f"views.types.{name}.{key}: unknown field; valid fields are "
+                    f"{sorted(k for k in ViewType.__dataclass_fields__ if k != 'name')}"
+                )
+        types.append(replace(VIEW_TYPES[name], **overrides))
+    return ViewLayout(tuple(types))
+
+
+def blur_kernel_size(crop_size: int) -> int:
+    """Odd kernel of about 10% of the crop (23 px at 224, 9 at 96, 3 at 32)."""
+    k = max(3, int(0.1 * crop_size))
+    return k if k % 2 == 1 else k + 1
+
+
+class Cutout(torch.nn.Module):
+    """Mask one rectangle of U(area) of the image with the dataset mean.
+
+    Aspect ratio is log-uniform in [3/4, 4/3]. Works on uint8 CHW tensors (fill = mean * 255).
+    """
+
+    def __init__(self, area: tuple[float, float], mean: Sequence[float], ratio=(3 / 4, 4 / 3)):
+        super().__init__()
+        self.area = area
+        self.ratio = ratio
+        self.fill = torch.tensor([round(m * 255) for m in mean], dtype=torch.uint8).view(-1, 1, 1)
+
+    @staticmethod
+    def sample_box(height: int, width: int, area, ratio) -> tuple[int, int, int, int]:
+        """Return (top, left, h, w) of the masked rectangle."""
+        target_area = height * width * torch.empty(1).uniform_(area[0], area[1]).item()
+        log_ratio = torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item()
+        aspect = math.exp(log_ratio)
+        h = min(height, max(1, round(math.sqrt(target_area * aspect))))
+        w = min(width, max(1, round(target_area / h)))
+        top = int(torch.randint(0, height - h + 1, (1,)).item())
+        left = int(torch.randint(0, width - w + 1, (1,)).item())
+        return top, left, h, w
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        top, left, h, w = self.sample_box(image.shape[-2], image.shape[-1], self.area, self.ratio)
+        image = image.clone()
+        image[..., top : top + h, left : left + w] = self.fill.to(image.dtype)
+        return image
+
+
+def build_view_transform(view: ViewType, index: int, mean, std) -> v2.Compose:
+    """The augmentation of the ``index``-th view of ``view``: uint8 CHW tensor -> normalised float."""
+    ops: list[torch.nn.Module] = [
+        v2.RandomResizedCrop(view.size, scale=view.scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(p=0.5),
+    ]
+    if view.cutout_area is not None:  # after the flip, before colour jitter
+        ops.append(Cutout(view.cutout_area, mean))
+    ops += [
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(view.size), sigma=(0.1, 2.0))], p=view.blur_probability(index)),
+    ]
+    if view.solarize_probability(index) > 0:
+        ops.append(v2.RandomSolarize(threshold=128, p=view.solarize_probability(index)))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(ops)
+
+
+class MultiViewTransform:
+    """PIL image -> list of augmented views in ``layout`` order."""
+
+    def __init__(self, layout: ViewLayout, mean, std):
+        self.layout = layout
+        self.to_tensor = v2.PILToTensor()
+        self.transforms = [build_view_transform(layout.type(name), i, mean, std) for name, i in layout.entries]
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        image = self.to_tensor(image.convert("RGB"))
+        return [t(image) for t in self.transforms]
+
+
+def build_eval_transform(mean, std, resize: int | None, crop: int | None) -> v2.Compose:
+    """Validation transform: resize then centre crop (both skipped when null, e.g. CIFAR at 32 px)."""
+    ops: list[Any] = [v2.PILToTensor()]
+    if resize:
+        ops.append(v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True))
+    if crop:
+        ops.append(v2.CenterCrop(crop))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(ops)

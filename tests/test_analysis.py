@@ -1,0 +1,408 @@
+"""Tests of analysis/: gathering sweep directories, the tables per ablation, LaTeX structure, plots and the CLI.
+
+Fixture sweeps are written in tmp_path with known metrics; expected cells are computed by hand in the comments
+(mean, sample std with ddof=1, n) so the tests fail if the aggregation or the formatting changes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis.gather import AnalysisError, gather_sweep, gather_sweeps
+from analysis.make_tables import main, make_tables
+from analysis.plots import read_scalars
+from analysis.tables import build_tables, to_csv_frame, to_latex, to_markdown
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------------ fixture builders
+
+def job_name(axes: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in axes.items())
+
+
+def write_sweep(sweep_dir: Path, ablation: str, jobs: list[dict], profile: str = "cpu_quick") -> None:
+    """sweep.json listing one job per axes dict (the contract written by sweeps/launch.py)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"ablation": ablation, "profile": profile, "axes": list(jobs[0]),
+            "jobs": [{"name": job_name(a), "overrides": [f"{k}={v}" for k, v in a.items()], "axes": a}
+                     for a in jobs]}
+    (sweep_dir / "sweep.json").write_text(json.dumps(spec))
+
+
+def write_result(sweep_dir: Path, axes: dict, status: str = "completed", knn=None, linear=None, **extra) -> Path:
+    """A finished job directory with results.json (config fields default to a resnet18 CIFAR-10 job)."""
+    job_dir = sweep_dir / job_name(axes)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    results = {"status": status, "method": "byol", "views": "global_local_cutout", "predictor": "separate",
+               "backbone": "resnet18", "data": "cifar10", "seed": 0, "epochs": 2, "steps": 40,
+               "knn_top1": knn, "knn_top5": None if knn is None else min(100.0, knn + 20),
+               "knn_top1_target": knn, "linear_top1": linear, "linear_top5": None,
+               "knn": {"k10": {"top1": knn, "top5": None}, "k20": {"top1": knn, "top5": None}},
+               "final_losses": {"loss": 1.5, "loss_global": 1.0, "loss_local": 0.5},
+               "wall_time_s": 12.5, "images_per_s": 300.0, "git_revision": "abc123", "world_size": 1}
+    results.update({k: v for k, v in axes.items() if k != "seed"}, seed=int(axes.get("seed", 0)))
+    results.update(extra)
+    (job_dir / "results.json").write_text(json.dumps(results))
+    return job_dir
+
+
+def write_running(sweep_dir: Path, axes: dict, checkpoint_steps=(20, 40)) -> Path:
+    """A started job: config.yaml and checkpoints, no results.json yet."""
+    job_dir = sweep_dir / job_name(axes)
+    job_dir.mkdir(parents=True)
+    (job_dir / "config.yaml").write_text(
+        "method:\n  name: {method}\npredictor:\n  name: {predictor}\ntrain:\n  seed: {seed}\n  epochs: 2\n".format(
+            **{"method": "byol", "predictor": "separate", "seed": 0, **axes}))
+    for step in checkpoint_steps:
+        checkpoint = job_dir / "checkpoints" / f"step_{step:08d}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / ".metadata").write_bytes(b"x")
+    (job_dir / "checkpoints" / "step_00000060").mkdir()  # incomplete: no .metadata
+    return job_dir
+
+
+def write_events(job_dir: Path, scalars: dict[str, list[float]]) -> None:
+    """Real TensorBoard event files: each tag logged at steps 0, 10, 20, ..."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(job_dir / "tb"))
+    for tag, values in scalars.items():
+        for i, value in enumerate(values):
+            writer.add_scalar(tag, value, global_step=10 * i)
+    writer.close()
+
+
+@pytest.fixture
+def predictor_sweep(tmp_path: Path) -> Path:
+    """predictor_sharing: {byol, simsiam} x {shared, separate} x seeds {0, 1, 2}, with known kNN/linear values.
+
+    byol    shared    kNN 70, 71, 72  -> 71.0 ± 1.0   linear 60, 61, 62 -> 61.0 ± 1.0
+    byol    separate  kNN 74, 75, 76  -> 75.0 ± 1.0   linear 63, 63, 63 -> 63.0 ± 0.0
+    simsiam shared    kNN 60, 62 + diverged -> 61.0 ± 1.4 (sqrt 2)   linear 50, 52 -> 51.0 ± 1.4
+    simsiam separate  kNN 59.5 + running + missing                   linear 64.0
+    Δ kNN:    byol 75 - 71 = +4.0, simsiam 59.5 - 61 = -1.5
+    Δ linear: byol 63 - 61 = +2.0, simsiam 64 - 51 = +13.0
+    """
+    sweep = tmp_path / "predictor_sweep"
+    grid = [{"method": m, "predictor": p, "seed": s}
+            for m in ("byol", "simsiam") for p in ("shared", "separate") for s in (0, 1, 2)]
+    write_sweep(sweep, "predictor_sharing", grid)
+    values = {("byol", "shared"): ([70.0, 71.0, 72.0], [60.0, 61.0, 62.0]),
+              ("byol", "separate"): ([74.0, 75.0, 76.0], [63.0, 63.0, 63.0]),
+              ("simsiam", "shared"): ([60.0, 62.0], [50.0, 52.0]),
+              ("simsiam", "separate"): ([59.5], [64.0])}
+    for (method, predictor), (knns, linears) in values.items():
+        for seed, (knn, linear) in enumerate(zip(knns, linears)):
+            write_result(sweep, {"method": method, "predictor": predictor, "seed": seed}, knn=knn, linear=linear)
+    write_result(sweep, {"method": "simsiam", "predictor": "shared", "seed": 2}, status="diverged",
+                 error="loss became nan at step 7\nTraceback details", final_losses={"loss": float("nan")})
+    write_running(sweep, {"method": "simsiam", "predictor": "separate", "seed": 2})
+    # simsiam/separate/seed=1 has an empty directory (created, never started): missing.
+    (sweep / job_name({"method": "simsiam", "predictor": "separate", "seed": 1})).mkdir()
+    return sweep
+
+
+@pytest.fixture
+def view_sweep(tmp_path: Path) -> Path:
+    """view_combination over 4 view sets, one seed, listed out of order; linear probe not run (null)."""
+    sweep = tmp_path / "view_sweep"
+    views = ["global_local_cutout", "global", "global_cutout", "global_local"]
+    write_sweep(sweep, "view_combination", [{"views": v} for v in views])
+    write_result(sweep, {"views": "global"}, knn=40.25)
+    write_result(sweep, {"views": "global_local"}, knn=45.0)
+    write_result(sweep, {"views": "global_cutout"}, status="failed", error="CUDA out of memory")
+    write_result(sweep, {"views": "global_local_cutout"}, knn=47.96)
+    return sweep
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """Cells of a Markdown pipe table (header first, separator dropped)."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for i, line in enumerate(lines) if i != 1]
+
+
+def only_table(frame: pd.DataFrame):
+    tables, _ = build_tables(frame)
+    assert len(tables) == 1
+    return tables[0]
+
+
+# -------------------------------------------------------------------------------------------------------- gather
+
+def test_gather_statuses_seeds_and_checkpoint_progress(predictor_sweep: Path) -> None:
+    frame = gather_sweep(predictor_sweep).frame
+    assert len(frame) == 12
+    status = dict(zip(frame["job"], frame["status"]))
+    assert status["method=simsiam,predictor=shared,seed=2"] == "diverged"
+    assert status["method=simsiam,predictor=separate,seed=1"] == "missing"
+    assert status["method=simsiam,predictor=separate,seed=2"] == "running"
+    assert sum(s == "completed" for s in status.values()) == 9
+    running = frame.set_index("job").loc["method=simsiam,predictor=separate,seed=2"]
+    assert running["last_checkpoint_step"] == 40  # step 60 has no .metadata
+    assert running["method"] == "simsiam" and running["predictor"] == "separate"
+    assert str(frame["seed"].dtype) == "Int64"
+    assert list(frame["seed"]) == [0, 1, 2] * 4
+    byol_shared = frame[(frame["method"] == "byol") & (frame["predictor"] == "shared")]
+    assert list(byol_shared["knn_top1"]) == [70.0, 71.0, 72.0]
+    assert list(byol_shared["knn_k10_top1"]) == [70.0, 71.0, 72.0]
+    assert list(byol_shared["final_loss_local"]) == [0.5, 0.5, 0.5]
+    assert frame["ablation"].unique().tolist() == ["predictor_sharing"]
+
+
+def test_gather_without_sweep_json_reads_config_of_unfinished_jobs(tmp_path: Path) -> None:
+    loose = tmp_path / "loose"
+    write_result(loose, {"method": "byol", "seed": 1}, knn=50.0)
+    write_running(loose, {"method": "mocov3", "seed": 3})
+    (loose / "notes").mkdir()  # not a job: no results.json or config.yaml
+    gathered = gather_sweep(loose)
+    frame = gathered.frame.set_index("job")
+    assert sorted(frame.index) == ["method=byol,seed=1", "method=mocov3,seed=3"]
+    assert frame.loc["method=mocov3,seed=3", "status"] == "running"
+    assert frame.loc["method=mocov3,seed=3", "method"] == "mocov3"  # from config.yaml method.name
+    assert frame.loc["method=mocov3,seed=3", "seed"] == 3  # from config.yaml train.seed
+
+
+def test_malformed_and_partial_results_are_marked_not_raised(tmp_path: Path) -> None:
+    sweep = tmp_path / "bad"
+    grid = [{"method": "byol", "seed": s} for s in range(6)]
+    write_sweep(sweep, "method", grid)
+    write_result(sweep, grid[0], knn=50.0)
+    for axes, text in [(grid[1], '{"status": "compl'), (grid[2], "[1, 2]"), (grid[3], '{"status": "done"}'),
+                       (grid[4], '{"status": "completed", "method": "byol"}'),
+                       (grid[5], '{"status": "completed", "knn_top1": "high"}')]:
+        job_dir = sweep / job_name(axes)
+        job_dir.mkdir()
+        (job_dir / "results.json").write_text(text)
+    gathered = gather_sweep(sweep)
+    frame = gathered.frame.set_index("job")
+    messages = {job: frame.loc[job_name(g), "message"] for job, g in enumerate(grid)}
+    assert list(frame["status"]) == ["completed"] + ["malformed"] * 5
+    assert "not valid JSON" in messages[1]
+    assert "JSON list" in messages[2]
+    assert "'done' is not one of completed, diverged, failed" in messages[3]
+    assert "no 'knn_top1' field" in messages[4]
+    assert "'knn_top1' is 'high', expected a number or null" in messages[5]
+    # Three malformed jobs are named in the messages, the rest counted.
+    assert len([m for m in gathered.messages if "bad/method=byol" in m]) == 3
+    assert any("2 more jobs with a malformed results.json" in m for m in gathered.messages)
+    table = only_table(gathered.frame)
+    assert table_rows(to_markdown(table))[1] == ["byol", "50.0 (n=1); malformed ×5"]
+
+
+def test_unreadable_sweep_json_falls_back_to_the_job_directories(tmp_path: Path) -> None:
+    sweep = tmp_path / "broken"
+    write_result(sweep, {"method": "byol"}, knn=50.0)
+    write_result(sweep, {"method": "simsiam"}, knn=40.0)
+    (sweep / "sweep.json").write_text('{"ablation": ')
+    out = make_tables([sweep], plots=False)
+    readme = (out / "README.md").read_text()
+    assert "sweep.json is not valid JSON" in readme
+    # No ablation known: a generic table over the axis that varies, named "jobs"; no linear results, no column.
+    assert table_rows((out / "jobs.md").read_text()) == [
+        ["method", "kNN"], ["byol", "**50.0 (n=1)**"], ["simsiam", "40.0 (n=1)"]]
+
+
+# -------------------------------------------------------------------------------------------------------- tables
+
+def test_predictor_sharing_table_cells_delta_marks_and_best(predictor_sweep: Path) -> None:
+    table = only_table(gather_sweep(predictor_sweep).frame)
+    assert table_rows(to_markdown(table)) == [
+        ["method", "shared kNN", "shared linear", "separate kNN", "separate linear",
+         "Δ(separate − shared) kNN", "Δ(separate − shared) linear"],
+        ["byol", "**71.0 ± 1.0 (n=3)**", "**61.0 ± 1.0 (n=3)**", "**75.0 ± 1.0 (n=3)**", "63.0 ± 0.0 (n=3)",
+         "+4.0", "+2.0"],
+        ["simsiam", "61.0 ± 1.4 (n=2); diverged", "51.0 ± 1.4 (n=2); diverged", "59.5 (n=1); running, missing",
+         "**64.0 (n=1)**; running, missing", "-1.5", "+13.0"],
+    ]
+
+
+def assert_well_formed_latex(latex: str, n_columns: int) -> list[str]:
+    """Structure checks of a booktabs tabular; returns its body rows."""
+    assert latex.count(r"\begin{tabular}") == 1 and latex.count(r"\end{tabular}") == 1
+    positions = [latex.index(token) for token in
+                 (r"\begin{tabular}{", r"\toprule", r"\midrule", r"\bottomrule", r"\end{tabular}")]
+    assert positions == sorted(positions)
+    assert latex.count(r"\toprule") == latex.count(r"\midrule") == latex.count(r"\bottomrule") == 1
+    code = "\n".join(line for line in latex.splitlines() if not line.startswith("%"))
+    assert re.search(r"(?<!\\)_", code) is None  # every underscore outside comments escaped
+    assert code.count("{") - code.count(r"\{") == code.count("}") - code.count(r"\}")
+    assert code.count("$") % 2 == 0
+    body = code.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()
+    assert all(len(re.findall(r"(?<!\\)&", row)) == n_columns - 1 for row in body)
+    assert all(row.endswith(r"\\") for row in body)
+    return body
+
+
+def test_latex_is_well_formed_booktabs(predictor_sweep: Path, view_sweep: Path) -> None:
+    latex = to_latex(only_table(gather_sweep(predictor_sweep).frame))
+    assert r"\begin{tabular}{lcccccc}" in latex
+    body = assert_well_formed_latex(latex, n_columns=7)
+    assert body[0] == (r"byol & \textbf{71.0 $\pm$ 1.0 (n=3)} & \textbf{61.0 $\pm$ 1.0 (n=3)} & "
+                       r"\textbf{75.0 $\pm$ 1.0 (n=3)} & 63.0 $\pm$ 0.0 (n=3) & $+4.0$ & $+2.0$ \\")
+    assert r"\multicolumn{2}{c}{shared} & \multicolumn{2}{c}{separate}" in latex
+    assert r"\multicolumn{2}{c}{$\Delta$(separate $-$ shared)}" in latex
+    assert r"\cmidrule(lr){2-3} \cmidrule(lr){4-5} \cmidrule(lr){6-7}" in latex
+
+    latex = to_latex(only_table(gather_sweep(view_sweep).frame))
+    body = assert_well_formed_latex(latex, n_columns=2)
+    assert body == [r"global & 40.2 (n=1) \\", r"global\_local & 45.0 (n=1) \\",
+                    r"global\_cutout & failed \\", r"global\_local\_cutout & \textbf{48.0 (n=1)} \\"]
+    assert r"\multicolumn" not in latex  # no column groups: a single header line
+
+
+def test_view_combination_rows_failed_mark_and_single_metric(view_sweep: Path) -> None:
+    table = only_table(gather_sweep(view_sweep).frame)
+    # Canonical view order; linear is null everywhere so only kNN is shown; 47.96 rounds to 48.0.
+    assert table_rows(to_markdown(table)) == [
+        ["views", "kNN"],
+        ["global", "40.2 (n=1)"],
+        ["global_local", "45.0 (n=1)"],
+        ["global_cutout", "failed"],
+        ["global_local_cutout", "**48.0 (n=1)**"],
+    ]
+
+
+def test_csv_is_long_format_with_numbers(predictor_sweep: Path) -> None:
+    csv = to_csv_frame(only_table(gather_sweep(predictor_sweep).frame)).set_index(["method", "column"])
+    byol = csv.loc[("byol", "shared kNN")]
+    assert (byol["mean"], byol["std"], byol["n"], bool(byol["best"])) == (71.0, 1.0, 3, True)
+    simsiam = csv.loc[("simsiam", "shared kNN")]
+    assert simsiam["std"] == pytest.approx(2 ** 0.5)
+    assert simsiam["not_averaged"] == "diverged=1"
+    assert simsiam["text"] == "61.0 ± 1.4 (n=2); diverged"
+    assert csv.loc[("simsiam", "Δ(separate − shared) kNN"), "mean"] == pytest.approx(-1.5)
+
+
+def test_generic_pivot_for_unknown_ablation(tmp_path: Path) -> None:
+    sweep = tmp_path / "lr"
+    grid = [{"optim.base_lr": lr, "method": m} for lr in (0.1, 0.2) for m in ("simsiam", "byol")]
+    write_sweep(sweep, "lr_scan", grid)
+    for i, axes in enumerate(grid):
+        write_result(sweep, axes, knn=10.0 + i)
+    table = only_table(gather_sweep(sweep).frame)
+    assert table_rows(to_markdown(table)) == [
+        ["optim.base_lr", "method=byol kNN", "method=simsiam kNN"],
+        ["0.1", "11.0 (n=1)", "10.0 (n=1)"],
+        ["0.2", "**13.0 (n=1)**", "**12.0 (n=1)**"],
+    ]
+    assert r"optim.base\_lr" in to_latex(table)
+
+
+def test_n_a_mark_and_no_best_with_a_single_value(tmp_path: Path) -> None:
+    sweep = tmp_path / "method"
+    grid = [{"method": "byol", "seed": 0}, {"method": "byol", "seed": 1}, {"method": "simsiam", "seed": 0}]
+    write_sweep(sweep, "method", grid)
+    write_result(sweep, grid[0], knn=30.0, linear=20.0)
+    write_result(sweep, grid[1], knn=32.0, linear=None)
+    write_result(sweep, grid[2], status="diverged", error="nan")
+    assert table_rows(to_markdown(only_table(gather_sweep(sweep).frame)))[1:] == [
+        ["byol", "31.0 ± 1.4 (n=2)", "20.0 (n=1); n/a"],
+        ["simsiam", "diverged", "diverged"],
+    ]
+
+
+# --------------------------------------------------------------------------------------------- combining sweeps
+
+def test_sweeps_of_the_same_ablation_pool_their_seeds(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    write_sweep(first, "method", [{"method": "byol", "seed": 0}, {"method": "byol", "seed": 1}])
+    write_sweep(second, "method", [{"method": "byol", "seed": 2}])
+    for sweep, knns in ((first, (10.0, 20.0)), (second, (30.0,))):
+        for seed, knn in enumerate(knns, start=0 if sweep is first else 2):
+            write_result(sweep, {"method": "byol", "seed": seed}, knn=knn)
+    out = make_tables([first, second], plots=False)
+    assert out == tmp_path / "tables_combined"
+    assert table_rows((out / "method.md").read_text())[1] == ["byol", "20.0 ± 10.0 (n=3)"]
+
+
+def test_mixed_ablations_get_separate_tables_and_a_note(predictor_sweep: Path, view_sweep: Path,
+                                                         tmp_path: Path) -> None:
+    out = make_tables([predictor_sweep, view_sweep], tmp_path / "out", plots=False)
+    for name in ("predictor_sharing", "view_combination"):
+        for ext in ("md", "tex", "csv"):
+            assert (out / f"{name}.{ext}").stat().st_size > 0
+    readme = (out / "README.md").read_text()
+    assert "different kinds and are tabulated separately" in readme
+    assert "ablation=predictor_sharing profile=cpu_quick from predictor_sweep" in readme
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 16 and set(results["sweep"]) == {"predictor_sweep", "view_sweep"}
+
+
+# ---------------------------------------------------------------------------------------- plots, index and CLI
+
+def test_read_scalars_returns_the_logged_values(tmp_path: Path) -> None:
+    write_events(tmp_path / "job", {"train/loss": [2.0, 1.5, float("inf")], "eval/knn_top1": [10.0, 20.0]})
+    scalars = read_scalars(tmp_path / "job" / "tb")
+    assert list(scalars["train/loss"]["step"]) == [0, 10, 20]
+    assert scalars["train/loss"]["value"].tolist()[:2] == [2.0, 1.5]
+    assert pd.isna(scalars["train/loss"]["value"].iloc[2])  # non-finite kept as a gap
+    assert scalars["eval/knn_top1"]["value"].tolist() == [10.0, 20.0]
+
+
+def test_make_tables_writes_plots_and_index(predictor_sweep: Path) -> None:
+    for axes, loss in (({"method": "byol", "predictor": "shared", "seed": 0}, [4.0, 3.0, 2.5]),
+                       ({"method": "byol", "predictor": "separate", "seed": 0}, [4.0, 2.0, 1.0])):
+        write_events(predictor_sweep / job_name(axes), {
+            "train/loss": loss, "train/loss_global": loss, "train/loss_local": [x / 2 for x in loss],
+            "train/embedding_std": [0.06, 0.05, 0.05], "eval/knn_top1": [20.0, 40.0]})
+    write_events(predictor_sweep / job_name({"method": "simsiam", "predictor": "shared", "seed": 2}),
+                 {"train/loss": [1.0, float("nan")]})
+
+    out = make_tables([predictor_sweep])
+    assert out == predictor_sweep / "tables"
+    plots = sorted(p.name for p in (out / "plots").iterdir())
+    assert plots == ["predictor_sharing_embedding_std.png", "predictor_sharing_knn.png",
+                     "predictor_sharing_loss.png"]
+    for name in plots:
+        data = (out / "plots" / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 5000
+    readme = (out / "README.md").read_text()
+    assert "](plots/predictor_sharing_loss.png)" in readme
+    assert "[LaTeX](predictor_sharing.tex)" in readme and "[results.csv](results.csv)" in readme
+    assert "Jobs: 9 completed, 1 diverged, 1 running, 1 missing." in readme
+    assert "| predictor_sweep | method=simsiam,predictor=shared,seed=2 | diverged | loss became nan at step 7 |" \
+        in readme
+    assert "no results.json yet; last checkpoint at step 40" in readme
+    assert "| predictor_sweep | method=simsiam,predictor=separate,seed=1 | missing | not started |" in readme
+    assert "**75.0 ± 1.0 (n=3)**" in readme  # the table is inline
+    # A second run over the same sweep ignores its own tables/ directory.
+    make_tables([predictor_sweep], plots=False)
+    assert len(pd.read_csv(out / "results.csv")) == 12
+
+
+def test_no_event_files_means_no_plots_and_a_note(view_sweep: Path) -> None:
+    out = make_tables([view_sweep])
+    assert not (out / "plots").exists()
+    assert "no TensorBoard scalars found" in (out / "README.md").read_text()
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(AnalysisError, match="no jobs found"):
+        make_tables([empty])
+    assert main([str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no jobs found in") and "Traceback" not in err
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(AnalysisError, match="does not exist"):
+        gather_sweeps([tmp_path / "nowhere"])
+
+
+def test_script_runs_from_the_repository_root(view_sweep: Path) -> None:
+    run = subprocess.run([sys.executable, "analysis/make_tables.py", str(view_sweep), "--no-plots"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"wrote {view_sweep / 'tables' / 'README.md'}"
+    assert table_rows((view_sweep / "tables" / "view_combination.md").read_text())[3] == ["global_cutout", "failed"]
