@@ -16,12 +16,10 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import hydra
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from mtssl.checkpoint import CheckpointMismatch
@@ -89,8 +87,12 @@ def base_results(cfg: DictConfig, env: DistEnv) -> dict:
     }
 
 
-def run_job(cfg: DictConfig) -> int:
-    """Run one job in this process (one rank). Returns the exit code."""
+def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
+    """Run one job in this process (one rank). Returns the exit code.
+
+    ``stop``: stop-signal handlers the caller installed itself, so it can read afterwards which
+    signal stopped the job (mtssl.submitit_job requeues on SIGUSR2); by default installed here.
+    """
     env = init_distributed(OmegaConf.select(cfg, "train.device") or "auto")
     out_dir = Path(cfg.out_dir)
     setup_logging(out_dir, env)
@@ -110,7 +112,7 @@ def run_job(cfg: DictConfig) -> int:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     results = base_results(cfg, env)
-    stop = StopRequest()
+    stop = stop if stop is not None else StopRequest()
     writer = None
     try:
         trainer = Trainer(cfg, env, out_dir)

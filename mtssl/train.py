@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -136,7 +135,11 @@ class Trainer:
         model = build_model(cfg, self.layout.task_names, cfg.data.small_images, self.objective.ema_target)
         if cfg.train.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = shard_model(model.to(env.device), env.device)
+        model = model.to(env.device)
+        # One CPU rank has nothing to shard and no mixed precision: skip FSDP's per-forward parameter
+        # copies. DCP checkpoints reshard between plain and sharded layouts, so 1 <-> N resumes work.
+        single_cpu = env.world_size == 1 and env.device.type == "cpu"
+        self.model = model if single_cpu else shard_model(model, env.device)
 
         self.train_samples = training_samples(cfg)
         self.sampler = GlobalBatchSampler(len(self.train_samples), cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed)
@@ -158,8 +161,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def training_step(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Forward all views, build the multi-task loss, backward, optimiser step and EMA update."""
-        lr = lr_at_step(step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.optim.final_lr_ratio)
-        set_learning_rate(self.optimizer, lr, self.peak_lr)
+        set_learning_rate(self.optimizer, self.learning_rate(step), self.peak_lr)
         predictions, target_projections, projections = self.model(views, self.view_types, self.target_indices)
         prepared = [self.objective.prepare_target(z.float()) for z in target_projections]
         loss, task_losses = multitask_loss(

@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""Launch one ablation sweep of mtssl jobs, on this machine or on a SLURM cluster.
+
+    python sweeps/launch.py ablation=predictor_sharing                      # this machine, profile=cpu_quick
+    python sweeps/launch.py ablation=predictor_sharing launcher=slurm       # SLURM, cluster=local profile
+    python sweeps/launch.py ablation=backbone profile=imagenet_200ep launcher=slurm cluster=example_gpu \
+        profile.data_root=/data/imagenet --dry-run
+
+A Hydra app (config: sweeps/conf/) composing an ablation (the grid), a scale profile, a launcher and a
+cluster profile (slurm/profiles/). Every job's config is composed and validated before anything is
+submitted: one bad override fails the whole launch, nothing submitted. ``--dry-run`` prints the job grid,
+the GPU-hours estimate and the output directories, and stops there.
+
+Each job writes to ``<sweep_dir>/<job name>/``; ``<sweep_dir>/sweep.json`` lists the grid. Launching again
+skips jobs with final results, follows jobs still queued, and resubmits the others (they resume from
+their checkpoints). The launcher reports each job's id, state and log as they change and, once every job
+has ended, writes the result tables (analysis/make_tables.py). Exit status: 0 when every job completed
+(or diverged), 1 when some failed or did not finish, 2 on a bad config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    # Run as a script: make the repository root importable.
+    sys.path.insert(0, str(REPO))
+
+import hydra  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from submitit.core.utils import FailedSubmissionError, UncompletedJobError  # noqa: E402
+
+from mtssl.config import ConfigError, compose_config, resolve_config, validate_config  # noqa: E402
+from sweeps.grid import SweepJob, expand_grid, quote_value  # noqa: E402
+from sweeps.launchers import (SweepLauncher, TrackedJob, is_final, read_submissions,  # noqa: E402
+                              record_submissions, register_configs, scheduler_state)
+from sweeps.status import FINAL_STATUSES, job_state  # noqa: E402
+
+DRY_RUN_FLAG = "--dry-run"
+CLUSTER_PROFILES = REPO / "slurm" / "profiles"
+register_configs(CLUSTER_PROFILES)
+
+
+@dataclass
+class PlannedJob:
+    """A grid job with its output directory, its current state and its validated config."""
+
+    job: SweepJob
+    out_dir: Path
+    state: str
+    backbone: str
+
+    @property
+    def overrides(self) -> list[str]:
+        return [*self.job.overrides, f"out_dir={quote_value(str(self.out_dir))}"]
+
+
+@dataclass
+class Resources:
+    """Ranks of one job and how they are laid out (one task per rank; one GPU per task on GPU profiles)."""
+
+    ranks: int
+    gpus: bool
+    nodes: int
+
+    @property
+    def tasks_per_node(self) -> int:
+        return self.ranks // self.nodes
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.tasks_per_node if self.gpus else 0
+
+
+def report(message: str) -> None:
+    print(f"[{datetime.now():%H:%M:%S}] {message}", flush=True)
+
+
+def compose_job(overrides: list[str]) -> DictConfig:
+    """Compose a job config with mtssl's compose API, lending it Hydra's global state (held by this app)."""
+    global_hydra = GlobalHydra.instance()
+    app_hydra = global_hydra.hydra
+    global_hydra.clear()
+    try:
+        return compose_config(overrides)
+    finally:
+        GlobalHydra.instance().clear()
+        if app_hydra is not None:
+            GlobalHydra.instance().initialize(app_hydra)
+
+
+def job_resources(cfg: DictConfig, executor_kind: str) -> Resources:
+    res = cfg.profile.resources
+    ranks, gpus = int(res.ranks_per_job), bool(res.gpus)
+    nodes = int(cfg.cluster.nodes) if executor_kind == "slurm" else 1
+    if ranks < 1:
+        raise ConfigError(f"profile.resources.ranks_per_job: must be >= 1, got {ranks}")
+    if nodes < 1 or ranks % nodes:
+        raise ConfigError(f"cluster.nodes: {ranks} ranks per job (profile.resources.ranks_per_job) do not split "
+                          f"evenly over {nodes} nodes; use a divisor of {ranks}")
+    return Resources(ranks, gpus, nodes)
+
+
+def plan_sweep(cfg: DictConfig, sweep_dir: Path, resources: Resources) -> list[PlannedJob]:
+    """Expand the grid and compose, resolve and validate every job; raise ConfigError on the first bad one."""
+    for key, value in cfg.profile.items():  # e.g. profile.data_root: ${oc.env:IMAGENET_ROOT,???}
+        if value == "???" or OmegaConf.is_missing(cfg.profile, key):
+            raise ConfigError(f"profile.{key}: required by profile {cfg.profile.name}; set profile.{key}=... "
+                              f"(see sweeps/conf/profile/{cfg.profile.name}.yaml)")
+    ablation = cfg.ablation
+    jobs = expand_grid(
+        axes=OmegaConf.to_container(ablation.axes, resolve=True),
+        seeds=list(ablation.seeds),
+        fixed=list(ablation.get("fixed") or []),
+        profile_overrides=list(cfg.profile.overrides or []),
+        job_overrides=list(cfg.job_overrides or []),
+    )
+    planned = []
+    for job in jobs:
+        out_dir = sweep_dir / job.name
+        candidate = PlannedJob(job, out_dir, job_state(out_dir), backbone="")
+        try:
+            job_cfg = resolve_config(compose_job(candidate.overrides))
+            validate_config(job_cfg, check_data=True, world_size=resources.ranks)
+        except ConfigError as error:
+            message = str(error)
+            if message.startswith("bad override in ["):  # drop the echo of every override of the job
+                message = "bad override: " + message.split("]: ", 1)[-1]
+            raise ConfigError(f"job {job.name!r}: {message}") from error
+        candidate.backbone = str(job_cfg.backbone.name)
+        planned.append(candidate)
+    return planned
+
+
+def hours_per_job(cfg: DictConfig, backbone: str) -> float:
+    table = cfg.profile.resources.hours_per_job
+    return float(table.get(backbone, table.get("default", 0.0)))
+
+
+def print_plan(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob], resources: Resources, kind: str) -> None:
+    action = {"completed": "skip (done)", "diverged": "skip (done)", "failed": "rerun", "unfinished": "resume",
+              "pending": "submit"}
+    print(f"Sweep {cfg.ablation.name} (profile {cfg.profile.name}, launcher {kind}): {len(planned)} jobs, "
+          f"{resources.ranks} rank(s) each ({resources.nodes} node(s) x {resources.tasks_per_node} task(s)"
+          f"{', 1 GPU per task' if resources.gpus else ', CPU'})")
+    print(f"Sweep directory: {sweep_dir}")
+    width = max(len(p.job.name) for p in planned)
+    for p in planned:
+        print(f"  {p.job.name.ljust(width)}  {action[p.state]:<12} {p.out_dir}")
+    to_run = [p for p in planned if p.state not in FINAL_STATUSES]
+    hours = sum(hours_per_job(cfg, p.backbone) for p in to_run)
+    all_hours = sum(hours_per_job(cfg, p.backbone) for p in planned)
+    if resources.gpus:
+        print(f"Estimate: {resources.ranks} GPUs x {all_hours:g} job-hours = {resources.ranks * all_hours:g} GPU-hours "
+              f"for the sweep, {resources.ranks * hours:g} GPU-hours for the {len(to_run)} job(s) to run "
+              f"(rough: profile.resources.hours_per_job)")
+    else:
+        print(f"Estimate: 0 GPU-hours (CPU jobs); about {hours:g} hours of wall time for the {len(to_run)} job(s) "
+              f"to run, one after another (profile.resources.hours_per_job)")
+
+
+def write_sweep_json(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob]) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    axes = list(planned[0].job.axes) if planned else []
+    spec = {"ablation": cfg.ablation.name, "profile": cfg.profile.name, "axes": axes,
+            "jobs": [p.job.to_json() for p in planned]}
+    tmp = sweep_dir / "sweep.json.tmp"
+    tmp.write_text(json.dumps(spec, indent=2))
+    os.replace(tmp, sweep_dir / "sweep.json")
+
+
+def write_tables(cfg: DictConfig, sweep_dir: Path) -> None:
+    from analysis.gather import AnalysisError
+    from analysis.make_tables import make_tables
+
+    try:
+        out = make_tables([sweep_dir], plots=bool(cfg.tables.plots))
+        report(f"tables written to {out}")
+    except AnalysisError as error:
+        report(f"no tables: {error}")
+
+
+def launch(cfg: DictConfig) -> int:
+    """Plan, validate, then submit and follow the sweep; return the exit status."""
+    sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
+    try:
+        launcher = hydra.utils.instantiate(cfg.launcher)
+        resources = job_resources(cfg, launcher.kind)
+        if not cfg.wait and launcher.kind == "local":
+            raise ConfigError("wait: false needs launcher=slurm; local jobs are started by the launcher, "
+                              "max_parallel at a time, so it must keep running")
+        planned = plan_sweep(cfg, sweep_dir, resources)
+    except ConfigError as error:
+        print(f"sweeps/launch.py: {error}\nNothing was submitted.", file=sys.stderr)
+        return 2
+    print_plan(cfg, sweep_dir, planned, resources, launcher.kind)
+    if cfg.dry_run:
+        print("Dry run: nothing submitted.")
+        return 0
+
+    write_sweep_json(cfg, sweep_dir, planned)
+    submissions = read_submissions(sweep_dir)
+    to_submit: list[tuple[str, list[str]]] = []
+    attached: list[TrackedJob] = []
+    for p in planned:
+        if p.state in FINAL_STATUSES:
+            continue
+        latest = submissions.get(p.job.name, [None])[-1]
+        if latest is not None:
+            state = scheduler_state(latest)
+            if state != "UNKNOWN" and not is_final(latest.cluster, state):
+                report(f"{p.job.name}: job {latest.job_id} already {state}, following it")
+                attached.append(TrackedJob(p.job.name, latest))
+                continue
+        to_submit.append((p.job.name, p.overrides))
+    done = sum(p.state in FINAL_STATUSES for p in planned)
+    report(f"{len(to_submit)} job(s) to submit, {len(attached)} already queued or running, {done} finished")
+
+    try:
+        return submit_and_follow(cfg, sweep_dir, planned, launcher, resources, to_submit, attached)
+    except (UncompletedJobError, FailedSubmissionError, OSError) as error:  # e.g. sbatch refused the jobs
+        print(f"sweeps/launch.py: submitting failed: {error}", file=sys.stderr)
+        return 1
+
+
+def submit_and_follow(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob], launcher: SweepLauncher,
+                      resources: Resources, to_submit: list[tuple[str, list[str]]], attached: list[TrackedJob]) -> int:
+    """Submit the jobs, follow them and every attached one to the end, write the tables; return the exit status."""
+    if to_submit:
+        executor = launcher.make_executor(resources.tasks_per_node, resources.gpus_per_node)
+    if not cfg.wait:
+        tracked = launcher.submit(executor, to_submit) if to_submit else []
+        record_submissions(sweep_dir, [t.submission for t in tracked])
+        for t in tracked:
+            report(f"{t.name}: job {t.submission.job_id} submitted  log {t.submission.stdout}")
+        report(f"not waiting; follow with: python sweeps/status.py {sweep_dir}")
+        return 0
+    if to_submit or attached:
+        try:
+            launcher.follow(sweep_dir, executor if to_submit else None, to_submit, attached, float(cfg.poll_s), report)
+        except KeyboardInterrupt:
+            report(f"stopped following the sweep; submitted SLURM jobs keep running. Follow them with "
+                   f"`python sweeps/status.py {sweep_dir}`, or launch again to follow them and write the tables")
+            return 130
+
+    states = {p.job.name: job_state(p.out_dir) for p in planned}
+    unfinished = {name: state for name, state in states.items() if state not in FINAL_STATUSES}
+    write_tables(cfg, sweep_dir)
+    if unfinished:
+        report(f"{len(unfinished)} job(s) did not complete: "
+               + ", ".join(f"{name} ({state})" for name, state in unfinished.items())
+               + f"; see their train.log, and `python sweeps/status.py {sweep_dir}`; launch again to resume them")
+        return 1
+    report(f"all {len(planned)} job(s) finished")
+    return 0
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    sys.exit(launch(cfg))
+
+
+if __name__ == "__main__":
+    if DRY_RUN_FLAG in sys.argv:  # a plain flag for `dry_run=true`
+        sys.argv = [arg for arg in sys.argv if arg != DRY_RUN_FLAG] + ["dry_run=true"]
+    main()

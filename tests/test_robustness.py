@@ -1,0 +1,47 @@
+"""A diverging run and an unreadable image end as recorded outcomes, not tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import make_image_folder
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "data.subset=null", "train.batch_size=8", "train.epochs=2", "data.num_workers=0",
+    "method.projector.hidden_dims=[64]", "method.predictor.hidden_dims=[64]", "train.log_every_steps=1",
+    "eval.linear_epochs=2", "eval.knn_k=[3,5]", "eval.batch_size=16", "eval.linear_lrs=[0.1]",
+]
+
+
+def run(root, out_dir, *overrides):
+    cmd = [sys.executable, "-m", "mtssl.run", f"data.root={root}", f"out_dir={out_dir}", *TINY, *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_non_finite_loss_records_diverged(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=8)
+    proc = run(root, tmp_path / "run", "optim.name=sgd", "optim.base_lr=1e30", "optim.warmup_epochs=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "diverged"
+    assert "non-finite loss" in results["error"]
+    assert results["steps"] < 4  # stopped early, not trained to the end
+
+
+def test_unreadable_image_is_skipped_and_counted(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=8)
+    (root / "train" / "class_0" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    proc = run(root, tmp_path / "run", "train.epochs=3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "completed"
+    # 17 images, 2 steps of 8 per epoch: the broken one is drawn in some epochs, never fatally.
+    assert results["skipped_images"] >= 1
+    assert "skipping unreadable image" in (proc.stdout + proc.stderr)

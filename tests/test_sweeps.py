@@ -1,0 +1,419 @@
+"""Sweeps: the grid, launch-time validation and dry runs (no cluster), then real sweeps on the local SLURM
+cluster (slurm/start_local_cluster.sh): completion with results and tables, idempotent relaunches, and
+requeue after preemption and after a time limit ending with the weights of an uninterrupted run.
+
+Every launch goes through the real command line, ``python sweeps/launch.py``, with a test ablation and a
+tiny profile written as YAML into a --config-dir (as a user adds them). Each job runs 2 FSDP ranks
+(2 tasks of 1 CPU) on a 32-image synthetic folder (32 px, CIFAR-10 settings): 12 steps
+(2 classes x 16 images / batch 8 x 3 epochs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtssl.config import ConfigError
+from sweeps.grid import expand_grid, job_name
+from tests.conftest import make_image_folder
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH = [sys.executable, str(REPO / "sweeps" / "launch.py")]
+STEPS_PER_JOB = 2 * 16 // 8 * 3
+JOB_NAMES = ["predictor=separate", "predictor=shared"]
+LAUNCH_TIMEOUT_S = 360
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The grid
+
+
+def test_grid_is_the_product_of_axes_and_seeds_with_axis_values_winning():
+    jobs = expand_grid(
+        axes={"backbone": ["resnet50", "vit_small"], "predictor": ["separate", "shared"]},
+        seeds=[0, 1],
+        fixed=["views=global_local", "method=byol"],
+        profile_overrides=["backbone=resnet18", "train.epochs=2", "views=global"],
+        job_overrides=["train.epochs=1"],
+    )
+    assert [job.name for job in jobs] == [
+        f"backbone={b},predictor={p},train.seed={s}"
+        for b in ("resnet50", "vit_small") for p in ("separate", "shared") for s in (0, 1)
+    ]
+    first = jobs[0]
+    assert first.axes == {"backbone": "resnet50", "predictor": "separate", "train.seed": 0}
+    # One value per key: the axis beats the profile, the ablation's fixed values beat the profile,
+    # job_overrides beat both.
+    assert sorted(first.overrides) == sorted(["backbone=resnet50", "train.epochs=1", "views=global_local",
+                                              "method=byol", "predictor=separate", "train.seed=0"])
+
+
+def test_one_seed_is_a_fixed_override_not_an_axis():
+    jobs = expand_grid(axes={"method": ["byol", "mocov3"]}, seeds=[3])
+    assert [job.name for job in jobs] == ["method=byol", "method=mocov3"]
+    assert all("train.seed=3" in job.overrides for job in jobs)
+
+
+def test_job_names_are_filesystem_safe():
+    assert job_name({"data.root": "/a b/c", "x": [1, 2]}) == "data.root=_a_b_c,x=_1,2_"
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"axes": {"method": ["byol"]}, "job_overrides": ["method=simsiam"]}, "job_overrides"),
+    ({"axes": {"method": []}}, "ablation.axes.method"),
+    ({"axes": {"x": ["a/b", "a_b"]}}, "same job directory"),
+    ({"axes": {"method": ["byol"]}, "seeds": []}, "ablation.seeds"),
+])
+def test_bad_grids_are_refused_with_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        expand_grid(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch-time validation and dry runs (no cluster needed)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("sweeps") / "data", classes=2, per_class=16)
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory, data_root) -> Path:
+    """A --config-dir holding a 2-job test ablation and a tiny profile, written as a user would."""
+    root = tmp_path_factory.mktemp("sweep_conf")
+    (root / "ablation").mkdir()
+    (root / "profile").mkdir()
+    ablation = {"name": "pair", "fixed": ["method=byol", "views=global_local"],
+                "axes": {"predictor": ["separate", "shared"]}, "seeds": [0]}
+    profile = {
+        "name": "tiny",
+        "overrides": [
+            "data=cifar10", f"data.root={data_root}", "data.download=false", "data.subset=null", "data.num_workers=0",
+            "train.device=cpu", "train.batch_size=8", "train.epochs=3", "train.log_every_steps=1",
+            "train.checkpoint_every_steps=4", "method.projector.hidden_dims=[64]",
+            "method.predictor.hidden_dims=[64]", "+backbone.kwargs.layers=[1,1,1,1]",
+            "eval.linear_epochs=2", "eval.knn_k=[3,5]", "eval.batch_size=16", "eval.linear_lrs=[0.1]",
+        ],
+        "resources": {"ranks_per_job": 2, "gpus": False, "hours_per_job": {"default": 0.01}},
+    }
+    (root / "ablation" / "pair.yaml").write_text(yaml.safe_dump(ablation))
+    (root / "profile" / "tiny.yaml").write_text(yaml.safe_dump(profile))
+    return root
+
+
+def launch(*args: str, timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([*LAUNCH, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_sweep_args(config_dir: Path, sweep_dir: Path, *extra: str) -> list[str]:
+    return ["--config-dir", str(config_dir), "ablation=pair", "profile=tiny", f"sweep_dir={sweep_dir}",
+            "poll_s=1", "tables.plots=false", *extra]
+
+
+@pytest.mark.slow
+def test_dry_run_prints_grid_gpu_hours_and_dirs_and_submits_nothing(data_root, tmp_path):
+    sweep_dir = tmp_path / "paper"
+    out = launch("ablation=method", "profile=imagenet_200ep", "launcher=slurm", "cluster=example_gpu",
+                 f"profile.data_root={data_root}", 'job_overrides=["train.batch_size=32"]',
+                 f"sweep_dir={sweep_dir}", "--dry-run", timeout=120)
+    assert out.returncode == 0, out.stderr
+    profile = yaml.safe_load((REPO / "sweeps/conf/profile/imagenet_200ep.yaml").read_text())
+    hours, gpus = profile["resources"]["hours_per_job"]["resnet50"], profile["resources"]["ranks_per_job"]
+    assert f"= {3 * hours * gpus:g} GPU-hours" in out.stdout  # 3 methods x 4 GPUs x hours of a ResNet-50 job
+    for method in ("byol", "simsiam", "mocov3"):
+        assert re.search(rf"method={method}\s+submit\s+{re.escape(str(sweep_dir / f'method={method}'))}", out.stdout)
+    assert "nothing submitted" in out.stdout
+    assert not sweep_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, expected", [
+    (['job_overrides=["train.batch_size=7"]'], "train.batch_size: 7 does not divide across 2 ranks"),
+    (["ablation.axes.predictor=[separate,nope]"], "job 'predictor=nope': bad override"),
+    (['job_overrides=["predictor=shared"]'], "job_overrides sets ['predictor']"),
+])
+def test_bad_override_fails_the_launch_before_anything_is_submitted(config_dir, tmp_path, extra, expected):
+    sweep_dir = tmp_path / "bad"
+    out = launch(*tiny_sweep_args(config_dir, sweep_dir, *extra), timeout=120)
+    assert out.returncode == 2
+    assert expected in out.stderr and "Nothing was submitted." in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not sweep_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real sweeps on the local SLURM cluster
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """Skip unless the local test cluster answers (same checks as tests/test_slurm_cluster.py)."""
+    from tests.test_slurm_cluster import _cluster_problem
+
+    state_conf = Path(os.environ.get("MTSSL_SLURM_STATE", "/tmp/mtssl-slurm"), "etc", "slurm.conf")
+    with pytest.MonkeyPatch.context() as env:
+        if "SLURM_CONF" not in os.environ and not Path("/etc/slurm/slurm.conf").exists() and state_conf.exists():
+            env.setenv("SLURM_CONF", str(state_conf))
+        problem = _cluster_problem()
+        if problem:
+            pytest.skip(problem)
+        yield
+
+
+def slurm_args(config_dir: Path, sweep_dir: Path, *extra: str) -> tuple[list[str], str]:
+    """Arguments of a tiny sweep on the local cluster, and the SLURM job name unique to this launch."""
+    name = f"mtssl-test-{uuid.uuid4().hex[:8]}"
+    return tiny_sweep_args(config_dir, sweep_dir, "launcher=slurm", "cluster=local", f"launcher.name={name}",
+                           *extra), name
+
+
+def slurm_jobs_named(name: str) -> list[str]:
+    out = subprocess.run(["sacct", "--name", name, "--allocations", "--noheader", "--parsable2", "--format=JobID",
+                          "--starttime=now-1days"], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def accounted_states(job_id: str) -> list[str]:
+    """Every state sacct recorded for a job, oldest first (one per run when it was requeued)."""
+    out = subprocess.run(["sacct", "--jobs", job_id, "--duplicates", "--allocations", "--noheader", "--parsable2",
+                          "--format=State"], capture_output=True, text=True, check=True)
+    return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
+
+
+def submissions(sweep_dir: Path) -> dict[str, list[dict]]:
+    path = sweep_dir / ".submitit" / "submissions.json"
+    return json.loads(path.read_text())["jobs"] if path.exists() else {}
+
+
+def results(job_dir: Path) -> dict:
+    return json.loads((job_dir / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(slurm_cluster, config_dir, tmp_path_factory):
+    """The 2-job test sweep, run to completion on the cluster; also the uninterrupted reference weights."""
+    sweep_dir = tmp_path_factory.mktemp("slurm_sweep") / "pair"
+    args, name = slurm_args(config_dir, sweep_dir)
+    out = launch(*args)
+    return sweep_dir, out, name
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_job_sweep_runs_to_completion_with_results_and_tables(finished_sweep):
+    sweep_dir, out, name = finished_sweep
+    assert out.returncode == 0, out.stdout + out.stderr
+    spec = json.loads((sweep_dir / "sweep.json").read_text())
+    assert spec["ablation"] == "pair" and spec["profile"] == "tiny" and spec["axes"] == ["predictor"]
+    assert [job["name"] for job in spec["jobs"]] == JOB_NAMES
+    records = submissions(sweep_dir)
+    assert sorted(records) == sorted(JOB_NAMES) and all(len(r) == 1 for r in records.values())
+    assert sorted(slurm_jobs_named(name)) == sorted(r[0]["job_id"] for r in records.values())
+    weights = set()
+    for job in JOB_NAMES:
+        result = results(sweep_dir / job)
+        assert result["status"] == "completed"
+        assert result["predictor"] == job.split("=")[1] and result["steps"] == STEPS_PER_JOB
+        assert result["world_size"] == 2  # 2 SLURM tasks = 2 FSDP ranks
+        weights.add(result["weights_sha256"])
+        record = records[job][0]
+        assert accounted_states(record["job_id"]) == ["COMPLETED"]
+        # Progress: the job's id, each state it went through, and its log (which exists).
+        for state in ("RUNNING", "COMPLETED"):
+            assert f"{job}: job {record['job_id']} {state}  log {record['stdout']}" in out.stdout
+        assert Path(record["stdout"]).is_file()
+    assert len(weights) == 2  # separate and shared predictors train different weights
+    table = (sweep_dir / "tables" / "results.csv").read_text().splitlines()
+    assert len(table) == 1 + len(JOB_NAMES) and all(",completed," in row for row in table[1:])
+    assert (sweep_dir / "tables" / "README.md").is_file()
+    status = subprocess.run([sys.executable, str(REPO / "sweeps/status.py"), str(sweep_dir)], capture_output=True,
+                            text=True, check=True).stdout
+    for job in JOB_NAMES:
+        assert re.search(rf"^{re.escape(job)}\s+completed\s+{STEPS_PER_JOB}\s+\S+\s+COMPLETED", status, re.M), status
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_relaunching_a_finished_sweep_submits_nothing(finished_sweep, config_dir):
+    sweep_dir, first, _ = finished_sweep
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = {job: (sweep_dir / job / "results.json").read_bytes() for job in JOB_NAMES}
+    args, name = slurm_args(config_dir, sweep_dir)
+    out = launch(*args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 job(s) to submit, 0 already queued or running, 2 finished" in out.stdout
+    assert slurm_jobs_named(name) == []
+    assert all(len(records) == 1 for records in submissions(sweep_dir).values())
+    assert {job: (sweep_dir / job / "results.json").read_bytes() for job in JOB_NAMES} == before
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_relaunching_a_half_finished_sweep_submits_only_the_missing_job(finished_sweep, config_dir, tmp_path):
+    source, first, _ = finished_sweep
+    assert first.returncode == 0, first.stdout + first.stderr
+    sweep_dir = tmp_path / "half"
+    shutil.copytree(source, sweep_dir, ignore=shutil.ignore_patterns(".submitit", "tables"))
+    finished, missing = JOB_NAMES
+    (sweep_dir / missing / "results.json").unlink()  # killed after its last checkpoint, before the results
+    finished_bytes = (sweep_dir / finished / "results.json").read_bytes()
+    args, name = slurm_args(config_dir, sweep_dir)
+    out = launch(*args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 job(s) to submit, 0 already queued or running, 1 finished" in out.stdout
+    records = submissions(sweep_dir)
+    assert list(records) == [missing] and len(slurm_jobs_named(name)) == 1
+    assert (sweep_dir / finished / "results.json").read_bytes() == finished_bytes
+    assert results(sweep_dir / missing)["weights_sha256"] == results(source / missing)["weights_sha256"]
+    assert f"resumed from {sweep_dir / missing}/checkpoints/step_{STEPS_PER_JOB:08d}" in (
+        sweep_dir / missing / "train.log").read_text()
+
+
+def rank_pids(sweep_dir: Path) -> list[int]:
+    """The job's task processes (python -m submitit.core._submit <sweep_dir>/.submitit/...), not srun."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (proc.name.isdigit() and args and b"python" in Path(args[0].decode()).name.encode()
+                and b"submitit.core._submit" in args and any(str(sweep_dir).encode() in a for a in args)):
+            pids.append(int(proc.name))
+    return pids
+
+
+def proc_status(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None  # ended
+
+
+def usr2_pending_or_running(pid: int) -> bool:
+    status = proc_status(pid)
+    if status is None or "State:\tT" not in status:
+        return True  # ended, or woken up (SLURM sends SIGCONT before its signal)
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("ShdPnd", "SigPnd"))]
+    return any(mask & (1 << (signal.SIGUSR2 - 1)) for mask in masks)
+
+
+def wait_for(condition, what: str, timeout_s: float, launcher: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert launcher.poll() is None, f"the launcher ended while waiting for {what}"
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def hold_until_usr2(sweep_dir: Path, job: str, step: int, launcher: subprocess.Popen, then=lambda: None) -> None:
+    """Freeze the job's ranks once training logged ``step``, call ``then``, and let them go on once SLURM's
+    SIGUSR2 is pending. Freezing stands in for a slow job: the signal then surely lands mid-training."""
+    log = sweep_dir / job / "train.log"
+
+    def reached() -> bool:
+        text = log.read_text() if log.exists() else ""
+        return any(int(s) >= step for s in re.findall(r"step (\d+)/\d+ epoch", text))
+
+    wait_for(reached, f"training to reach step {step}", 240, launcher)
+    pids = rank_pids(sweep_dir)
+    assert len(pids) == 2, pids
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: all("State:\tT" in (proc_status(p) or "State:\tT") for p in pids), "ranks to stop", 10, launcher)
+    then()
+    wait_for(lambda: all(usr2_pending_or_running(p) for p in pids), "SLURM's SIGUSR2", 150, launcher)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def run_interrupted_job(config_dir: Path, sweep_dir: Path, extra=(), then=lambda: None) -> tuple[str, str]:
+    """Launch the 'separate' job alone, hold it mid-training until SLURM signals it; return (stdout, job id)."""
+    args, _ = slurm_args(config_dir, sweep_dir, "ablation.axes.predictor=[separate]", *extra)
+    launcher = subprocess.Popen([*LAUNCH, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    try:
+        hold_until_usr2(sweep_dir, "predictor=separate", 2, launcher, then)
+        stdout, _ = launcher.communicate(timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, stdout
+    [record] = submissions(sweep_dir)["predictor=separate"]
+    return stdout, record
+
+
+def assert_resumed_to_reference(sweep_dir: Path, record: dict, reference: Path, submitit_case: str) -> None:
+    job_dir = sweep_dir / "predictor=separate"
+    log = (job_dir / "train.log").read_text()
+    stops = [int(s) for s in re.findall(r"stopped on SIGUSR2 at step (\d+)", log)]
+    assert stops and all(2 <= s < STEPS_PER_JOB for s in stops), log
+    assert f"resumed from {job_dir}/checkpoints/step_{stops[0]:08d} (step {stops[0]})" in log
+    assert f"this job is {submitit_case}" in Path(record["stdout"]).read_text()
+    states = accounted_states(record["job_id"])
+    # One requeue per stop (a signal after training, during evaluation, may add one that resumes nothing).
+    assert states[-1] == "COMPLETED" and states.count("REQUEUED") >= len(stops), states
+    result, uninterrupted = results(job_dir), results(reference / "predictor=separate")
+    assert result["status"] == "completed" and result["steps"] == STEPS_PER_JOB
+    assert result["weights_sha256"] == uninterrupted["weights_sha256"]
+    assert result["final_losses"] == uninterrupted["final_losses"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preempted_job_requeues_and_ends_with_the_uninterrupted_weights(finished_sweep, config_dir, tmp_path):
+    reference, first, _ = finished_sweep
+    assert first.returncode == 0, first.stdout + first.stderr
+    sweep_dir = tmp_path / "preempted"
+    high_job: list[str] = []
+
+    def preempt() -> None:
+        # A high-partition job needing every CPU of the node can only start by preempting the sweep job.
+        cpus = max(int(c) for c in subprocess.run(["sinfo", "--noheader", "--Node", "--format=%c"],
+                                                   capture_output=True, text=True, check=True).stdout.split())
+        out = subprocess.run(["sbatch", "--parsable", "--partition=high", f"--cpus-per-task={cpus}",
+                              f"--output={tmp_path / 'high.out'}", "--wrap", "sleep 2"],
+                             capture_output=True, text=True, check=True)
+        high_job.append(out.stdout.strip().split(";")[0])
+
+    _, record = run_interrupted_job(config_dir, sweep_dir, then=preempt)
+    assert_resumed_to_reference(sweep_dir, record, reference, "preempted")
+    assert accounted_states(high_job[0])[-1] == "COMPLETED"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_job_hitting_its_time_limit_requeues_and_ends_with_the_uninterrupted_weights(finished_sweep, config_dir,
+                                                                                      tmp_path):
+    reference, first, _ = finished_sweep
+    assert first.returncode == 0, first.stdout + first.stderr
+    sweep_dir = tmp_path / "time_limit"
+    # SIGUSR2 60 s before a 2-minute limit (SLURM checks limits every ~30 s: it arrives 60-90 s before).
+    _, record = run_interrupted_job(config_dir, sweep_dir, extra=(
+        "cluster.timeout_min=2", "cluster.signal_delay_s=60", "cluster.max_num_timeout=3"))
+    assert_resumed_to_reference(sweep_dir, record, reference, "timed-out")
+    assert "remaining timeouts" in Path(record["stdout"]).read_text()
+
+
+@pytest.mark.slurm
+def test_bad_override_submits_nothing_to_slurm(slurm_cluster, config_dir, tmp_path):
+    args, name = slurm_args(config_dir, tmp_path / "bad", 'job_overrides=["train.batch_size=7"]')
+    out = launch(*args, timeout=120)
+    assert out.returncode == 2 and "train.batch_size" in out.stderr
+    assert slurm_jobs_named(name) == []
