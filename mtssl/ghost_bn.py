@@ -111,62 +111,63 @@ class GhostBatchNorm:
             raise ValueError(f"ghost BatchNorm: batch of {x.shape[0]} does not split into {num_chunks} equal view chunks")
         chunks = x.chunk(num_chunks)
         if layer.running_mean is None:  # no running statistics to keep
-            outputs = [original(layer, c) for c in chunks]
-        elif type(layer).forward is _BatchNorm.forward:
-            outputs = [self._plain_chunk(layer, c, v, records) for c, v in zip(chunks, self.view_ids)]
+            return torch.cat([original(layer, c) for c in chunks])
+        # momentum 1 on zeroed buffers leaves exactly a chunk's mean and unbiased variance in them
+        stats = torch.zeros((num_chunks, 2, layer.num_features), dtype=layer.running_mean.dtype, device=layer.running_mean.device)
+        if type(layer).forward is _BatchNorm.forward:
+            layer._check_input_dim(x)
+            outputs = [F.batch_norm(c, s[0], s[1], layer.weight, layer.bias, True, 1.0, layer.eps) for c, s in zip(chunks, stats)]
         else:  # subclasses with their own forward (SyncBatchNorm, BatchNorm + activation)
-            outputs = [self._wrapped_chunk(layer, original, c, v, records) for c, v in zip(chunks, self.view_ids)]
+            outputs = [self._wrapped_chunk(layer, original, c, s) for c, s in zip(chunks, stats)]
+        records.extend(zip(self.view_ids, stats))
         return outputs[0] if num_chunks == 1 else torch.cat(outputs)
 
     @staticmethod
-    def _plain_chunk(layer: _BatchNorm, x: torch.Tensor, view_id: int, records: list) -> torch.Tensor:
-        layer._check_input_dim(x)
-        # momentum 1 on zeroed buffers leaves exactly this chunk's mean and unbiased variance in them
-        stats = torch.zeros((2, layer.num_features), dtype=layer.running_mean.dtype, device=layer.running_mean.device)
-        out = F.batch_norm(x, stats[0], stats[1], layer.weight, layer.bias, True, 1.0, layer.eps)
-        records.append((view_id, stats))
-        return out
-
-    @staticmethod
-    def _wrapped_chunk(layer: _BatchNorm, original, x: torch.Tensor, view_id: int, records: list) -> torch.Tensor:
-        stats = torch.zeros((2, layer.num_features), dtype=layer.running_mean.dtype, device=layer.running_mean.device)
+    def _wrapped_chunk(layer: _BatchNorm, original, x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+        """The layer's own forward on one chunk, its running statistics redirected into ``stats``."""
         saved = (layer.running_mean, layer.running_var, layer.num_batches_tracked, layer.momentum)
         layer.running_mean, layer.running_var, layer.momentum = stats[0], stats[1], 1.0
         if saved[2] is not None:
             layer.num_batches_tracked = torch.zeros_like(saved[2])
         try:
-            out = original(layer, x)
+            return original(layer, x)
         finally:
             layer.running_mean, layer.running_var, layer.num_batches_tracked, layer.momentum = saved
-        records.append((view_id, stats))
-        return out
 
     @torch.no_grad()
     def _apply_running_updates(self) -> None:
-        """r <- (1 - f) r + f s for each recorded chunk s in view order, folded into one weighted sum."""
+        """r <- (1 - f) r + f s for each recorded chunk s in view order, as per-view calls update.
+
+        Folded into r <- keep * r + sum_i w_i s_i with w_i = f_i prod_{j > i} (1 - f_j) and
+        keep = prod_j (1 - f_j), applied with foreach ops over all layers sharing the factors
+        (a few kernels per encoder, no host-device traffic).
+        """
+        groups: dict[tuple, list[tuple[_BatchNorm, list]]] = {}
+        counters: dict[int, list[torch.Tensor]] = {}  # batches to add -> num_batches_tracked tensors
         for layer, forward in zip(self.layers, self.forwards):
             if not forward.records:
                 continue
             records = sorted(forward.records, key=lambda r: r[0])
-            factors = []
-            for _ in records:
-                if layer.num_batches_tracked is not None:
-                    layer.num_batches_tracked.add_(1)
-                if layer.momentum is None:  # cumulative moving average
-                    factors.append(1.0 / float(layer.num_batches_tracked))
-                else:
-                    factors.append(layer.momentum)
-            # weight of update i: f_i * prod_{j > i} (1 - f_j); weight of the old value: prod (1 - f_j)
+            if layer.momentum is None:  # cumulative moving average: factors 1/n, n = batches seen
+                seen = int(layer.num_batches_tracked)  # per-view mode reads it on the host too
+                factors = [1.0 / (seen + i + 1) for i in range(len(records))]
+            else:
+                factors = [float(layer.momentum)] * len(records)
+            if layer.num_batches_tracked is not None:
+                counters.setdefault(len(records), []).append(layer.num_batches_tracked)
             weights, keep = [], 1.0
             for f in reversed(factors):
                 weights.append(f * keep)
                 keep *= 1.0 - f
-            weights.reverse()
-            stacked = torch.stack([stats for _, stats in records])  # [views, 2, C]
-            coeff = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
-            update = torch.tensordot(coeff, stacked, dims=1)
-            layer.running_mean.mul_(keep).add_(update[0])
-            layer.running_var.mul_(keep).add_(update[1])
+            groups.setdefault((keep, tuple(reversed(weights))), []).append((layer, records))
+        for (keep, weights), members in groups.items():
+            running = [l.running_mean for l, _ in members] + [l.running_var for l, _ in members]
+            torch._foreach_mul_(running, keep)
+            for i, w in enumerate(weights):
+                chunk_stats = [r[i][1][0] for _, r in members] + [r[i][1][1] for _, r in members]
+                torch._foreach_add_(running, chunk_stats, alpha=w)
+        for count, tensors in counters.items():
+            torch._foreach_add_(tensors, count)
 
 
 class _GhostForward:

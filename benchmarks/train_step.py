@@ -1,0 +1,331 @@
+"""Training-step throughput: the paper's per-view mode against every fast mode, side by side.
+
+One step is exactly ``mtssl.train.Trainer.training_step``: the online network on every view,
+the target on the global views, the multi-task loss, one backward, the optimiser step and the
+EMA update, on a model built as the Trainer builds it (plain on one CPU rank, FSDP2-wrapped
+otherwise). Views are synthetic
+tensors already on the device, so the data pipeline is not measured here (see data_pipeline.py).
+
+    python benchmarks/train_step.py --quick            # short CPU run: ResNet-18 at CIFAR size
+    python benchmarks/train_step.py                    # ResNet-18 CIFAR, ResNet-50 224/96, ViT-S
+    python benchmarks/train_step.py --compile          # also torch.compile'd backbones
+
+Modes (all build the same network from the same seed):
+  per_view          one encoder call per view, BN statistics per view (the paper)
+  plain             same-size views in one backbone call, BN over the group (changes semantics)
+  ghost             same-size views in one call, BN statistics per view chunk (same results)
+  per_view+cl       per_view with channels_last inputs, hence channels_last activations
+                    (parameters stay contiguous, which FSDP2 requires; convolutions follow the
+                    input's layout)
+  ghost+cl          ghost with channels_last inputs
+  ghost+cl+compile  ghost+cl with torch.compile'd backbones (--compile; the step itself, which
+                    calls backward, is never compiled)
+  ...+bf16          CUDA only: the step under bf16 autocast (FSDP already holds bf16 compute
+                    parameters on CUDA; autocast also moves the remaining ops to bf16)
+
+Modes run interleaved (round robin) within each repetition, so machine load drifts hit them
+alike; the table reports the median over repetitions and the min-max spread. On CPU it also
+reports images per second of process CPU time (img/CPU-s), which time spent descheduled by
+other jobs on a shared machine does not inflate (use --threads 1 for it). Achieved FLOP/s
+use the FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode``; on CUDA
+MFU divides them by the GPU's dense bf16 peak. Results: benchmarks/results/train_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from mtssl.config import compose_config, resolve_config
+from mtssl.distributed import init_distributed
+from mtssl.fsdp import shard_model
+from mtssl.model import build_model
+from mtssl.objectives import build_objective
+from mtssl.optim import build_optimizer, peak_learning_rate
+from mtssl.train import Trainer
+from mtssl.views import build_view_layout
+
+RESULTS = Path(__file__).parent / "results" / "train_step.json"
+# timm backbones return a view of their pooled features; nothing here modifies it in place.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+# Dense bf16 tensor-core peak (FLOP/s) by GPU name, for MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
+
+# model name -> (config overrides, CPU batch, GPU batch)
+MODELS = {
+    "resnet18_cifar": (["backbone=resnet18", "data=cifar10", "data.small_images=true"], 32, 256),
+    "resnet50_224": (["backbone=resnet50", "data=imagefolder", "data.root=/unused"], 4, 64),
+    "vit_small_224": (["backbone=vit_small", "data=imagefolder", "data.root=/unused"], 4, 64),
+}
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    grouped_views: str | bool
+    channels_last: bool = False
+    compile: bool = False
+    bf16_autocast: bool = False
+
+
+BASE_MODES = [
+    Mode("per_view", False),
+    Mode("plain", "plain"),
+    Mode("ghost", "ghost"),
+    Mode("per_view+cl", False, channels_last=True),
+    Mode("ghost+cl", "ghost", channels_last=True),
+]
+
+
+def modes_for(device: torch.device, with_compile: bool) -> list[Mode]:
+    modes = list(BASE_MODES)
+    if with_compile:
+        modes.append(Mode("per_view+cl+compile", False, channels_last=True, compile=True))
+        modes.append(Mode("ghost+cl+compile", "ghost", channels_last=True, compile=True))
+    if device.type == "cuda":
+        modes += [
+            Mode("per_view+bf16", False, bf16_autocast=True),
+            Mode("ghost+cl+bf16", "ghost", channels_last=True, bf16_autocast=True),
+        ]
+        if with_compile:
+            modes.append(Mode("ghost+cl+compile+bf16", "ghost", channels_last=True, compile=True, bf16_autocast=True))
+    return modes
+
+
+def step_runner(cfg, mode: Mode, device: torch.device) -> Trainer:
+    """A Trainer holding what ``training_step`` uses, built from the same pieces as Trainer.__init__.
+
+    Trainer.__init__ also scans the data folder and builds the loader, which a synthetic-input
+    benchmark does not need, so only the model, objective and optimiser are built here.
+    """
+    cfg = OmegaConf.merge(cfg, {"train": {"grouped_views": mode.grouped_views}})
+    layout = build_view_layout(OmegaConf.to_container(cfg.views.types), dict(cfg.data.view_sizes or {}))
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = cfg
+    trainer.layout = layout
+    trainer.view_types = [name for name, _ in layout.entries]
+    trainer.target_indices = layout.target_indices
+    trainer.weights = {t.name: t.weight for t in layout.types}
+    trainer.objective = build_objective(cfg.method)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, layout.task_names, cfg.data.small_images, trainer.objective.ema_target)
+    model = model.to(device)
+    # As Trainer: one CPU rank runs the plain model, otherwise FSDP2 (bf16 compute on CUDA).
+    single_cpu = dist.get_world_size() == 1 and device.type == "cpu"
+    trainer.model = model if single_cpu else shard_model(model, device)
+    if mode.compile:
+        for encoder in (trainer.model.online, trainer.model.target):
+            if encoder is not None:
+                # static shapes: one graph per view resolution (dynamic shapes add nothing here)
+                encoder.backbone.compile(dynamic=False)
+    trainer.total_steps, trainer.warmup_steps = 1_000_000, 0
+    trainer.peak_lr = peak_learning_rate(cfg.optim.base_lr, cfg.train.batch_size)
+    trainer.optimizer = build_optimizer(cfg.optim, trainer.model, trainer.peak_lr)
+    trainer.trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    trainer.model.train()
+    return trainer
+
+
+def make_views(layout, batch: int, device: torch.device, channels_last: bool) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    views = []
+    for name, _ in layout.entries:
+        size = layout.type(name).size
+        x = torch.randn(batch, 3, size, size, generator=generator).to(device)
+        views.append(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    return views
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Entry:
+    mode: Mode
+    trainer: Trainer
+    views: list[torch.Tensor]
+    step: int = 0
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    def run(self, steps: int, device: torch.device) -> tuple[float, float]:
+        """Wall-clock and process CPU seconds of ``steps`` training steps."""
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.mode.bf16_autocast else contextlib.nullcontext()
+        sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with autocast:
+            for _ in range(steps):
+                self.trainer.training_step(self.views, self.step)
+                self.step += 1
+        sync(device)
+        return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def count_step_flops(entry: Entry) -> int:
+    """FLOPs of one full training step (forward of online and target, backward), counted by torch."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        entry.trainer.training_step(entry.views, entry.step)
+    entry.step += 1
+    return counter.get_total_flops()
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def benchmark_model(model_name: str, args, device: torch.device) -> dict:
+    overrides, cpu_batch, gpu_batch = MODELS[model_name]
+    batch = args.batch or (gpu_batch if device.type == "cuda" else cpu_batch)
+    cfg = resolve_config(compose_config(["method=byol", "views=global_local_cutout", *overrides, f"train.batch_size={batch}"]))
+    entries = []
+    for mode in modes_for(device, args.compile):
+        trainer = step_runner(cfg, mode, device)
+        entries.append(Entry(mode, trainer, make_views(trainer.layout, batch, device, mode.channels_last)))
+    flops = count_step_flops(entries[0])
+    for entry in entries:  # warm-up (and compilation) outside the timed repetitions
+        try:
+            entry.run(args.warmup, device)
+        except Exception as error:  # a mode that cannot run here is reported, not fatal
+            entry.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            print(f"  {model_name} {entry.mode.name}: failed ({entry.error})", file=sys.stderr)
+    for rep in range(args.reps):
+        for entry in entries:
+            if entry.error is None:
+                wall, cpu = entry.run(args.steps, device)
+                entry.times.append(wall)
+                entry.cpu_times.append(cpu)
+        print(f"  {model_name}: repetition {rep + 1}/{args.reps} done", file=sys.stderr)
+    peak = peak_flops(device)
+    rows = []
+    base = cpu_base = None
+    for entry in entries:
+        row = {"model": model_name, "mode": entry.mode.name, "batch": batch, "steps_per_rep": args.steps}
+        if entry.error:
+            rows.append({**row, "error": entry.error})
+            continue
+        rates = [batch * args.steps / t for t in entry.times]
+        cpu_rates = [batch * args.steps / t for t in entry.cpu_times]
+        median = statistics.median(rates)
+        base = base or median  # the first mode is per_view
+        cpu_base = cpu_base or statistics.median(cpu_rates)
+        step_s = batch / median
+        row.update(
+            images_per_s=median,
+            images_per_s_min=min(rates),
+            images_per_s_max=max(rates),
+            images_per_s_all=rates,
+            speedup_vs_per_view=median / base,
+            # Images per second of this process's CPU time: on a shared CPU, time spent
+            # descheduled by other jobs does not count (meaningful with --threads 1).
+            images_per_cpu_s=statistics.median(cpu_rates) if device.type == "cpu" else None,
+            images_per_cpu_s_all=cpu_rates if device.type == "cpu" else None,
+            cpu_time_speedup_vs_per_view=statistics.median(cpu_rates) / cpu_base if device.type == "cpu" else None,
+            gflop_per_step=flops / 1e9,
+            tflop_per_s=flops / step_s / 1e12,
+            mfu=(flops / step_s / peak) if peak else None,
+        )
+        rows.append(row)
+    return {"model": model_name, "batch": batch, "gflop_per_step": flops / 1e9, "rows": rows}
+
+
+def print_table(rows: list[dict], device_name: str) -> None:
+    print(f"\nTraining step on {device_name} (images/s: median over repetitions, [min-max])")
+    header = (
+        f"{'model':<16} {'mode':<22} {'batch':>5} {'images/s':>10} {'[min-max]':>17} {'speedup':>8} {'TFLOP/s':>8} {'MFU':>6}"
+        f" {'img/CPU-s':>10} {'speedup':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<16} {r['mode']:<22} {r['batch']:>5} failed: {r['error']}")
+            continue
+        spread = f"[{r['images_per_s_min']:.2f}-{r['images_per_s_max']:.2f}]"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        cpu_rate = f"{r['images_per_cpu_s']:.2f}" if r["images_per_cpu_s"] is not None else "-"
+        cpu_speedup = f"{r['cpu_time_speedup_vs_per_view']:.2f}x" if r["cpu_time_speedup_vs_per_view"] is not None else "-"
+        print(
+            f"{r['model']:<16} {r['mode']:<22} {r['batch']:>5} {r['images_per_s']:>10.2f} {spread:>17} "
+            f"{r['speedup_vs_per_view']:>7.2f}x {r['tflop_per_s']:>8.3f} {mfu:>6} {cpu_rate:>10} {cpu_speedup:>8}"
+        )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short CPU run: ResNet-18 at CIFAR size, few repetitions")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="default: all (quick: resnet18_cifar)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=None, help="per-model default: 32/4/4 on CPU, 256/64/64 on CUDA (quick: 16)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per repetition")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per mode")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per mode before timing")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile'd modes (slow to start)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+        args.device = "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compile:
+        # Under FSDP2 its hooks split a compiled backbone into one graph per block; every block
+        # instance and view resolution then needs its own, far more than dynamo's default of 8.
+        torch._dynamo.config.recompile_limit = 256
+    env = init_distributed(args.device)
+    device = env.device
+    quick = args.quick
+    args.models = args.models or (["resnet18_cifar"] if quick else list(MODELS))
+    cuda = device.type == "cuda"
+    if quick and args.batch is None and not cuda:
+        args.batch = 16
+    args.steps = args.steps or (2 if quick else 10 if cuda else 3)
+    args.reps = args.reps or (3 if quick else 5)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 3 if cuda else 1)
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    report = {
+        "benchmark": "train_step",
+        "device": device_name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "steps_per_rep": args.steps,
+        "reps": args.reps,
+        "peak_bf16_flops": peak_flops(device),
+        "models": [],
+        "rows": [],
+        "command": " ".join(["python", "benchmarks/train_step.py", *(argv if argv is not None else sys.argv[1:])]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        print(f"benchmarking {name} ...", file=sys.stderr)
+        result = benchmark_model(name, args, device)
+        report["models"].append({k: v for k, v in result.items() if k != "rows"})
+        report["rows"] += result["rows"]
+        args.out.write_text(json.dumps(report, indent=2))  # after each model: a partial run keeps its results
+    print_table(report["rows"], device_name)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""FastMultiViewTransform against the augmentation specification, statistically.
+
+Each op is detected in the output pixels of a test image built so that the op is visible and
+no other op can imitate it. Views are 32 px crops of 32 px images with scale (1, 1), i.e. the
+whole image (the RandomResizedCrop draw is tested on its own), and keep each registered view
+type's blur and solarize probabilities. Frequencies are checked against the specification
+within 4.5 binomial standard deviations.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+import mtssl.fast_augment as fast_augment
+from mtssl.config import compose_config, resolve_config
+from mtssl.fast_augment import FastMultiViewTransform, gaussian_taps, sample_crop_box, separable_blur
+from mtssl.views import VIEW_TYPES, MultiViewTransform, ViewLayout, build_view_layout
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SIZE = 32
+SAMPLES = 4000  # source images per frequency test: 4.5 sigma = +-0.036 at p = 0.5
+# The spec's five views at 32 px, whole-image crops: global 1, global 2, local, local, cutout.
+WHOLE_IMAGE_LAYOUT = ViewLayout(
+    tuple(replace(VIEW_TYPES[name], size=SIZE, scale=(1.0, 1.0)) for name in ("global", "local", "cutout"))
+)
+GLOBAL_1, GLOBAL_2, LOCAL_1, LOCAL_2, CUTOUT = range(5)
+SPEC_BLUR_P = [1.0, 0.1, 0.5, 0.5, 0.5]
+SPEC_SOLARIZE_P = [0.0, 0.2, 0.0, 0.0, 0.0]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: extra threads only add contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def to_pixels(view: torch.Tensor) -> torch.Tensor:
+    """Undo the normalisation: [3, H, W] on the 0..255 scale."""
+    return (view * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)) * 255
+
+
+def run_views(image: Image.Image, samples: int, seed: int, layout: ViewLayout = WHOLE_IMAGE_LAYOUT) -> list[list[torch.Tensor]]:
+    transform = FastMultiViewTransform(layout, MEAN, STD)
+    torch.manual_seed(seed)
+    return [[to_pixels(v) for v in transform(image)] for _ in range(samples)]
+
+
+def assert_frequency(hits: int, n: int, p: float, what: str) -> None:
+    sigma = math.sqrt(max(p * (1 - p), 1e-12) / n)
+    assert abs(hits / n - p) <= 4.5 * sigma + 1e-9, f"{what}: frequency {hits / n:.4f} over {n}, specified {p}"
+
+
+def gray_image(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.repeat(values[:, :, None], 3, axis=2).astype(np.uint8))
+
+
+# ---------------------------------------------------------------------------- crop boxes
+def expected_mean_area(height: int, width: int, scale, ratio=(3 / 4, 4 / 3), attempts: int = 10) -> float:
+    """E[crop area / image area] of RandomResizedCrop, by numerical integration over (scale, log ratio).
+
+    An attempt draws s ~ U(scale), log r ~ U(log ratio) and is kept when the box fits; after
+    ``attempts`` misses the box is the whole image (its ratio lies inside ``ratio`` here).
+    """
+    s = np.linspace(scale[0], scale[1], 801)
+    log_r = np.linspace(math.log(ratio[0]), math.log(ratio[1]), 801)
+    ss, rr = np.meshgrid(s, np.exp(log_r), indexing="ij")
+    area = height * width * ss
+    fits = (np.sqrt(area * rr) <= width) & (np.sqrt(area / rr) <= height)
+    q = fits.mean()
+    miss_all = (1 - q) ** attempts
+    return (1 - miss_all) * (ss * fits).sum() / fits.sum() + miss_all * 1.0
+
+
+@pytest.mark.parametrize("name", ["global", "local", "cutout"])
+def test_crop_scale_and_ratio_follow_random_resized_crop(name):
+    height, width, n = 375, 500, 20000
+    scale = VIEW_TYPES[name].scale
+    torch.manual_seed(0)
+    boxes = np.array([sample_crop_box(height, width, scale) for _ in range(n)], dtype=float)
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    area = h * w / (height * width)
+    ratio = w / h
+    whole = area == 1.0
+    # Rounding w and h to pixels moves area and ratio by < 1%.
+    assert (area[~whole] >= scale[0] * 0.99).all() and (area <= scale[1] * 1.01).all()
+    assert (ratio[~whole] >= 0.75 * 0.99).all() and (ratio[~whole] <= 4 / 3 * 1.01).all()
+    expected = expected_mean_area(height, width, scale)
+    assert abs(area.mean() - expected) < 4.5 * area.std() / math.sqrt(n) + 2e-3, (area.mean(), expected)
+    if name == "local":  # every attempt fits: area ~ U(0.08, 0.25), log ratio ~ U(log 3/4, log 4/3)
+        quartiles = np.quantile(area, [0.25, 0.5, 0.75])
+        np.testing.assert_allclose(quartiles, [0.1225, 0.165, 0.2075], atol=0.004)
+        log_ratio = np.log(ratio)
+        assert abs(log_ratio.mean()) < 0.005
+        np.testing.assert_allclose(np.quantile(log_ratio, [0.25, 0.75]), [-0.1438, 0.1438], atol=0.006)
+
+
+def test_each_view_draws_its_crop_with_its_type_scale(monkeypatch):
+    cfg = resolve_config(compose_config(["data=imagefolder", "data.root=/unused", "views=global_local_cutout"]))
+    layout = build_view_layout(OmegaConf.to_container(cfg.views.types), dict(cfg.data.view_sizes or {}))
+    scales = []
+    original = fast_augment.sample_crop_box
+
+    def recording(height, width, scale, *rest):
+        scales.append(tuple(scale))
+        return original(height, width, scale, *rest)
+
+    monkeypatch.setattr(fast_augment, "sample_crop_box", recording)
+    FastMultiViewTransform(layout, MEAN, STD)(Image.new("RGB", (500, 375), (90, 120, 30)))
+    assert scales == [layout.type(name).scale for name, _ in layout.entries]
+
+
+# ---------------------------------------------------------------------------- op frequencies
+@pytest.mark.slow
+def test_flip_frequency():
+    # A dark-to-less-dark ramp: jitter, grayscale and blur keep it increasing, and its values
+    # stay < 128 after any jitter (factors <= 1.4 twice), so solarize never fires.
+    ramp = gray_image(np.tile(np.linspace(10, 60, SIZE), (SIZE, 1)))
+    flips = np.zeros(5)
+    for views in run_views(ramp, SAMPLES, seed=1):
+        for v in (GLOBAL_1, GLOBAL_2, LOCAL_1, LOCAL_2):
+            flips[v] += bool(views[v][:, :, 0].mean() > views[v][:, :, -1].mean())
+    for v in (GLOBAL_1, GLOBAL_2, LOCAL_1, LOCAL_2):
+        assert_frequency(flips[v], SAMPLES, 0.5, f"flip of view {v}")
+
+
+@pytest.mark.slow
+def test_jitter_and_grayscale_frequencies():
+    # A constant colour: crop, flip and blur leave it unchanged; grayscale makes the channels
+    # equal; jitter (brightness, contrast, saturation, hue) changes the colour and keeps it coloured.
+    color = (150.0, 100.0, 50.0)
+    image = Image.new("RGB", (SIZE, SIZE), tuple(int(c) for c in color))
+    gray, jittered, colored = np.zeros(5), np.zeros(5), np.zeros(5)
+    for views in run_views(image, SAMPLES, seed=2):
+        for v, pixels in enumerate(views):
+            corner = pixels[:, 0, 0]
+            if (pixels.amax(dim=0) - pixels.amin(dim=0)).max() < 1e-3:
+                gray[v] += 1
+            elif v in (GLOBAL_1, LOCAL_1, LOCAL_2):  # no solarize, no cutout
+                colored[v] += 1
+                jittered[v] += bool((corner - torch.tensor(color)).abs().max() > 1e-2)
+    for v in range(5):
+        assert_frequency(gray[v], SAMPLES, 0.2, f"grayscale of view {v}")
+    for v in (GLOBAL_1, LOCAL_1, LOCAL_2):
+        assert_frequency(jittered[v], int(colored[v]), 0.8, f"colour jitter of view {v}")
+
+
+@pytest.mark.slow
+def test_blur_frequency_and_sigma_range():
+    # A single brighter pixel on a dark gray background: after a blur of sigma the horizontal
+    # neighbour's excess over the background is exp(-1 / (2 sigma^2)) times the centre's
+    # (3-tap kernel at 32 px), which recovers sigma; no blur leaves the neighbour at background.
+    values = np.full((SIZE, SIZE), 20.0)
+    values[16, 16] = 60.0
+    image = gray_image(values)
+    detect_sigma = 0.3  # below it the neighbour moves by < 0.4% of the peak
+    counts, sigmas = np.zeros(5), {v: [] for v in range(4)}
+    for views in run_views(image, SAMPLES, seed=3):
+        for v in (GLOBAL_1, GLOBAL_2, LOCAL_1, LOCAL_2):
+            p = views[v][0]
+            background = p[0, 0]
+            row, col = divmod(int(p.argmax()), SIZE)
+            centre = p[row, col] - background
+            neighbour = (p[row, col - 1] + p[row, col + 1]) / 2 - background
+            ratio = float(neighbour / centre)
+            if ratio > math.exp(-1 / (2 * detect_sigma**2)):
+                counts[v] += 1
+                sigmas[v].append(math.sqrt(-1 / (2 * math.log(ratio))))
+    kept = (2.0 - detect_sigma) / (2.0 - 0.1)  # P(sigma > detect_sigma) for sigma ~ U(0.1, 2)
+    for v in (GLOBAL_1, GLOBAL_2, LOCAL_1, LOCAL_2):
+        assert_frequency(counts[v], SAMPLES, SPEC_BLUR_P[v] * kept, f"blur of view {v}")
+    detected = np.concatenate([sigmas[v] for v in sigmas])
+    assert detected.max() <= 2.0 + 1e-3
+    # sigma | sigma > 0.3 ~ U(0.3, 2): mean 1.15, std 0.49
+    assert abs(detected.mean() - 1.15) < 4.5 * 0.49 / math.sqrt(len(detected))
+
+
+@pytest.mark.slow
+def test_solarize_frequency():
+    # Constant gray 250: jitter keeps it >= 150 (brightness >= 0.6; contrast and saturation
+    # are identities on a constant gray), so < 128 means solarized.
+    image = Image.new("RGB", (SIZE, SIZE), (250, 250, 250))
+    counts = np.zeros(5)
+    for views in run_views(image, SAMPLES, seed=4):
+        for v in (GLOBAL_1, GLOBAL_2, LOCAL_1, LOCAL_2):
+            counts[v] += bool(views[v][:, 0, 0].mean() < 128)
+    for v in (GLOBAL_1, GLOBAL_2, LOCAL_1, LOCAL_2):
+        assert_frequency(counts[v], SAMPLES, SPEC_SOLARIZE_P[v], f"solarize of view {v}")
+
+
+def test_cutout_area_fraction():
+    # Black image: the cutout is the only region of a second colour. At least three corners
+    # are background (the box is at most ~0.73 of a side), so their majority names it.
+    size, n = 224, 300
+    layout = ViewLayout((replace(VIEW_TYPES["cutout"], scale=(1.0, 1.0)),))
+    fractions = []
+    for (pixels,) in run_views(Image.new("RGB", (size, size)), n, seed=5, layout=layout):
+        corners = [pixels[:, r, c] for r in (0, -1) for c in (0, -1)]
+        agreeing = [sum(bool((c - o).abs().max() < 1) for o in corners) for c in corners]
+        background = corners[int(np.argmax(agreeing))]
+        distance = (pixels - background.view(3, 1, 1)).abs().amax(dim=0)
+        fractions.append(float((distance > distance.max() / 2).float().mean()))
+    fractions = np.array(fractions)
+    assert fractions.min() >= 0.19 and fractions.max() <= 0.41, (fractions.min(), fractions.max())
+    assert fractions.min() < 0.23 and fractions.max() > 0.37  # the whole range is used
+    assert abs(fractions.mean() - 0.3) < 0.02
+
+
+# ---------------------------------------------------------------------------- kernels and contract
+@pytest.mark.parametrize("size,sigma", [(224, 0.1), (224, 0.7), (224, 2.0), (96, 1.3), (32, 1.9)])
+def test_separable_blur_matches_torchvision_gaussian_blur(size, sigma):
+    from mtssl.views import blur_kernel_size
+
+    torch.manual_seed(6)
+    image = torch.rand(3, size, size) * 255
+    k = blur_kernel_size(size)
+    expected = TF.gaussian_blur(image, [k, k], [sigma, sigma])
+    got = separable_blur(image, gaussian_taps(k, sigma))
+    assert (got - expected).abs().max() < 0.05  # levels of 255: taps beyond 4 sigma are dropped
+
+
+@pytest.mark.parametrize("data", ["cifar10", "imagefolder"])
+def test_output_shapes_and_dtypes_equal_multiview_transform(data):
+    cfg = resolve_config(compose_config([f"data={data}", "data.root=/unused", "views=global_local_cutout"]))
+    layout = build_view_layout(OmegaConf.to_container(cfg.views.types), dict(cfg.data.view_sizes or {}))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (260, 300, 3), dtype=np.uint8))
+    torch.manual_seed(7)
+    reference = MultiViewTransform(layout, cfg.data.mean, cfg.data.std)(image)
+    fast = FastMultiViewTransform(layout, cfg.data.mean, cfg.data.std)(image)
+    assert [(tuple(v.shape), v.dtype) for v in fast] == [(tuple(v.shape), v.dtype) for v in reference]
+    assert all(v.is_contiguous() for v in fast)
+
+
+def test_randomness_comes_from_torch_only():
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    transform = FastMultiViewTransform(WHOLE_IMAGE_LAYOUT, MEAN, STD)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    torch.manual_seed(8)
+    first = transform(image)
+    torch.manual_seed(8)
+    second = transform(image)
+    third = transform(image)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not all(torch.equal(a, b) for a, b in zip(second, third))
+    assert random.getstate() == python_state
+    assert np.array_equal(np.random.get_state()[1], numpy_state[1])
+
+
+def test_reduced_jpeg_decode_keeps_the_views():
+    # 1600 x 1200 smooth JPEG, 32/16 px views: every crop allows a 1/8 decode.
+    smooth = Image.fromarray(np.random.default_rng(2).integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((1600, 1200), Image.BICUBIC)
+    buffer = io.BytesIO()
+    smooth.save(buffer, "JPEG", quality=95)
+    cfg = resolve_config(compose_config(["data=cifar10", "views=global_local_cutout"]))
+    layout = build_view_layout(OmegaConf.to_container(cfg.views.types), dict(cfg.data.view_sizes or {}))
+    transform = FastMultiViewTransform(layout, MEAN, STD)
+    torch.manual_seed(9)
+    reduced = transform(Image.open(io.BytesIO(buffer.getvalue())))
+    assert transform.reduced_decodes == 1
+    torch.manual_seed(9)
+    full = transform(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))  # decoded: no draft
+    assert transform.reduced_decodes == 1
+    for a, b in zip(reduced, full):
+        assert a.shape == b.shape
+        assert (to_pixels(a) - to_pixels(b)).abs().mean() < 3.0  # same crops, same ops, DCT-scaled source
