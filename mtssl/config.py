@@ -157,6 +157,12 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
     _require(0 < cfg.eval.linear_holdout < 1, f"eval.linear_holdout: must be in (0, 1), got {cfg.eval.linear_holdout}")
     _require(len(cfg.eval.linear_lrs) > 0, "eval.linear_lrs: give at least one learning rate")
     _require(all(k > 0 for k in cfg.eval.knn_k), f"eval.knn_k: values must be positive, got {list(cfg.eval.knn_k)}")
+    from mtssl.fast_augment import AUGMENTATION_PIPELINES
+
+    _require(
+        cfg.data.pipeline in AUGMENTATION_PIPELINES,
+        f"data.pipeline: {cfg.data.pipeline!r}; valid pipelines are {sorted(AUGMENTATION_PIPELINES)}",
+    )
     if check_data:
         _validate_data(cfg)
 

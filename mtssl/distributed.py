@@ -34,13 +34,14 @@ def _export_submitit_env() -> None:
         job_env = submitit.JobEnvironment()
     except RuntimeError:  # not in a submitit job
         return
-    os.environ.setdefault("RANK", str(job_env.global_rank))
-    os.environ.setdefault("LOCAL_RANK", str(job_env.local_rank))
-    os.environ.setdefault("WORLD_SIZE", str(job_env.num_tasks))
-    os.environ.setdefault("MASTER_ADDR", job_env.hostnames[0])
+    # SLURM's task layout wins over values inherited from the submitting shell.
+    os.environ["RANK"] = str(job_env.global_rank)
+    os.environ["LOCAL_RANK"] = str(job_env.local_rank)
+    os.environ["WORLD_SIZE"] = str(job_env.num_tasks)
+    os.environ["MASTER_ADDR"] = job_env.hostnames[0]
     # One port per job id, so jobs sharing a node do not collide.
     job_id = "".join(ch for ch in str(job_env.job_id) if ch.isdigit()) or "0"
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(job_id) % 20000))
+    os.environ["MASTER_PORT"] = str(20000 + int(job_id) % 20000)
 
 
 def select_device(preference: str, local_rank: int) -> torch.device:
@@ -52,7 +53,8 @@ def select_device(preference: str, local_rank: int) -> torch.device:
 
 def init_distributed(device_preference: str = "auto") -> DistEnv:
     """Join (or create) the default process group from torchrun / submitit environment."""
-    if "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ or "SLURM_JOB_ID" in os.environ:
+    launched_by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if not launched_by_torchrun and any(k in os.environ for k in ("SUBMITIT_EXECUTOR", "SUBMITIT_FOLDER", "SLURM_JOB_ID")):
         _export_submitit_env()
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))

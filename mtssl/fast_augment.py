@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from mtssl.views import Cutout, ViewLayout, blur_kernel_size
+from mtssl.views import Cutout, MultiViewTransform, ViewLayout, blur_kernel_size
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
@@ -239,3 +239,7 @@ def _scale_box(box, sy: float, sx: float, height: int, width: int) -> tuple[int,
     new_h = max(1, min(height - new_top, round(h * sy)))
     new_w = max(1, min(width - new_left, round(w * sx)))
     return new_top, new_left, new_h, new_w
+
+
+# data.pipeline: two implementations of the same augmentation distributions.
+AUGMENTATION_PIPELINES = {"torchvision": MultiViewTransform, "fast": FastMultiViewTransform}

@@ -30,12 +30,13 @@ from mtssl.config import ConfigError, config_hash
 from mtssl.data import AugmentedImageFolder, GlobalBatchSampler, class_balanced_subset, collate_views, list_image_folder
 from mtssl.distributed import DistEnv, agree_any
 from mtssl.ema import ema_momentum, ema_update
+from mtssl.fast_augment import AUGMENTATION_PIPELINES
 from mtssl.fsdp import shard_model
 from mtssl.model import MultiTaskSiamese, build_model
 from mtssl.multitask import multitask_loss
 from mtssl.objectives import Objective, build_objective
 from mtssl.optim import build_optimizer, lr_at_step, peak_learning_rate, set_learning_rate
-from mtssl.views import MultiViewTransform, ViewLayout, build_view_layout
+from mtssl.views import ViewLayout, build_view_layout
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,8 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, self.model, self.peak_lr, fixed)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-        dataset = AugmentedImageFolder(self.train_samples, MultiViewTransform(self.layout, cfg.data.mean, cfg.data.std), cfg.train.seed)
+        transform = AUGMENTATION_PIPELINES[cfg.data.pipeline](self.layout, cfg.data.mean, cfg.data.std)
+        dataset = AugmentedImageFolder(self.train_samples, transform, cfg.train.seed)
         self.dataset = dataset
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_checkpoints, env.rank)
         self.config_hash = config_hash(cfg)

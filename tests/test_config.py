@@ -28,6 +28,7 @@ def check(overrides, world_size=1):
     (["views=global", "views.types.local.weight=1"], "views.types.local.weight", "Could not override"),
     (["+views.types.jigsaw.count=2"], "views.types", "valid types"),
     (["optim.name=adam"], "optim.name", "lars"),
+    (["data.pipeline=dali"], "data.pipeline", "fast"),
     (["train.batch_size=6"], "train.batch_size", "multiple of 4"),
 ])
 def test_bad_config_names_field(tiny_folder, overrides, field, hint):

@@ -75,8 +75,20 @@ def _fsdp_worker(rank, world_size, port, root, overrides, out):
 
 def reference_one_process(root, overrides, out, world_size=2):
     """One process, global batch, BN statistics per half-batch (what each rank sees)."""
-    set_env(0, 1, free_port())
-    os.environ.pop("MASTER_ADDR")
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    try:
+        set_env(0, 1, free_port())
+        os.environ.pop("MASTER_ADDR")
+        return _reference_steps(root, overrides, out, world_size)
+    finally:  # later tests (and the jobs they launch) must not inherit this rank layout
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _reference_steps(root, overrides, out, world_size):
     env = init_distributed("cpu")
     cfg = job_config(root, overrides)
     trainer = Trainer(cfg, env, out / "reference")
