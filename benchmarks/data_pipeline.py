@@ -26,7 +26,6 @@ torchvision_v2_float pipeline for mtssl_fast.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -42,6 +41,7 @@ from torchvision.transforms import v2
 from mtssl.data import load_rgb, sample_seed
 from mtssl.fast_augment import FastMultiViewTransform
 from mtssl.views import VIEW_TYPES, Cutout, MultiViewTransform, ViewLayout, blur_kernel_size
+from report import print_table, write_report
 
 RESULTS = Path(__file__).parent / "results" / "data_pipeline.json"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -175,18 +175,13 @@ def benchmark(paths: list[Path], reps: int, label: str) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], device: str) -> None:
-    print(f"\nData pipeline, one worker process (1 torch thread) on {device}: source images/s, 5 views each")
-    header = f"{'images':<10} {'pipeline':<22} {'images/s':>9} {'[min-max]':>15} {'ms/image':>9} {'speedup':>8} {'reduced decode':>15}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        spread = f"[{r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}]"
-        reduced = f"{100 * r['reduced_decode_fraction']:.0f}%" if "reduced_decode_fraction" in r else "-"
-        print(
-            f"{r['images']:<10} {r['pipeline']:<22} {r['images_per_s']:>9.1f} {spread:>15} {r['ms_per_image']:>9.2f} "
-            f"{r['speedup_vs_float_v2']:>7.2f}x {reduced:>15}"
-        )
+def print_rows(rows: list[dict], device: str) -> None:
+    header = ["images", "pipeline", "images/s", "[min-max]", "ms/image", "speedup", "reduced decode"]
+    cells = [[r["images"], r["pipeline"], f"{r['images_per_s']:.1f}", f"[{r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}]",
+              f"{r['ms_per_image']:.2f}", f"{r['speedup_vs_float_v2']:.2f}x",
+              f"{100 * r['reduced_decode_fraction']:.0f}%" if "reduced_decode_fraction" in r else "-"] for r in rows]
+    print_table(f"Data pipeline, one worker process (1 torch thread) on {device}: source images/s, 5 views each",
+                header, cells, left_columns=2)
 
 
 def main(argv=None) -> None:
@@ -207,20 +202,9 @@ def main(argv=None) -> None:
             width, height = (int(v) for v in size.lower().split("x"))
             paths = write_jpegs(Path(tmp), count, width, height)
             rows += benchmark(paths, reps, size)
-    print_table(rows, device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "data_pipeline",
-        "device": device,
-        "torch_threads": 1,
-        "images_per_size": count,
-        "reps": reps,
-        "views": "2 global 224, 2 local 96, 1 cutout 224",
-        "rows": rows,
-        "command": " ".join(["python", "benchmarks/data_pipeline.py", *(argv if argv is not None else sys.argv[1:])]),
-    }
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    print_rows(rows, device)
+    write_report(args.out, "data_pipeline", argv, device=device, torch_threads=1, images_per_size=count, reps=reps,
+                 views="2 global 224, 2 local 96, 1 cutout 224", rows=rows)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from report import print_table, write_report
 
 RESULTS = Path(__file__).parent / "results" / "memory.json"
 GOAL_RATIO = 0.6
@@ -64,8 +65,8 @@ def measure_rank(rank: int, world_size: int, port: int, overrides: list[str], ba
 
     env = init_distributed(device_kind)
     cfg = resolve_config(compose_config(["method=byol", "views=global_local_cutout", "data=cifar10", *overrides, f"train.batch_size={batch}"]))
-    trainer = step_runner(cfg, Mode("per_view", False), env.device)
-    views = make_views(trainer.layout, batch // world_size, env.device, channels_last=False)
+    trainer = step_runner(cfg, Mode("per_view", False), env, Path(out_dir))
+    views = make_views(trainer.layout, batch // world_size, env.device)
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
     trainer.training_step(views, 0)
@@ -127,20 +128,13 @@ def mib(n) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
 
-def print_table(rows: list[dict], device: str) -> None:
-    print(f"\nPer-rank memory on {device} (MiB; the most loaded rank; state = params + EMA target + grads + optimiser)")
-    header = (
-        f"{'model':<10} {'ranks':>5} {'params':>8} {'target':>8} {'grads':>8} {'optim':>8} {'state':>8} "
-        f"{'x 1 rank':>8} {'buffers':>8} {'peak RSS':>9} {'peak CUDA':>10}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['model']:<10} {r['world_size']:>5} {mib(r['trainable_param_bytes']):>8} {mib(r['target_param_bytes']):>8} "
-            f"{mib(r['grad_bytes']):>8} {mib(r['optimizer_state_bytes']):>8} {mib(r['state_bytes']):>8} "
-            f"{r['ratio_vs_1_rank']:>7.3f}x {mib(r['buffer_bytes']):>8} {mib(r['peak_rss_bytes']):>9} {mib(r['peak_cuda_allocated_bytes']):>10}"
-        )
+def print_rows(rows: list[dict], device: str) -> None:
+    header = ["model", "ranks", "params", "target", "grads", "optim", "state", "x 1 rank", "buffers", "peak RSS", "peak CUDA"]
+    cells = [[r["model"], str(r["world_size"]), mib(r["trainable_param_bytes"]), mib(r["target_param_bytes"]),
+              mib(r["grad_bytes"]), mib(r["optimizer_state_bytes"]), mib(r["state_bytes"]), f"{r['ratio_vs_1_rank']:.3f}x",
+              mib(r["buffer_bytes"]), mib(r["peak_rss_bytes"]), mib(r["peak_cuda_allocated_bytes"])] for r in rows]
+    print_table(f"Per-rank memory on {device} (MiB; the most loaded rank; state = params + EMA target + grads + optimiser)",
+                header, cells)
 
 
 def main(argv=None) -> None:
@@ -158,21 +152,11 @@ def main(argv=None) -> None:
         ranks_by_world = {w: run_world(w, MODELS[model], args.batch, args.device) for w in (1, 2)}
         rows += summarise(model, ranks_by_world)
     device = f"{platform.machine()} CPU, gloo" if args.device == "cpu" else f"{torch.cuda.get_device_name()} x2, nccl"
-    print_table(rows, device)
+    print_rows(rows, device)
     met = all(r["meets_goal"] for r in rows)
     print(f"\ngoal (2 ranks <= {GOAL_RATIO}x single-rank state bytes): {'met' if met else 'NOT met'}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "memory",
-        "device": device,
-        "torch": torch.__version__,
-        "global_batch": args.batch,
-        "goal_ratio": GOAL_RATIO,
-        "rows": rows,
-        "command": " ".join(["python", "benchmarks/memory.py", *(argv if argv is not None else sys.argv[1:])]),
-    }
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, "memory", argv, device=device, torch=torch.__version__, global_batch=args.batch,
+                 goal_ratio=GOAL_RATIO, rows=rows)
 
 
 if __name__ == "__main__":

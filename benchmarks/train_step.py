@@ -10,16 +10,19 @@ tensors already on the device, so the data pipeline is not measured here (see da
     python benchmarks/train_step.py                    # ResNet-18 CIFAR, ResNet-50 224/96, ViT-S
     python benchmarks/train_step.py --compile          # also torch.compile'd backbones
 
-Modes (all build the same network from the same seed):
+Modes (all build the same network from the same seed; each is a job option):
   per_view          one encoder call per view, BN statistics per view (the paper)
-  plain             same-size views in one backbone call, BN over the group (changes semantics)
-  ghost             same-size views in one call, BN statistics per view chunk (same results)
-  per_view+cl       per_view with channels_last inputs, hence channels_last activations
+  plain             train.grouped_views=plain: same-size views in one backbone call, BN over the
+                    group (changes semantics)
+  ghost             train.grouped_views=ghost: same-size views in one backbone call, all views in
+                    one projector call, each predictor's views in one call; BN statistics per view
+                    chunk (same results)
+  per_view+cl       train.channels_last=true: channels_last inputs, hence channels_last activations
                     (parameters stay contiguous, which FSDP2 requires; convolutions follow the
                     input's layout)
-  ghost+cl          ghost with channels_last inputs
-  ghost+cl+compile  ghost+cl with torch.compile'd backbones (--compile; the step itself, which
-                    calls backward, is never compiled)
+  ghost+cl          both
+  ghost+cl+compile  and train.compile=true: torch.compile'd backbones (--compile; the step itself,
+                    which calls backward, is never compiled)
   ...+bf16          CUDA only: the step under bf16 autocast (FSDP already holds bf16 compute
                     parameters on CUDA; autocast also moves the remaining ops to bf16)
 
@@ -35,28 +38,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from mtssl.config import compose_config, resolve_config
-from mtssl.distributed import init_distributed
-from mtssl.fsdp import shard_model
-from mtssl.model import build_model
-from mtssl.objectives import build_objective
-from mtssl.optim import build_optimizer, peak_learning_rate
+from mtssl.distributed import DistEnv, init_distributed
 from mtssl.train import Trainer
-from mtssl.views import build_view_layout
+from report import print_table, write_report
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 # timm backbones return a view of their pooled features; nothing here modifies it in place.
@@ -67,7 +65,10 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 # model name -> (config overrides, CPU batch, GPU batch)
 MODELS = {
+    # CIFAR ResNet stem (3x3 conv, no max-pool): 12x the FLOPs of the ImageNet stem at 32 px
     "resnet18_cifar": (["backbone=resnet18", "data=cifar10", "data.small_images=true"], 32, 256),
+    # the data=cifar10 preset as shipped: ImageNet stem on 32 px views (the demo and test scale)
+    "resnet18_cifar_preset": (["backbone=resnet18", "data=cifar10"], 32, 256),
     "resnet50_224": (["backbone=resnet50", "data=imagefolder", "data.root=/unused"], 4, 64),
     "vit_small_224": (["backbone=vit_small", "data=imagefolder", "data.root=/unused"], 4, 64),
 }
@@ -106,47 +107,28 @@ def modes_for(device: torch.device, with_compile: bool) -> list[Mode]:
     return modes
 
 
-def step_runner(cfg, mode: Mode, device: torch.device) -> Trainer:
-    """A Trainer holding what ``training_step`` uses, built from the same pieces as Trainer.__init__.
+def step_runner(cfg, mode: Mode, env: DistEnv, out_dir: Path) -> Trainer:
+    """The job's Trainer (plain on one CPU rank, FSDP2 otherwise) with ``mode`` applied.
 
-    Trainer.__init__ also scans the data folder and builds the loader, which a synthetic-input
-    benchmark does not need, so only the model, objective and optimiser are built here.
+    Its training samples are placeholders: only their count matters (the schedule length), since
+    the benchmark feeds synthetic views to ``training_step`` and never reads images.
     """
-    cfg = OmegaConf.merge(cfg, {"train": {"grouped_views": mode.grouped_views}})
-    layout = build_view_layout(OmegaConf.to_container(cfg.views.types), dict(cfg.data.view_sizes or {}))
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg = cfg
-    trainer.layout = layout
-    trainer.view_types = [name for name, _ in layout.entries]
-    trainer.target_indices = layout.target_indices
-    trainer.weights = {t.name: t.weight for t in layout.types}
-    trainer.objective = build_objective(cfg.method)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, layout.task_names, cfg.data.small_images, trainer.objective.ema_target)
-    model = model.to(device)
-    # As Trainer: one CPU rank runs the plain model, otherwise FSDP2 (bf16 compute on CUDA).
-    single_cpu = dist.get_world_size() == 1 and device.type == "cpu"
-    trainer.model = model if single_cpu else shard_model(model, device)
-    if mode.compile:
-        for encoder in (trainer.model.online, trainer.model.target):
-            if encoder is not None:
-                # static shapes: one graph per view resolution (dynamic shapes add nothing here)
-                encoder.backbone.compile(dynamic=False)
-    trainer.total_steps, trainer.warmup_steps = 1_000_000, 0
-    trainer.peak_lr = peak_learning_rate(cfg.optim.base_lr, cfg.train.batch_size)
-    trainer.optimizer = build_optimizer(cfg.optim, trainer.model, trainer.peak_lr)
-    trainer.trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    train = {"grouped_views": mode.grouped_views, "channels_last": mode.channels_last, "compile": mode.compile, "epochs": 1000}
+    cfg = OmegaConf.merge(cfg, {"train": train, "optim": {"warmup_epochs": 0}})
+    placeholders = [("synthetic", 0)] * (cfg.train.batch_size * 1000)
+    trainer = Trainer(cfg, env, out_dir, train_samples=placeholders)
     trainer.model.train()
     return trainer
 
 
-def make_views(layout, batch: int, device: torch.device, channels_last: bool) -> list[torch.Tensor]:
+def make_views(layout, batch: int, device: torch.device) -> list[torch.Tensor]:
+    """Contiguous views as the data loader delivers them (train.channels_last converts in the step)."""
     generator = torch.Generator().manual_seed(0)
     views = []
     for name, _ in layout.entries:
         size = layout.type(name).size
         x = torch.randn(batch, 3, size, size, generator=generator).to(device)
-        views.append(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+        views.append(x)
     return views
 
 
@@ -194,14 +176,15 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def benchmark_model(model_name: str, args, device: torch.device) -> dict:
+def benchmark_model(model_name: str, args, env: DistEnv, out_dir: Path) -> dict:
+    device = env.device
     overrides, cpu_batch, gpu_batch = MODELS[model_name]
     batch = args.batch or (gpu_batch if device.type == "cuda" else cpu_batch)
     cfg = resolve_config(compose_config(["method=byol", "views=global_local_cutout", *overrides, f"train.batch_size={batch}"]))
     entries = []
     for mode in modes_for(device, args.compile):
-        trainer = step_runner(cfg, mode, device)
-        entries.append(Entry(mode, trainer, make_views(trainer.layout, batch, device, mode.channels_last)))
+        trainer = step_runner(cfg, mode, env, out_dir)
+        entries.append(Entry(mode, trainer, make_views(trainer.layout, batch, device)))
     flops = count_step_flops(entries[0])
     for entry in entries:  # warm-up (and compilation) outside the timed repetitions
         try:
@@ -249,26 +232,24 @@ def benchmark_model(model_name: str, args, device: torch.device) -> dict:
     return {"model": model_name, "batch": batch, "gflop_per_step": flops / 1e9, "rows": rows}
 
 
-def print_table(rows: list[dict], device_name: str) -> None:
-    print(f"\nTraining step on {device_name} (images/s: median over repetitions, [min-max])")
-    header = (
-        f"{'model':<16} {'mode':<22} {'batch':>5} {'images/s':>10} {'[min-max]':>17} {'speedup':>8} {'TFLOP/s':>8} {'MFU':>6}"
-        f" {'img/CPU-s':>10} {'speedup':>8}"
-    )
-    print(header)
-    print("-" * len(header))
+def optional(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def print_rows(rows: list[dict], device_name: str) -> None:
+    cells = []
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<16} {r['mode']:<22} {r['batch']:>5} failed: {r['error']}")
+            cells.append([r["model"], r["mode"], str(r["batch"]), f"failed: {r['error']}"])
             continue
-        spread = f"[{r['images_per_s_min']:.2f}-{r['images_per_s_max']:.2f}]"
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        cpu_rate = f"{r['images_per_cpu_s']:.2f}" if r["images_per_cpu_s"] is not None else "-"
-        cpu_speedup = f"{r['cpu_time_speedup_vs_per_view']:.2f}x" if r["cpu_time_speedup_vs_per_view"] is not None else "-"
-        print(
-            f"{r['model']:<16} {r['mode']:<22} {r['batch']:>5} {r['images_per_s']:>10.2f} {spread:>17} "
-            f"{r['speedup_vs_per_view']:>7.2f}x {r['tflop_per_s']:>8.3f} {mfu:>6} {cpu_rate:>10} {cpu_speedup:>8}"
-        )
+        cells.append([
+            r["model"], r["mode"], str(r["batch"]), f"{r['images_per_s']:.2f}",
+            f"[{r['images_per_s_min']:.2f}-{r['images_per_s_max']:.2f}]", f"{r['speedup_vs_per_view']:.2f}x",
+            f"{r['tflop_per_s']:.3f}", optional(r["mfu"] and 100 * r["mfu"], "{:.1f}%"),
+            optional(r["images_per_cpu_s"], "{:.2f}"), optional(r["cpu_time_speedup_vs_per_view"], "{:.2f}x"),
+        ])
+    header = ["model", "mode", "batch", "images/s", "[min-max]", "speedup", "TFLOP/s", "MFU", "img/CPU-s", "speedup"]
+    print_table(f"Training step on {device_name} (images/s: median over repetitions, [min-max])", header, cells, left_columns=2)
 
 
 def main(argv=None) -> None:
@@ -288,10 +269,6 @@ def main(argv=None) -> None:
         args.device = "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.compile:
-        # Under FSDP2 its hooks split a compiled backbone into one graph per block; every block
-        # instance and view resolution then needs its own, far more than dynamo's default of 8.
-        torch._dynamo.config.recompile_limit = 256
     env = init_distributed(args.device)
     device = env.device
     quick = args.quick
@@ -305,7 +282,6 @@ def main(argv=None) -> None:
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     report = {
-        "benchmark": "train_step",
         "device": device_name,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -314,17 +290,15 @@ def main(argv=None) -> None:
         "peak_bf16_flops": peak_flops(device),
         "models": [],
         "rows": [],
-        "command": " ".join(["python", "benchmarks/train_step.py", *(argv if argv is not None else sys.argv[1:])]),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         print(f"benchmarking {name} ...", file=sys.stderr)
-        result = benchmark_model(name, args, device)
+        with tempfile.TemporaryDirectory() as out_dir:  # the Trainer's (unused) checkpoint folder
+            result = benchmark_model(name, args, env, Path(out_dir))
         report["models"].append({k: v for k, v in result.items() if k != "rows"})
         report["rows"] += result["rows"]
-        args.out.write_text(json.dumps(report, indent=2))  # after each model: a partial run keeps its results
-    print_table(report["rows"], device_name)
-    print(f"\nwrote {args.out}")
+        write_report(args.out, "train_step", argv, **report)  # after each model: a partial run keeps its results
+    print_rows(report["rows"], device_name)
 
 
 if __name__ == "__main__":

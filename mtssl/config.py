@@ -154,6 +154,9 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
     _require(0 <= train.ema_tau <= 1, f"train.ema_tau: must be in [0, 1], got {train.ema_tau}")
     _require(train.keep_checkpoints >= 2, f"train.keep_checkpoints: keep at least 2, got {train.keep_checkpoints}")
     _require(train.device in ("auto", "cpu", "cuda"), f"train.device: {train.device!r}; valid values are auto, cpu, cuda")
+    for flag in ("channels_last", "compile", "sync_bn", "deterministic"):
+        value = train.get(flag)
+        _require(isinstance(value, bool), f"train.{flag}: {value!r} is not a boolean; use true or false")
     _require(0 < cfg.eval.linear_holdout < 1, f"eval.linear_holdout: must be in (0, 1), got {cfg.eval.linear_holdout}")
     _require(len(cfg.eval.linear_lrs) > 0, "eval.linear_lrs: give at least one learning rate")
     _require(all(k > 0 for k in cfg.eval.knn_k), f"eval.knn_k: values must be positive, got {list(cfg.eval.knn_k)}")

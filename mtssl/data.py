@@ -108,17 +108,25 @@ class AugmentedImageFolder(Dataset):
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
-                image = load_rgb(path)
+                views = self._augment(path, sample_seed(self.seed, epoch, index))
                 break
             except (OSError, ValueError) as error:
                 log.warning("skipping unreadable image %s: %s", path, error)
                 skipped += 1
         else:
             raise DataError("data.root: no readable image in the dataset")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            views = self.transform(image)
         return views, label, skipped
+
+    def _augment(self, path: str, seed: int) -> list[torch.Tensor]:
+        """The views of one image under its own seed. A transform with ``decodes_images`` gets the
+        file undecoded (the fast pipeline decodes JPEGs at reduced size when its crops allow), so
+        its decode errors land here as well."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if getattr(self.transform, "decodes_images", False):
+                with Image.open(path) as image:
+                    return self.transform(image)
+            return self.transform(load_rgb(path))
 
 
 class EvalImageFolder(Dataset):

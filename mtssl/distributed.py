@@ -7,6 +7,7 @@ path, checkpoint format and collectives serve 1 and N ranks. CUDA uses nccl; CPU
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -98,8 +99,24 @@ def broadcast_object(obj, src: int = 0):
     return holder[0]
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(all_ranks_done: bool = True) -> None:
+    """Destroy the process groups while the interpreter is still fully alive.
+
+    A gloo worker thread can hold the last reference to a finished collective whose tensors have
+    Python objects. If it drops it during interpreter shutdown it cannot take the GIL and the
+    process aborts ("terminate called without an active exception"): SLURM then records a job
+    that finished its work as FAILED. So, when every rank reached the end (``all_ranks_done``;
+    after an exception on one rank a barrier could wait for peers that never come), wait until
+    all collectives completed everywhere, let the worker threads release them, free unreachable
+    FSDP state now, and only then destroy the groups.
+    """
     global _CPU_GROUP
     if dist.is_initialized():
+        if all_ranks_done:
+            groups = {id(g): g for g in (dist.group.WORLD, _CPU_GROUP) if g is not None}
+            for group in groups.values():
+                dist.barrier(group=group)  # gloo's barrier also waits for all earlier work on the group
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
     _CPU_GROUP = None

@@ -168,6 +168,18 @@ def topk_accuracy(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_feature_pair(names: tuple[str, str], first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor],
+                        num_classes: int) -> None:
+    """Both (features, labels) pairs are well-formed and have the same feature dimension."""
+    _check_features(names[0], *first, num_classes)
+    _check_features(names[1], *second, num_classes)
+    if first[0].shape[1] != second[0].shape[1]:
+        raise ValueError(
+            f"{names[0]} and {names[1]} features must have the same dim, got {first[0].shape[1]} and "
+            f"{second[0].shape[1]}; extract both with the same backbone"
+        )
+
+
 def _check_features(name: str, features: Tensor, labels: Tensor, num_classes: int) -> None:
     if features.ndim != 2:
         raise ValueError(f"{name}_features must be a [N, dim] tensor, got shape {tuple(features.shape)}")
@@ -205,13 +217,7 @@ def knn_classify(
 
     Returns {"k10": {"top1": .., "top5": ..}, "k20": {...}} with accuracies in percent.
     """
-    _check_features("train", train_features, train_labels, num_classes)
-    _check_features("test", test_features, test_labels, num_classes)
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
-            f"train and test features must have the same dim, got {train_features.shape[1]} and "
-            f"{test_features.shape[1]}; extract both with the same backbone"
-        )
+    _check_feature_pair(("train", "test"), (train_features, train_labels), (test_features, test_labels), num_classes)
     if not ks or min(ks) < 1 or max(ks) > train_features.shape[0]:
         raise ValueError(
             f"knn ks must be positive and at most the number of training samples "
@@ -329,13 +335,7 @@ def linear_probe(
 
     Returns {"top1": .., "top5": .. (val, percent), "lr": chosen lr, "holdout_top1": {lr: percent}}.
     """
-    _check_features("train", train_features, train_labels, num_classes)
-    _check_features("val", val_features, val_labels, num_classes)
-    if train_features.shape[1] != val_features.shape[1]:
-        raise ValueError(
-            f"train and val features must have the same dim, got {train_features.shape[1]} and "
-            f"{val_features.shape[1]}; extract both with the same backbone"
-        )
+    _check_feature_pair(("train", "val"), (train_features, train_labels), (val_features, val_labels), num_classes)
     if epochs < 1:
         raise ValueError(f"linear probe epochs must be >= 1, got {epochs}")
     if batch_size < 2:

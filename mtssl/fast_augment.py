@@ -140,6 +140,8 @@ class FastMultiViewTransform:
     reduced size when every crop allows; ``reduced_decodes`` counts how often that happened.
     """
 
+    decodes_images = True  # AugmentedImageFolder hands it the undecoded file
+
     def __init__(self, layout: ViewLayout, mean: Sequence[float], std: Sequence[float]):
         self.layout = layout
         self.views = []

@@ -77,8 +77,9 @@ class MultiTaskSiamese(nn.Module):
       * the online encoder and the predictor of each view's type on every view;
       * the target encoder on the target (global) views only, under no_grad.
     BatchNorm statistics are per view (one call per view), as in the paper. ``grouped_views``:
-      * "ghost": same-resolution views go through the encoder in one call while every BN layer
-        normalises each view's chunk with its own statistics (``mtssl.ghost_bn``): the same
+      * "ghost": same-resolution views go through the backbone in one call, all views through the
+        projector in one call and each predictor's views through it in one call, while every BN
+        layer normalises each view's chunk with its own statistics (``mtssl.ghost_bn``): the same
         outputs, gradients and running statistics as per-view calls, faster;
       * "plain" (or True): one backbone call per resolution with BN statistics over the group,
         projector still per view: faster, but a change of BN semantics.
@@ -105,6 +106,13 @@ class MultiTaskSiamese(nn.Module):
             return self.predictors[SHARED_PREDICTOR]
         return self.predictors[view_type]
 
+    def _ghost_context(self, module: nn.Module) -> GhostBatchNorm:
+        """The module's ghost-BN context, reused across steps (rebuilt if its BN layers were swapped)."""
+        ghost = self._ghost_bn.get(id(module))
+        if ghost is None or not ghost.covers(module):  # first call, or BN layers swapped (SyncBN)
+            ghost = self._ghost_bn[id(module)] = GhostBatchNorm(module)
+        return ghost
+
     def _encode(self, encoder: Encoder, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if not self.grouped_views:
             return [encoder(x) for x in views]
@@ -113,16 +121,19 @@ class MultiTaskSiamese(nn.Module):
         for i, x in enumerate(views):
             by_shape.setdefault(tuple(x.shape[1:]), []).append(i)
         if self.grouped_views == "ghost":
-            # Backbone and projector in one call per resolution, BN statistics per view chunk.
-            ghost = self._ghost_bn.get(id(encoder))
-            if ghost is None or not ghost.covers(encoder):  # first call, or BN layers swapped (SyncBN)
-                ghost = self._ghost_bn[id(encoder)] = GhostBatchNorm(encoder)
-            with ghost:
+            # One backbone call per resolution, then one projector call for every view (pooled
+            # features have one size); BN statistics per view chunk throughout.
+            order: list[int] = []
+            features = []
+            with self._ghost_context(encoder) as ghost:
                 for indices in by_shape.values():
                     with ghost.views(indices):
-                        projections = encoder(torch.cat([views[i] for i in indices]))
-                    for i, chunk in zip(indices, projections.chunk(len(indices))):
-                        outputs[i] = chunk
+                        features.append(encoder.backbone(torch.cat([views[i] for i in indices])))
+                    order += indices
+                with ghost.views(order):
+                    projections = encoder.projector(torch.cat(features) if len(features) > 1 else features[0])
+            for i, chunk in zip(order, projections.chunk(len(order))):
+                outputs[i] = chunk
             return outputs  # type: ignore[return-value]
         # "plain": one backbone call per resolution; projector still per view so its BN stays per view.
         for indices in by_shape.values():
@@ -131,10 +142,26 @@ class MultiTaskSiamese(nn.Module):
                 outputs[i] = encoder.projector(chunk)
         return outputs  # type: ignore[return-value]
 
+    def _predict(self, projections: Sequence[torch.Tensor], view_types: Sequence[str]) -> list[torch.Tensor]:
+        if self.grouped_views != "ghost":
+            return [self.predictor_for(t)(z) for t, z in zip(view_types, projections)]
+        # Ghost: one call per predictor on all the views it serves, BN statistics per view chunk.
+        by_predictor: dict[int, list[int]] = {}
+        for i, view_type in enumerate(view_types):
+            by_predictor.setdefault(id(self.predictor_for(view_type)), []).append(i)
+        outputs: list[torch.Tensor | None] = [None] * len(projections)
+        for indices in by_predictor.values():
+            predictor = self.predictor_for(view_types[indices[0]])
+            with self._ghost_context(predictor) as ghost, ghost.views(indices):
+                predictions = predictor(torch.cat([projections[i] for i in indices]))
+            for i, chunk in zip(indices, predictions.chunk(len(indices))):
+                outputs[i] = chunk
+        return outputs  # type: ignore[return-value]
+
     def forward(self, views: Sequence[torch.Tensor], view_types: Sequence[str], target_indices: Sequence[int]):
         """Return (predictions per view, target projections per target view, online projections)."""
         projections = self._encode(self.online, views)
-        predictions = [self.predictor_for(t)(z) for t, z in zip(view_types, projections)]
+        predictions = self._predict(projections, view_types)
         with torch.no_grad():
             if self.target is None:  # SimSiam: the online network under stop-gradient
                 targets = [projections[i].detach() for i in target_indices]

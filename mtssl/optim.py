@@ -20,8 +20,9 @@ class LARS(torch.optim.Optimizer):
     For adapted parameters the update is u = g + wd * w, scaled by
     ``trust_coefficient * ||w|| / ||u||`` (1 when either norm is 0). Groups with
     ``lars_exclude=True`` (biases, norm layers) get neither weight decay nor adaptation.
-    Works on FSDP2-sharded DTensor parameters: squared norms of all local shards are summed
-    with one all-reduce per step.
+    Works on FSDP2-sharded DTensor parameters: the squared norms of all local shards are summed
+    with one all-reduce per step. Every tensor operation is a foreach call over a whole group
+    (a few kernels per step, not a few per parameter).
     """
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, trust_coefficient: float = 0.001):
@@ -31,33 +32,43 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        entries = []  # (group, param, local weight, local update, adapted)
+        groups = []  # (group, local weights, local updates, local momentum buffers)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                weight, grad = _local(p), _local(p.grad)
-                if group["lars_exclude"]:
-                    entries.append((group, p, weight, grad, False))
-                else:
-                    entries.append((group, p, weight, grad.add(weight, alpha=group["weight_decay"]), True))
-        adapted = [e for e in entries if e[4]]
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            weights = [_local(p) for p in params]
+            grads = [_local(p.grad) for p in params]
+            buffers = [_local(self._momentum_buffer(p)) for p in params]
+            if group["lars_exclude"]:
+                updates = grads
+            else:  # out of place: p.grad stays the gradient (it is logged)
+                updates = torch._foreach_add(grads, weights, alpha=group["weight_decay"])
+            groups.append((group, weights, updates, buffers))
+        adapted = [g for g in groups if not g[0]["lars_exclude"]]
         if adapted:
-            squares = torch.stack([torch.stack([w.float().pow(2).sum(), u.float().pow(2).sum()]) for _, _, w, u, _ in adapted])
+            weights = [w for _, ws, _, _ in adapted for w in ws]
+            updates = [u for _, _, us, _ in adapted for u in us]
+            norms = torch.stack(torch._foreach_norm(weights + updates, 2, dtype=torch.float32))
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(squares)
-            norms = squares.sqrt()
-            for (group, _, _, update, _), (w_norm, u_norm) in zip(adapted, norms):
-                trust = torch.where((w_norm > 0) & (u_norm > 0), group["trust_coefficient"] * w_norm / u_norm, torch.ones_like(w_norm))
-                update.mul_(trust.to(update.dtype))
-        for group, p, weight, update, _ in entries:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buffer = _local(state["momentum_buffer"])
-            buffer.mul_(group["momentum"]).add_(update)
-            weight.add_(buffer, alpha=-group["lr"])
+                squares = norms.square()
+                dist.all_reduce(squares)  # sum over the shards of every parameter
+                norms = squares.sqrt()
+            w_norm, u_norm = norms.split(len(weights))
+            coefficient = torch.tensor([g["trust_coefficient"] for g, ws, _, _ in adapted for _ in ws], device=norms.device)
+            trust = torch.where((w_norm > 0) & (u_norm > 0), coefficient * w_norm / u_norm, torch.ones_like(w_norm))
+            torch._foreach_mul_(updates, list(trust.to(updates[0].dtype).unbind()))
+        for group, weights, updates, buffers in groups:
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, updates)
+            torch._foreach_add_(weights, buffers, alpha=-group["lr"])
         return loss
+
+    def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return state["momentum_buffer"]
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, fixed_lr_prefixes: tuple[str, ...] = ()) -> list[dict]:

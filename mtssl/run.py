@@ -48,7 +48,9 @@ def setup_logging(out_dir: Path, env: DistEnv) -> None:
     """Rank 0 logs INFO to the console and out_dir/train.log; other ranks only warnings."""
     root = logging.getLogger()
     root.handlers.clear()
-    fmt = logging.Formatter(f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    # Dated, with milliseconds: multi-day jobs, and requeue latency is read from these lines.
+    fmt = logging.Formatter(f"%(asctime)s.%(msecs)03d [rank {env.rank}] %(levelname)s %(name)s: %(message)s",
+                            "%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     root.addHandler(console)
@@ -96,6 +98,8 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     env = init_distributed(OmegaConf.select(cfg, "train.device") or "auto")
     out_dir = Path(cfg.out_dir)
     setup_logging(out_dir, env)
+    log.info("job started: %d rank(s), pid %d, SLURM job %s", env.world_size, os.getpid(),
+             os.environ.get("SLURM_JOB_ID", "none"))
     try:
         cfg = resolve_config(cfg)
         validate_config(cfg, world_size=env.world_size)
@@ -173,7 +177,7 @@ def _outcome_fields(outcome: PretrainOutcome, cfg: DictConfig) -> dict:
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     code = run_job(cfg)
-    destroy_distributed()
+    destroy_distributed(all_ranks_done=code in (EXIT_OK, EXIT_INTERRUPTED))
     if code:
         sys.exit(code)
 

@@ -38,13 +38,14 @@ class MtsslJob(submitit.helpers.Checkpointable):
     def __call__(self, overrides: Sequence[str]) -> dict:
         # Installed first, so a signal that arrives while the job is still starting is not lost.
         stop = StopRequest()
+        code = None
         try:
             cfg = compose_config(overrides)
             out_dir = Path(cfg.out_dir)
             code = run_job(cfg, stop=stop)
         finally:
             stop.restore()
-            destroy_distributed()
+            destroy_distributed(all_ranks_done=code in (EXIT_OK, EXIT_INTERRUPTED))
         rank = submitit.JobEnvironment().global_rank
         if code == EXIT_INTERRUPTED:
             return self._requeue(stop, out_dir, rank)

@@ -46,9 +46,10 @@ STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 class TrainingInterrupted(Exception):
     """Training stopped on a signal after writing a checkpoint; rerun (requeue) to resume."""
 
-    def __init__(self, signum: int | None, checkpoint: Path, step: int):
+    def __init__(self, signum: int | None, checkpoint: Path, step: int, signal_age_s: float | None = None):
         reason = signal.Signals(signum).name if signum else "another rank's signal"
-        super().__init__(f"stopped on {reason} at step {step}; checkpoint {checkpoint}")
+        age = f" {signal_age_s:.3f} s after the signal" if signal_age_s is not None else ""
+        super().__init__(f"stopped on {reason} at step {step}{age}; checkpoint {checkpoint}")
         self.signum = signum
         self.checkpoint = checkpoint
         self.step = step
@@ -59,10 +60,17 @@ class StopRequest:
 
     def __init__(self, signals=STOP_SIGNALS):
         self.signum: int | None = None
+        self.received_at: float | None = None  # time.monotonic() of the first signal
         self.previous_handlers = {s: signal.signal(s, self._record) for s in signals}
 
     def _record(self, signum, frame) -> None:
+        if self.received_at is None:
+            self.received_at = time.monotonic()
         self.signum = signum
+
+    def age_s(self) -> float | None:
+        """Seconds since the first signal arrived (None without one)."""
+        return None if self.received_at is None else time.monotonic() - self.received_at
 
     @property
     def requested(self) -> bool:
@@ -100,6 +108,19 @@ def training_samples(cfg: DictConfig) -> list:
     return samples
 
 
+def compile_backbones(model: MultiTaskSiamese) -> None:
+    """torch.compile the online and target backbones in place (the step, which calls backward, never).
+
+    Static shapes: one graph per view resolution. Under FSDP2 its hooks split a backbone into one
+    graph per block, and every block instance and resolution needs its own: far more than
+    dynamo's default recompile limit of 8.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    for encoder in (model.online, model.target):
+        if encoder is not None:
+            encoder.backbone.compile(dynamic=False)
+
+
 def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     keys = sorted(values)
     stacked = torch.stack([values[k].detach().float() for k in keys])
@@ -117,7 +138,9 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """Builds every component of a job from its config and runs the pretraining loop."""
 
-    def __init__(self, cfg: DictConfig, env: DistEnv, out_dir: Path):
+    def __init__(self, cfg: DictConfig, env: DistEnv, out_dir: Path, train_samples: list | None = None):
+        """``train_samples``: (path, label) pairs to train on instead of the config's data folder
+        (benchmarks that feed synthetic views only need their count)."""
         self.cfg = cfg
         self.env = env
         self.out_dir = Path(out_dir)
@@ -141,8 +164,10 @@ class Trainer:
         # copies. DCP checkpoints reshard between plain and sharded layouts, so 1 <-> N resumes work.
         single_cpu = env.world_size == 1 and env.device.type == "cpu"
         self.model = model if single_cpu else shard_model(model, env.device)
+        if cfg.train.compile:
+            compile_backbones(self.model)
 
-        self.train_samples = training_samples(cfg)
+        self.train_samples = training_samples(cfg) if train_samples is None else train_samples
         self.sampler = GlobalBatchSampler(len(self.train_samples), cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed)
         steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = cfg.train.epochs * steps_per_epoch
@@ -163,6 +188,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def training_step(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Forward all views, build the multi-task loss, backward, optimiser step and EMA update."""
+        if self.cfg.train.channels_last:  # activations follow the input's layout; parameters stay contiguous (FSDP2)
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         set_learning_rate(self.optimizer, self.learning_rate(step), self.peak_lr)
         predictions, target_projections, projections = self.model(views, self.view_types, self.target_indices)
         prepared = [self.objective.prepare_target(z.float()) for z in target_projections]
@@ -239,7 +266,7 @@ class Trainer:
                 if stop_now:
                     state.step = step
                     path = self.save(state, skipped_local)
-                    raise TrainingInterrupted(stop.signum, path, step)
+                    raise TrainingInterrupted(stop.signum, path, step, stop.age_s())
                 if save_now:
                     state.step = step
                     self.save(state, skipped_local)

@@ -30,6 +30,7 @@ def check(overrides, world_size=1):
     (["optim.name=adam"], "optim.name", "lars"),
     (["data.pipeline=dali"], "data.pipeline", "fast"),
     (["train.batch_size=6"], "train.batch_size", "multiple of 4"),
+    (["train.channels_last=yes please"], "train.channels_last", "true or false"),
 ])
 def test_bad_config_names_field(tiny_folder, overrides, field, hint):
     with pytest.raises(ConfigError) as info:

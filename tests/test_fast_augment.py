@@ -276,3 +276,18 @@ def test_reduced_jpeg_decode_keeps_the_views():
     for a, b in zip(reduced, full):
         assert a.shape == b.shape
         assert (to_pixels(a) - to_pixels(b)).abs().mean() < 3.0  # same crops, same ops, DCT-scaled source
+
+
+def test_training_dataset_hands_the_fast_pipeline_the_undecoded_jpeg(tmp_path):
+    from mtssl.data import AugmentedImageFolder
+
+    smooth = Image.fromarray(np.random.default_rng(3).integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((1600, 1200), Image.BICUBIC)
+    smooth.save(tmp_path / "photo.jpg", "JPEG", quality=95)
+    cfg = resolve_config(compose_config(["data=cifar10", "views=global_local_cutout"]))
+    layout = build_view_layout(OmegaConf.to_container(cfg.views.types), dict(cfg.data.view_sizes or {}))
+    transform = FastMultiViewTransform(layout, MEAN, STD)
+    dataset = AugmentedImageFolder([(str(tmp_path / "photo.jpg"), 4)], transform, seed=0)
+    views, label, skipped = dataset[(0, 0)]
+    assert transform.reduced_decodes == 1 and (label, skipped) == (4, 0)
+    again, _, _ = dataset[(0, 0)]  # the same (epoch, index) gives the same views
+    assert all(torch.equal(a, b) for a, b in zip(views, again))

@@ -59,8 +59,9 @@ def test_ghost_batch_norm_cumulative_average_when_momentum_is_none():
     torch.testing.assert_close(layer.running_mean, expected, atol=TOL, rtol=TOL)
 
 
-def _models(mode):
-    cfg = compose_config(["method=byol", "backbone=resnet18", "data=cifar10", f"train.grouped_views={mode}"])
+def _models(mode, predictor="separate"):
+    cfg = compose_config(["method=byol", "backbone=resnet18", "data=cifar10", f"train.grouped_views={mode}",
+                          f"predictor={predictor}"])
     torch.manual_seed(0)
     return cfg, build_model(cfg, ["global", "local", "cutout"], small_images=True, ema_target=True)
 
@@ -93,18 +94,28 @@ def _run_modes():
     batch = 6
     steps = [[torch.randn(batch, 3, s, s) for s in (32, 32, 16, 16, 32)] for _ in range(2)]
     results = {}
-    for mode in ("false", "ghost", "plain"):
-        cfg, model = _models(mode)
+    for mode, predictor in (("false", "separate"), ("ghost", "separate"), ("plain", "separate"),
+                            ("false", "shared"), ("ghost", "shared")):
+        cfg, model = _models(mode, predictor)
         objective = build_objective(cfg.method)
         weights = {"global": 1.0, "local": 1.0, "cutout": 1.0}
         for views in steps:  # two steps: the ghost context is reused, running statistics accumulate
-            results[mode] = _step(model, views, objective, weights)
+            results[mode if predictor == "separate" else f"{mode}+shared"] = _step(model, views, objective, weights)
     return results
 
 
 @pytest.mark.slow
 def test_ghost_grouped_equals_per_view(outcomes):
-    reference, ghost = outcomes["false"], outcomes["ghost"]
+    assert_same_step(outcomes["false"], outcomes["ghost"])
+
+
+@pytest.mark.slow
+def test_ghost_grouped_equals_per_view_with_a_shared_predictor(outcomes):
+    # ghost mode sends all five views through the one predictor in a single call
+    assert_same_step(outcomes["false+shared"], outcomes["ghost+shared"])
+
+
+def assert_same_step(reference, ghost):
     for name, ref, got in zip(("predictions", "targets"), reference[:2], ghost[:2]):
         for r, g in zip(ref, got):
             torch.testing.assert_close(g, r, atol=TOL, rtol=TOL, msg=lambda m: f"{name}: {m}")
@@ -113,7 +124,7 @@ def test_ghost_grouped_equals_per_view(outcomes):
     for key in reference[3]:
         torch.testing.assert_close(ghost[3][key], reference[3][key], atol=TOL, rtol=TOL, msg=lambda m: f"grad {key}: {m}")
     running = [k for k in reference[4] if "running_" in k or "num_batches_tracked" in k]
-    assert any(k.startswith("target.") for k in running) and any(k.startswith("online.") for k in running)
+    assert all(any(k.startswith(part) for k in running) for part in ("online.", "target.", "predictors."))
     for key in running:
         torch.testing.assert_close(ghost[4][key], reference[4][key], atol=TOL, rtol=TOL, msg=lambda m: f"buffer {key}: {m}")
 

@@ -116,3 +116,15 @@ def test_lars_step_matches_hand_computation():
     trust = 0.001 * w.norm() / u.norm()
     torch.testing.assert_close(net[0].weight.detach(), w - 0.5 * trust * u)
     torch.testing.assert_close(net[0].bias.detach(), b - 0.5 * gb)  # 1-D: no decay, no adaptation
+
+    # second step: momentum 0.9 carries the first (scaled) update
+    w1, b1 = net[0].weight.detach().clone(), net[0].bias.detach().clone()
+    opt.zero_grad()
+    net(torch.randn(8, 4)).pow(2).sum().backward()
+    g2, gb2 = net[0].weight.grad.clone(), net[0].bias.grad.clone()
+    opt.step()
+    u2 = g2 + 0.1 * w1
+    trust2 = 0.001 * w1.norm() / u2.norm()
+    torch.testing.assert_close(net[0].weight.detach(), w1 - 0.5 * (0.9 * trust * u + trust2 * u2))
+    torch.testing.assert_close(net[0].bias.detach(), b1 - 0.5 * (0.9 * gb + gb2))
+    assert torch.equal(net[0].weight.grad, g2)  # the optimiser leaves the gradient as it was (it is logged)

@@ -4,9 +4,6 @@ They submit real jobs with submitit and check results, task ranks, accounting st
 requeue after preemption by a job of the high-priority partition.
 """
 
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,58 +12,15 @@ import cloudpickle
 import pytest
 import submitit
 
-pytestmark = pytest.mark.slurm
+from tests.conftest import run_slurm_command
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 # The jobs run in fresh interpreters that cannot import this test module: ship its functions
 # and classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-READY_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
 JOB_TIMEOUT_S = 120
-
-
-def _run(*command: str) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(command, 124, "", f"`{' '.join(command)}` took over 30 s")
-
-
-def _cluster_problem() -> str | None:
-    """Why the SLURM tests cannot run here, or None when a usable cluster answers."""
-    if shutil.which("sinfo") is None:
-        return "SLURM is not installed (no `sinfo`); run `sudo slurm/start_local_cluster.sh`"
-    conf = os.environ.get("SLURM_CONF")
-    if conf and not Path(conf).is_file():  # SLURM would retry reading it for 60 s
-        return f"SLURM_CONF={conf} does not exist; unset it or start the cluster"
-    ping = _run("scontrol", "ping")  # fails at once when no controller runs; sinfo would retry for ~10 s
-    nodes = _run("sinfo", "--noheader", "--Node", "--format=%T") if ping.returncode == 0 else ping
-    if nodes.returncode != 0:
-        reason = (nodes.stderr or nodes.stdout).strip().splitlines()[0]
-        return f"no SLURM cluster answers ({reason}); run `sudo slurm/start_local_cluster.sh`"
-    if not READY_NODE_STATES & set(nodes.stdout.split()):
-        return f"no SLURM node is ready (states: {nodes.stdout.split()}); see the slurmd log"
-    partitions = set(_run("sinfo", "--noheader", "--format=%R").stdout.split())
-    if not {"low", "high"} <= partitions:
-        return f"the cluster lacks the 'low' and 'high' partitions (has {sorted(partitions)}); see slurm/"
-    accounting = _run("sacct", "--noheader", "--starttime=now-1hours")
-    if accounting.returncode != 0:
-        return f"SLURM accounting does not answer (`sacct`: {accounting.stderr.strip()})"
-    return None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def slurm_cluster():
-    """Skip unless a cluster with the local test layout answers; find its config if not linked in /etc."""
-    state_conf = Path(os.environ.get("MTSSL_SLURM_STATE", "/tmp/mtssl-slurm"), "etc", "slurm.conf")
-    with pytest.MonkeyPatch.context() as env:
-        linked = Path("/etc/slurm/slurm.conf").exists()
-        if "SLURM_CONF" not in os.environ and not linked and state_conf.exists():
-            env.setenv("SLURM_CONF", str(state_conf))
-        problem = _cluster_problem()
-        if problem:
-            pytest.skip(problem)
-        yield
 
 
 def _executor(folder: Path, partition: str = "low", **parameters) -> submitit.AutoExecutor:
@@ -97,7 +51,7 @@ def _wait_for(condition, what: str, timeout_s: float = JOB_TIMEOUT_S) -> None:
 
 def _accounted_states(job_id: str) -> list[str]:
     """Every state sacct recorded for a job, oldest first (one per run when it was requeued)."""
-    out = _run("sacct", "--jobs", job_id, "--duplicates", "--allocations", "--noheader", "--parsable2",
+    out = run_slurm_command("sacct", "--jobs", job_id, "--duplicates", "--allocations", "--noheader", "--parsable2",
                "--format=State")
     assert out.returncode == 0, out.stderr
     return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
@@ -111,7 +65,7 @@ def _wait_accounted(job_id: str, final_state: str, timeout_s: float = 30) -> lis
 
 
 def _node_cpus() -> int:
-    return max(int(c) for c in _run("sinfo", "--noheader", "--Node", "--format=%c").stdout.split())
+    return max(int(c) for c in run_slurm_command("sinfo", "--noheader", "--Node", "--format=%c").stdout.split())
 
 
 def _polynomial(x: int) -> int:

@@ -157,21 +157,6 @@ def test_bad_override_fails_the_launch_before_anything_is_submitted(config_dir, 
 # Real sweeps on the local SLURM cluster
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    """Skip unless the local test cluster answers (same checks as tests/test_slurm_cluster.py)."""
-    from tests.test_slurm_cluster import _cluster_problem
-
-    state_conf = Path(os.environ.get("MTSSL_SLURM_STATE", "/tmp/mtssl-slurm"), "etc", "slurm.conf")
-    with pytest.MonkeyPatch.context() as env:
-        if "SLURM_CONF" not in os.environ and not Path("/etc/slurm/slurm.conf").exists() and state_conf.exists():
-            env.setenv("SLURM_CONF", str(state_conf))
-        problem = _cluster_problem()
-        if problem:
-            pytest.skip(problem)
-        yield
-
-
 def slurm_args(config_dir: Path, sweep_dir: Path, *extra: str) -> tuple[list[str], str]:
     """Arguments of a tiny sweep on the local cluster, and the SLURM job name unique to this launch."""
     name = f"mtssl-test-{uuid.uuid4().hex[:8]}"
@@ -210,6 +195,14 @@ def finished_sweep(slurm_cluster, config_dir, tmp_path_factory):
     return sweep_dir, out, name
 
 
+@pytest.fixture(scope="module")
+def reference_sweep(finished_sweep) -> Path:
+    """The finished test sweep's folder, for the tests that build on its successful launch."""
+    sweep_dir, out, _ = finished_sweep
+    assert out.returncode == 0, out.stdout + out.stderr
+    return sweep_dir
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_two_job_sweep_runs_to_completion_with_results_and_tables(finished_sweep):
@@ -246,9 +239,8 @@ def test_two_job_sweep_runs_to_completion_with_results_and_tables(finished_sweep
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_relaunching_a_finished_sweep_submits_nothing(finished_sweep, config_dir):
-    sweep_dir, first, _ = finished_sweep
-    assert first.returncode == 0, first.stdout + first.stderr
+def test_relaunching_a_finished_sweep_submits_nothing(reference_sweep, config_dir):
+    sweep_dir = reference_sweep
     before = {job: (sweep_dir / job / "results.json").read_bytes() for job in JOB_NAMES}
     args, name = slurm_args(config_dir, sweep_dir)
     out = launch(*args)
@@ -261,9 +253,8 @@ def test_relaunching_a_finished_sweep_submits_nothing(finished_sweep, config_dir
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_relaunching_a_half_finished_sweep_submits_only_the_missing_job(finished_sweep, config_dir, tmp_path):
-    source, first, _ = finished_sweep
-    assert first.returncode == 0, first.stdout + first.stderr
+def test_relaunching_a_half_finished_sweep_submits_only_the_missing_job(reference_sweep, config_dir, tmp_path):
+    source = reference_sweep
     sweep_dir = tmp_path / "half"
     shutil.copytree(source, sweep_dir, ignore=shutil.ignore_patterns(".submitit", "tables"))
     finished, missing = JOB_NAMES
@@ -377,9 +368,8 @@ def assert_resumed_to_reference(sweep_dir: Path, record: dict, reference: Path, 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_preempted_job_requeues_and_ends_with_the_uninterrupted_weights(finished_sweep, config_dir, tmp_path):
-    reference, first, _ = finished_sweep
-    assert first.returncode == 0, first.stdout + first.stderr
+def test_preempted_job_requeues_and_ends_with_the_uninterrupted_weights(reference_sweep, config_dir, tmp_path):
+    reference = reference_sweep
     sweep_dir = tmp_path / "preempted"
     high_job: list[str] = []
 
@@ -399,10 +389,9 @@ def test_preempted_job_requeues_and_ends_with_the_uninterrupted_weights(finished
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_job_hitting_its_time_limit_requeues_and_ends_with_the_uninterrupted_weights(finished_sweep, config_dir,
+def test_job_hitting_its_time_limit_requeues_and_ends_with_the_uninterrupted_weights(reference_sweep, config_dir,
                                                                                       tmp_path):
-    reference, first, _ = finished_sweep
-    assert first.returncode == 0, first.stdout + first.stderr
+    reference = reference_sweep
     sweep_dir = tmp_path / "time_limit"
     # SIGUSR2 60 s before a 2-minute limit (SLURM checks limits every ~30 s: it arrives 60-90 s before).
     _, record = run_interrupted_job(config_dir, sweep_dir, extra=(

@@ -1,0 +1,69 @@
+"""The fast training options keep the method: a step with train.channels_last or train.compile
+equals the default step (same losses and updated weights up to float rounding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtssl.config import compose_config, resolve_config
+from mtssl.distributed import destroy_distributed, init_distributed
+from mtssl.train import Trainer
+
+TINY = ["method=byol", "views=global_local_cutout", "backbone=resnet18", "data=cifar10", "data.small_images=true",
+        "+backbone.kwargs.layers=[1,1,1,1]", "method.projector.hidden_dims=[64]", "method.predictor.hidden_dims=[64]",
+        "method.projector.out_dim=32", "method.predictor.out_dim=32", "train.batch_size=8", "optim.warmup_epochs=0"]
+STEPS = 2
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    env = init_distributed("cpu")
+    yield env
+    destroy_distributed()
+
+
+def run_steps(env, tmp_path, *overrides):
+    """Losses and final online weights of STEPS training steps on fixed random views."""
+    cfg = resolve_config(compose_config(TINY + list(overrides)))
+    trainer = Trainer(cfg, env, tmp_path / "_".join(overrides or ("default",)), train_samples=[("unused", 0)] * 64)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(STEPS):
+        views = [torch.randn(8, 3, trainer.layout.type(t).size, trainer.layout.type(t).size, generator=generator)
+                 for t in trainer.view_types]
+        loss, _, _ = trainer.training_step(views, step)
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in trainer.model.online.state_dict().items()}
+
+
+def assert_same_run(actual, expected, tol):
+    assert actual[0] == pytest.approx(expected[0], rel=tol)
+    assert actual[0][0] != actual[0][1]  # the weights moved between the two steps
+    for key, value in expected[1].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(actual[1][key], value, atol=tol, rtol=tol, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.slow
+def test_channels_last_step_equals_default_step(single_process, tmp_path):
+    default = run_steps(single_process, tmp_path)
+    assert_same_run(run_steps(single_process, tmp_path, "train.channels_last=true"), default, 1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_backbone_step_equals_eager_step(single_process, tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        eager = run_steps(single_process, tmp_path)
+        assert counters["stats"]["unique_graphs"] == 0
+        compiled = run_steps(single_process, tmp_path, "train.compile=true")
+        assert counters["stats"]["unique_graphs"] >= 2  # the backbone really ran compiled (one graph per view size)
+        assert_same_run(compiled, eager, 1e-4)
+    finally:
+        torch._dynamo.reset()
