@@ -12,6 +12,7 @@ job's own train.log (dated, millisecond timestamps, the same clock as this scrip
   checkpoint -> slurm start    submitit requeues; the preempting job runs; SLURM starts the job again
                                (from sacct, whole seconds)
   slurm start -> job started   Python start, imports, submitit unpickling the job
+  checkpoint -> job started    the two above together (also without SLURM accounting)
   job started -> resumed       process group, model build, loading the checkpoint
   resumed -> first step        the first training step after the resume
   signal -> first step         the whole gap in training seen from the job
@@ -47,8 +48,7 @@ from report import print_table, write_report
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "requeue_latency.json"
 STAGES = ["trigger_to_signal", "signal_to_checkpoint", "checkpoint_to_slurm_start", "slurm_start_to_job_started",
-          "checkpoint_to_job_started",
-          "job_started_to_resumed", "resumed_to_first_step", "signal_to_first_step"]
+          "checkpoint_to_job_started", "job_started_to_resumed", "resumed_to_first_step", "signal_to_first_step"]
 
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) \[rank 0\] \w+ [\w.]+: (.*)$")
 STEP = re.compile(r"^step (\d+)/(\d+) epoch")
