@@ -117,26 +117,23 @@ class MultiTaskSiamese(nn.Module):
         if not self.grouped_views:
             return [encoder(x) for x in views]
         outputs: list[torch.Tensor | None] = [None] * len(views)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, x in enumerate(views):
-            by_shape.setdefault(tuple(x.shape[1:]), []).append(i)
+        by_shape = _indices_by([tuple(x.shape[1:]) for x in views])
         if self.grouped_views == "ghost":
             # One backbone call per resolution, then one projector call for every view (pooled
             # features have one size); BN statistics per view chunk throughout.
             order: list[int] = []
             features = []
             with self._ghost_context(encoder) as ghost:
-                for indices in by_shape.values():
+                for indices in by_shape:
                     with ghost.views(indices):
                         features.append(encoder.backbone(torch.cat([views[i] for i in indices])))
                     order += indices
                 with ghost.views(order):
                     projections = encoder.projector(torch.cat(features) if len(features) > 1 else features[0])
-            for i, chunk in zip(order, projections.chunk(len(order))):
-                outputs[i] = chunk
+            _scatter_chunks(projections, order, outputs)
             return outputs  # type: ignore[return-value]
         # "plain": one backbone call per resolution; projector still per view so its BN stays per view.
-        for indices in by_shape.values():
+        for indices in by_shape:
             features = encoder.backbone(torch.cat([views[i] for i in indices]))
             for i, chunk in zip(indices, features.chunk(len(indices))):
                 outputs[i] = encoder.projector(chunk)
@@ -146,16 +143,12 @@ class MultiTaskSiamese(nn.Module):
         if self.grouped_views != "ghost":
             return [self.predictor_for(t)(z) for t, z in zip(view_types, projections)]
         # Ghost: one call per predictor on all the views it serves, BN statistics per view chunk.
-        by_predictor: dict[int, list[int]] = {}
-        for i, view_type in enumerate(view_types):
-            by_predictor.setdefault(id(self.predictor_for(view_type)), []).append(i)
         outputs: list[torch.Tensor | None] = [None] * len(projections)
-        for indices in by_predictor.values():
+        for indices in _indices_by([id(self.predictor_for(t)) for t in view_types]):
             predictor = self.predictor_for(view_types[indices[0]])
             with self._ghost_context(predictor) as ghost, ghost.views(indices):
                 predictions = predictor(torch.cat([projections[i] for i in indices]))
-            for i, chunk in zip(indices, predictions.chunk(len(indices))):
-                outputs[i] = chunk
+            _scatter_chunks(predictions, indices, outputs)
         return outputs  # type: ignore[return-value]
 
     def forward(self, views: Sequence[torch.Tensor], view_types: Sequence[str], target_indices: Sequence[int]):
@@ -168,6 +161,20 @@ class MultiTaskSiamese(nn.Module):
             else:
                 targets = self._encode(self.target, [views[i] for i in target_indices])
         return predictions, targets, projections
+
+
+def _indices_by(keys: Sequence) -> list[list[int]]:
+    """Positions grouped by equal key; groups and positions in first-seen order."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _scatter_chunks(batch: torch.Tensor, indices: Sequence[int], outputs: list) -> None:
+    """outputs[indices[j]] <- the j-th of len(indices) equal chunks of a grouped call's batch."""
+    for i, chunk in zip(indices, batch.chunk(len(indices))):
+        outputs[i] = chunk
 
 
 def build_model(cfg, task_names: Sequence[str], small_images: bool, ema_target: bool) -> MultiTaskSiamese:
