@@ -32,6 +32,16 @@ reports images per second of process CPU time (img/CPU-s), which time spent desc
 other jobs on a shared machine does not inflate (use --threads 1 for it). Achieved FLOP/s
 use the FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode``; on CUDA
 MFU divides them by the GPU's dense bf16 peak. Results: benchmarks/results/train_step.json.
+
+On CPU, glibc's malloc hands large freed blocks back to the OS, so a step that frees and
+re-allocates tensors pays a minor page fault per fresh 4 KiB page (faults/step column; about
+1.5 us each on the reference machine). Per-view mode pays more of them (more, smaller calls,
+each with its own oneDNN scratch buffers), so part of the grouped modes' speedup under the default
+allocator is fewer page faults. To measure without that effect, keep freed memory mapped:
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 python benchmarks/train_step.py ...
+
+(jemalloc or tcmalloc via LD_PRELOAD have the same effect and speed up CPU training in general.)
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -145,10 +156,12 @@ class Entry:
     step: int = 0
     times: list[float] = field(default_factory=list)
     cpu_times: list[float] = field(default_factory=list)
+    page_faults: list[float] = field(default_factory=list)  # minor page faults per step, per repetition
     error: str | None = None
 
-    def run(self, steps: int, device: torch.device) -> tuple[float, float]:
-        """Wall-clock and process CPU seconds of ``steps`` training steps."""
+    def run(self, steps: int, device: torch.device) -> tuple[float, float, float]:
+        """Wall-clock and process CPU seconds of ``steps`` training steps, and minor page faults per step."""
+        faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.mode.bf16_autocast else contextlib.nullcontext()
         sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -157,7 +170,8 @@ class Entry:
                 self.trainer.training_step(self.views, self.step)
                 self.step += 1
         sync(device)
-        return time.perf_counter() - start, time.process_time() - cpu_start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        return wall, cpu, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start) / max(steps, 1)
 
 
 def count_step_flops(entry: Entry) -> int:
@@ -195,9 +209,10 @@ def benchmark_model(model_name: str, args, env: DistEnv, out_dir: Path) -> dict:
     for rep in range(args.reps):
         for entry in entries:
             if entry.error is None:
-                wall, cpu = entry.run(args.steps, device)
+                wall, cpu, faults = entry.run(args.steps, device)
                 entry.times.append(wall)
                 entry.cpu_times.append(cpu)
+                entry.page_faults.append(faults)
         print(f"  {model_name}: repetition {rep + 1}/{args.reps} done", file=sys.stderr)
     peak = peak_flops(device)
     rows = []
@@ -224,6 +239,9 @@ def benchmark_model(model_name: str, args, env: DistEnv, out_dir: Path) -> dict:
             images_per_cpu_s=statistics.median(cpu_rates) if device.type == "cpu" else None,
             images_per_cpu_s_all=cpu_rates if device.type == "cpu" else None,
             cpu_time_speedup_vs_per_view=statistics.median(cpu_rates) / cpu_base if device.type == "cpu" else None,
+            # Fresh pages the allocator had to map per step (CPU: glibc returns freed memory to the
+            # OS, so every re-use costs page faults, ~1.5 us each here; see the module docstring).
+            minor_page_faults_per_step=statistics.median(entry.page_faults),
             gflop_per_step=flops / 1e9,
             tflop_per_s=flops / step_s / 1e12,
             mfu=(flops / step_s / peak) if peak else None,
@@ -247,8 +265,9 @@ def print_rows(rows: list[dict], device_name: str) -> None:
             f"[{r['images_per_s_min']:.2f}-{r['images_per_s_max']:.2f}]", f"{r['speedup_vs_per_view']:.2f}x",
             f"{r['tflop_per_s']:.3f}", optional(r["mfu"] and 100 * r["mfu"], "{:.1f}%"),
             optional(r["images_per_cpu_s"], "{:.2f}"), optional(r["cpu_time_speedup_vs_per_view"], "{:.2f}x"),
+            f"{r['minor_page_faults_per_step']:.0f}",
         ])
-    header = ["model", "mode", "batch", "images/s", "[min-max]", "speedup", "TFLOP/s", "MFU", "img/CPU-s", "speedup"]
+    header = ["model", "mode", "batch", "images/s", "[min-max]", "speedup", "TFLOP/s", "MFU", "img/CPU-s", "speedup", "faults/step"]
     print_table(f"Training step on {device_name} (images/s: median over repetitions, [min-max])", header, cells, left_columns=2)
 
 

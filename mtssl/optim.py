@@ -23,6 +23,10 @@ class LARS(torch.optim.Optimizer):
     Works on FSDP2-sharded DTensor parameters: the squared norms of all local shards are summed
     with one all-reduce per step. Every tensor operation is a foreach call over a whole group
     (a few kernels per step, not a few per parameter).
+
+    The update is built in place in ``p.grad`` (no parameter-sized temporary: one copy of the
+    model less at peak, and on CPU no fresh pages to fault in every step), so after ``step()``
+    ``p.grad`` holds the scaled update, not the gradient. Read gradients before the step.
     """
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, trust_coefficient: float = 0.001):
@@ -32,18 +36,16 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        groups = []  # (group, local weights, local updates, local momentum buffers)
+        groups = []  # (group, local weights, local updates (the gradients, modified in place), local momentum buffers)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             weights = [_local(p) for p in params]
-            grads = [_local(p.grad) for p in params]
+            updates = [_local(p.grad) for p in params]
             buffers = [_local(self._momentum_buffer(p)) for p in params]
-            if group["lars_exclude"]:
-                updates = grads
-            else:  # out of place: p.grad stays the gradient (it is logged)
-                updates = torch._foreach_add(grads, weights, alpha=group["weight_decay"])
+            if not group["lars_exclude"] and group["weight_decay"]:
+                torch._foreach_add_(updates, weights, alpha=group["weight_decay"])
             groups.append((group, weights, updates, buffers))
         adapted = [g for g in groups if not g[0]["lars_exclude"]]
         if adapted:

@@ -18,6 +18,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -79,6 +80,15 @@ class StopRequest:
     def restore(self) -> None:
         for s, handler in self.previous_handlers.items():
             signal.signal(s, handler)
+
+
+class StepOutput(NamedTuple):
+    """What ``Trainer.training_step`` returns; all tensors detached, none read on the host."""
+
+    loss: torch.Tensor
+    task_losses: dict[str, torch.Tensor]
+    embeddings: torch.Tensor  # online projections of the first target view (for the collapse monitor)
+    grad_norm: torch.Tensor | None  # total gradient norm before the optimiser step, when asked for
 
 
 @dataclass
@@ -186,8 +196,13 @@ class Trainer:
         self.config_yaml = OmegaConf.to_yaml(cfg)
 
     # ------------------------------------------------------------------ one step
-    def training_step(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """Forward all views, build the multi-task loss, backward, optimiser step and EMA update."""
+    def training_step(self, views: list[torch.Tensor], step: int, measure_grad_norm: bool = False) -> StepOutput:
+        """Forward all views, build the multi-task loss, backward, optimiser step and EMA update.
+
+        ``measure_grad_norm``: also return the gradients' total norm, taken before the optimiser
+        step (LARS builds its update in the gradient tensors); off by default, since on FSDP it
+        is a collective.
+        """
         if self.cfg.train.channels_last:  # activations follow the input's layout; parameters stay contiguous (FSDP2)
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         set_learning_rate(self.optimizer, self.learning_rate(step), self.peak_lr)
@@ -198,12 +213,23 @@ class Trainer:
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.optim.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.clip_grad, foreach=True)
+        if self.cfg.optim.clip_grad:  # clipping measures the norm anyway (before clipping)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.clip_grad, foreach=True)
+        elif measure_grad_norm:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None], foreach=True)
+        if not measure_grad_norm:
+            grad_norm = None
+        elif hasattr(grad_norm, "full_tensor"):  # FSDP: the shards' partial norms combined (a collective)
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         if self.model.target is not None:
             ema_update(self.model.target, self.model.online, self.tau(step))
-        return loss.detach(), {k: v.detach() for k, v in task_losses.items()}, projections[self.target_indices[0]].detach()
+        return StepOutput(
+            loss.detach(),
+            {k: v.detach() for k, v in task_losses.items()},
+            projections[self.target_indices[0]].detach(),
+            None if grad_norm is None else grad_norm.detach(),
+        )
 
     def tau(self, step: int) -> float:
         return ema_momentum(step, self.total_steps, self.cfg.train.ema_tau)
@@ -274,15 +300,17 @@ class Trainer:
 
                 torch.manual_seed(step_seed(cfg.train.seed, env.rank, step))
                 views = [v.to(env.device, non_blocking=True) for v in views]
-                loss, task_losses, z = self.training_step(views, step)
+                logs_now = (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == last_step
+                output = self.training_step(views, step, measure_grad_norm=logs_now)
+                loss = output.loss
                 skipped_local += skipped
                 step += 1
                 window_steps += 1
                 check_finite = env.device.type == "cpu" or step % cfg.train.log_every_steps == 0
                 if check_finite:
                     last_nonfinite = not bool(torch.isfinite(loss))
-                if step % cfg.train.log_every_steps == 0 or step == last_step:
-                    logged = self._log(step, last_step, loss, task_losses, z, window_steps, window_start, writer)
+                if logs_now:
+                    logged = self._log(step, last_step, output, window_steps, window_start, writer)
                     window_start, window_steps = time.monotonic(), 0
                 if step % cfg.train.checkpoint_every_steps == 0 and step < last_step:
                     state.step = step
@@ -305,16 +333,15 @@ class Trainer:
         outcome.skipped_images = state.skipped_images + int(_sum_over_ranks(skipped_local))
         return outcome
 
-    def _log(self, step, last_step, loss, task_losses, z, window_steps, window_start, writer) -> dict[str, float]:
-        values = {"loss": loss, **{f"loss_{k}": v for k, v in task_losses.items()}, "embedding_std": embedding_std(z)}
+    def _log(self, step, last_step, output: StepOutput, window_steps, window_start, writer) -> dict[str, float]:
+        values = {"loss": output.loss, **{f"loss_{k}": v for k, v in output.task_losses.items()}}
+        values["embedding_std"] = embedding_std(output.embeddings)
         values = _mean_over_ranks(values)
         elapsed = max(time.monotonic() - window_start, 1e-9)
         values["images_per_s"] = window_steps * self.cfg.train.batch_size / elapsed
         values["lr"] = self.learning_rate(step - 1)
         values["tau"] = self.tau(step - 1) if self.model.target is not None else 0.0
-        grads = [p.grad for p in self.trainable if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        values["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        values["grad_norm"] = float(output.grad_norm)
         if writer is not None:
             for key, value in values.items():
                 writer.add_scalar(f"train/{key}", value, step)

@@ -61,7 +61,7 @@ def _fsdp_worker(rank, world_size, port, root, overrides, out):
     losses = []
     for step in range(STEPS):
         views = [v[rank * local : (rank + 1) * local] for v in global_views(trainer, step)]
-        loss, _, _ = trainer.training_step(views, step)
+        loss = trainer.training_step(views, step).loss
         t = loss.clone()
         dist.all_reduce(t)
         losses.append(t.item() / world_size)

@@ -25,6 +25,12 @@ def single_process(monkeypatch):
     destroy_distributed()
 
 
+def random_views(trainer, generator):
+    """One batch of 8 random images per view, at each view type's size."""
+    return [torch.randn(8, 3, trainer.layout.type(t).size, trainer.layout.type(t).size, generator=generator)
+            for t in trainer.view_types]
+
+
 def run_steps(env, tmp_path, *overrides):
     """Losses and final online weights of STEPS training steps on fixed random views."""
     cfg = resolve_config(compose_config(TINY + list(overrides)))
@@ -32,9 +38,7 @@ def run_steps(env, tmp_path, *overrides):
     generator = torch.Generator().manual_seed(0)
     losses = []
     for step in range(STEPS):
-        views = [torch.randn(8, 3, trainer.layout.type(t).size, trainer.layout.type(t).size, generator=generator)
-                 for t in trainer.view_types]
-        loss, _, _ = trainer.training_step(views, step)
+        loss = trainer.training_step(random_views(trainer, generator), step).loss
         losses.append(loss.item())
     return losses, {k: v.detach().clone() for k, v in trainer.model.online.state_dict().items()}
 
@@ -67,3 +71,39 @@ def test_compiled_backbone_step_equals_eager_step(single_process, tmp_path):
         assert_same_run(compiled, eager, 1e-4)
     finally:
         torch._dynamo.reset()
+
+
+def grad_norm(trainer) -> float:
+    return sum(float(p.grad.double().pow(2).sum()) for p in trainer.trainable if p.grad is not None) ** 0.5
+
+
+def first_step(env, tmp_path, *overrides):
+    """The trainer, its first step's output, and the norms of the gradients the optimiser was
+    given and of p.grad after the step."""
+    cfg = resolve_config(compose_config(TINY + list(overrides)))
+    trainer = Trainer(cfg, env, tmp_path / "_".join(overrides or ("default",)), train_samples=[("unused", 0)] * 64)
+    given = []
+    lars_step = trainer.optimizer.step
+
+    def step_recording_gradients():  # the real step, after measuring what it is given
+        given.append(grad_norm(trainer))
+        lars_step()
+
+    trainer.optimizer.step = step_recording_gradients
+    output = trainer.training_step(random_views(trainer, torch.Generator().manual_seed(0)), 0, measure_grad_norm=True)
+    return trainer, output, given[0], grad_norm(trainer)
+
+
+def test_logged_grad_norm_is_taken_before_the_lars_step(single_process, tmp_path):
+    """LARS builds its update in p.grad, so the step measures the gradient norm before it."""
+    trainer, output, given, after = first_step(single_process, tmp_path)
+    assert float(output.grad_norm) == pytest.approx(given, rel=1e-5)
+    assert after != pytest.approx(given, rel=1e-3)  # p.grad now holds the trust-scaled update
+    assert trainer.training_step(random_views(trainer, torch.Generator()), 1).grad_norm is None  # only when asked
+
+
+def test_logged_grad_norm_with_clipping_is_the_norm_before_clipping(single_process, tmp_path):
+    _, unclipped, unclipped_given, _ = first_step(single_process, tmp_path)
+    _, clipped, clipped_given, _ = first_step(single_process, tmp_path, "optim.clip_grad=0.001")
+    assert clipped_given == pytest.approx(0.001, rel=1e-4)  # LARS got the clipped gradients
+    assert float(clipped.grad_norm) == pytest.approx(float(unclipped.grad_norm), rel=1e-5)  # the log: before clipping
