@@ -35,9 +35,11 @@ MFU divides them by the GPU's dense bf16 peak. Results: benchmarks/results/train
 
 On CPU, glibc's malloc hands large freed blocks back to the OS, so a step that frees and
 re-allocates tensors pays a minor page fault per fresh 4 KiB page (faults/step column; about
-1.5 us each on the reference machine). Per-view mode pays more of them (more, smaller calls,
-each with its own oneDNN scratch buffers), so part of the grouped modes' speedup under the default
-allocator is fewer page faults. To measure without that effect, keep freed memory mapped:
+1.5 us each on the reference machine). Who pays more depends on tensor sizes and the allocator's
+state: per-view mode sometimes takes tens of thousands per step (more calls, each with its own
+oneDNN scratch buffers), grouped modes with large activations (the CIFAR stem) take more there. So
+speedups under the default allocator move between runs, and the column shows why. To measure
+without that effect, keep freed memory mapped:
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 python benchmarks/train_step.py ...
 
