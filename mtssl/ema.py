@@ -7,17 +7,14 @@ import math
 import torch
 from torch import nn
 
+from mtssl.fsdp import local_shard
+
 
 def ema_momentum(step: int, total_steps: int, base_tau: float) -> float:
     """tau_k = 1 - (1 - tau_0) (cos(pi k / K) + 1) / 2: tau_0 at step 0, 1 at step K."""
     if total_steps <= 0:
         return base_tau
     return 1 - (1 - base_tau) * (math.cos(math.pi * step / total_steps) + 1) / 2
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of an FSDP2 DTensor parameter, or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 @torch.no_grad()
@@ -31,7 +28,7 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     online_params = dict(online.named_parameters())
     target_locals, online_locals = [], []
     for name, target_param in target.named_parameters():
-        target_locals.append(_local(target_param))
-        online_locals.append(_local(online_params[name]).to(target_locals[-1].dtype))
+        target_locals.append(local_shard(target_param))
+        online_locals.append(local_shard(online_params[name]).to(target_locals[-1].dtype))
     if target_locals:
         torch._foreach_lerp_(target_locals, online_locals, 1.0 - tau)

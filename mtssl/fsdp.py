@@ -43,6 +43,11 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor (parameter, gradient or optimiser state), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU copy of a module's parameters and buffers (collective: all ranks call)."""
     state = {}

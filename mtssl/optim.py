@@ -8,10 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of an FSDP2 DTensor, or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+from mtssl.fsdp import local_shard
 
 
 class LARS(torch.optim.Optimizer):
@@ -41,9 +38,9 @@ class LARS(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            weights = [_local(p) for p in params]
-            updates = [_local(p.grad) for p in params]
-            buffers = [_local(self._momentum_buffer(p)) for p in params]
+            weights = [local_shard(p) for p in params]
+            updates = [local_shard(p.grad) for p in params]
+            buffers = [local_shard(self._momentum_buffer(p)) for p in params]
             if not group["lars_exclude"] and group["weight_decay"]:
                 torch._foreach_add_(updates, weights, alpha=group["weight_decay"])
             groups.append((group, weights, updates, buffers))
