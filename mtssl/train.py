@@ -214,13 +214,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.optim.clip_grad:  # clipping measures the norm anyway (before clipping)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.clip_grad, foreach=True)
+            total_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.clip_grad, foreach=True)
         elif measure_grad_norm:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None], foreach=True)
-        if not measure_grad_norm:
-            grad_norm = None
-        elif hasattr(grad_norm, "full_tensor"):  # FSDP: the shards' partial norms combined (a collective)
-            grad_norm = grad_norm.full_tensor()
+            total_norm = torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None], foreach=True)
+        grad_norm = None
+        if measure_grad_norm:  # on FSDP a DTensor of the shards' partial norms: full_tensor() combines them (a collective)
+            grad_norm = (total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm).detach()
         self.optimizer.step()
         if self.model.target is not None:
             ema_update(self.model.target, self.model.online, self.tau(step))
@@ -228,7 +227,7 @@ class Trainer:
             loss.detach(),
             {k: v.detach() for k, v in task_losses.items()},
             projections[self.target_indices[0]].detach(),
-            None if grad_norm is None else grad_norm.detach(),
+            grad_norm,
         )
 
     def tau(self, step: int) -> float:
