@@ -1,6 +1,6 @@
 """Per-rank memory of parameters, gradients and optimiser state: 1 rank vs 2 FSDP2 ranks.
 
-Each rank builds the job's model as ``mtssl.train.Trainer`` does (``build_model`` ->
+Each rank builds the job's model as ``mtssl.train.trainer.Trainer`` does (``build_model`` ->
 ``shard_model`` -> ``build_optimizer``; one CPU rank keeps the plain model, as the Trainer
 does), runs one full training step (so gradients and optimiser
 state exist) and counts bytes from the tensors it actually holds: ``DTensor.to_local()`` of every
@@ -61,7 +61,7 @@ def measure_rank(rank: int, world_size: int, port: int, overrides: list[str], ba
     from train_step import Mode, make_views, step_runner  # the Trainer's own pieces, no copy
 
     from mtssl.config import compose_config, resolve_config
-    from mtssl.distributed import destroy_distributed, init_distributed
+    from mtssl.distributed.process_group import destroy_distributed, init_distributed
 
     env = init_distributed(device_kind)
     cfg = resolve_config(compose_config(["method=byol", "views=global_local_cutout", "data=cifar10", *overrides, f"train.batch_size={batch}"]))

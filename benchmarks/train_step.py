@@ -1,6 +1,6 @@
 """Training-step throughput: the paper's per-view mode against every fast mode, side by side.
 
-One step is exactly ``mtssl.train.Trainer.training_step``: the online network on every view,
+One step is exactly ``mtssl.train.trainer.Trainer.training_step``: the online network on every view,
 the target on the global views, the multi-task loss, one backward, the optimiser step and the
 EMA update, on a model built as the Trainer builds it (plain on one CPU rank, FSDP2-wrapped
 otherwise). Views are synthetic
@@ -65,8 +65,8 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from mtssl.config import compose_config, resolve_config
-from mtssl.distributed import DistEnv, init_distributed
-from mtssl.train import Trainer
+from mtssl.distributed.process_group import DistEnv, init_distributed
+from mtssl.train.trainer import Trainer
 from report import print_table, write_report
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from mtssl.views import TARGET_VIEW_TYPE, VIEW_TYPES, build_view_layout
+from mtssl.data.views import TARGET_VIEW_TYPE, VIEW_TYPES, build_view_layout
 
 CONFIG_MODULE = "mtssl.conf"
 PREDICTOR_MODES = ("separate", "shared")
@@ -131,7 +131,7 @@ def _require(condition: bool, message: str) -> None:
 
 def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 1) -> None:
     """Raise ConfigError for the first problem found; return None when the job can run."""
-    from mtssl.objectives import OBJECTIVES
+    from mtssl.loss.objectives import OBJECTIVES
 
     _require(
         cfg.method.name in OBJECTIVES,
@@ -160,7 +160,7 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
     _require(0 < cfg.eval.linear_holdout < 1, f"eval.linear_holdout: must be in (0, 1), got {cfg.eval.linear_holdout}")
     _require(len(cfg.eval.linear_lrs) > 0, "eval.linear_lrs: give at least one learning rate")
     _require(all(k > 0 for k in cfg.eval.knn_k), f"eval.knn_k: values must be positive, got {list(cfg.eval.knn_k)}")
-    from mtssl.fast_augment import AUGMENTATION_PIPELINES
+    from mtssl.data.fast_augment import AUGMENTATION_PIPELINES
 
     _require(
         cfg.data.pipeline in AUGMENTATION_PIPELINES,
@@ -231,12 +231,12 @@ def _validate_optim(cfg: DictConfig) -> None:
 
 
 def _validate_data(cfg: DictConfig) -> None:
-    from mtssl.data import DataError, class_balanced_subset, list_image_folder
+    from mtssl.data.image_folder import DataError, class_balanced_subset, list_image_folder
 
     data = cfg.data
     _require(data.root is not None, "data.root: set the data folder, e.g. data.root=/path/to/imagenet")
     if not Path(data.root).exists() and data.get("download"):
-        from mtssl.datasets import download_cifar10
+        from mtssl.data.cifar10 import download_cifar10
 
         download_cifar10(data.root)
     try:

@@ -22,10 +22,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mtssl.checkpoint import CheckpointMismatch
+from mtssl.distributed.checkpoint import CheckpointMismatch
 from mtssl.config import ConfigError, resolve_config, validate_config
-from mtssl.distributed import DistEnv, destroy_distributed, init_distributed
-from mtssl.train import PretrainOutcome, StopRequest, Trainer, TrainingInterrupted
+from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
+from mtssl.train.trainer import PretrainOutcome, StopRequest, Trainer, TrainingInterrupted
 
 log = logging.getLogger("mtssl")
 
@@ -128,7 +128,7 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         outcome = trainer.fit(stop, writer)
         results.update(_outcome_fields(outcome, cfg))
         if outcome.status == "completed":
-            from mtssl.evaluation import evaluate_backbones  # noqa: deferred, heavy
+            from mtssl.eval.job import evaluate_backbones  # noqa: deferred, heavy
 
             results.update(evaluate_backbones(cfg, env, outcome, out_dir, writer))
     except TrainingInterrupted as interrupt:
@@ -154,7 +154,7 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
 
 
 def _latest_step(out_dir: Path) -> int | None:
-    from mtssl.checkpoint import CheckpointManager
+    from mtssl.distributed.checkpoint import CheckpointManager
 
     found = CheckpointManager(out_dir / "checkpoints", 2).checkpoints()
     return int(found[0].name.split("_")[1]) if found else None

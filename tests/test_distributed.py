@@ -11,13 +11,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mtssl.config import compose_config, resolve_config
-from mtssl.data import GlobalBatchSampler
-from mtssl.distributed import destroy_distributed, init_distributed
-from mtssl.ema import ema_update
-from mtssl.fsdp import full_state_dict
-from mtssl.multitask import multitask_loss
-from mtssl.objectives import gather_keys, mocov3_pair_loss
-from mtssl.train import Trainer
+from mtssl.data.image_folder import GlobalBatchSampler
+from mtssl.distributed.process_group import destroy_distributed, init_distributed
+from mtssl.train.ema import ema_update
+from mtssl.distributed.fsdp import full_state_dict
+from mtssl.loss.multitask import multitask_loss
+from mtssl.loss.objectives import gather_keys, mocov3_pair_loss
+from mtssl.train.trainer import Trainer
 from tests.conftest import make_image_folder
 
 SMALL_HEADS = ["method.projector.hidden_dims=[64]", "method.predictor.hidden_dims=[64]", "method.projector.out_dim=32", "method.predictor.out_dim=32"]
@@ -96,7 +96,7 @@ def _reference_steps(root, overrides, out, world_size):
     local = GLOBAL_BATCH // world_size
     losses = []
     for step in range(STEPS):
-        from mtssl.optim import set_learning_rate
+        from mtssl.train.optim import set_learning_rate
 
         set_learning_rate(trainer.optimizer, trainer.learning_rate(step), trainer.peak_lr)
         views = global_views(trainer, step)
@@ -215,7 +215,7 @@ def _ema_worker(rank, world_size, port, out):
     init_distributed("cpu")
     from torch.distributed.fsdp import fully_shard
 
-    from mtssl.model import mlp
+    from mtssl.model.siamese import mlp
 
     torch.manual_seed(0)
     online, target = mlp(6, [10], 5), mlp(6, [10], 5)
@@ -231,7 +231,7 @@ def _ema_worker(rank, world_size, port, out):
 @pytest.mark.slow
 def test_sharded_ema_equals_full_tensor_ema(tmp_path):
     run_ranks(_ema_worker, 2, tmp_path)
-    from mtssl.model import mlp
+    from mtssl.model.siamese import mlp
 
     torch.manual_seed(0)
     online, target = mlp(6, [10], 5), mlp(6, [10], 5)

@@ -1,4 +1,4 @@
-"""Tests for mtssl.evaluate against hand-computed kNN votes, known-answer linear probes and a 2-rank gather."""
+"""Tests for mtssl.eval (features, kNN, linear probe) against hand-computed kNN votes, known-answer linear probes and a 2-rank gather."""
 
 import math
 
@@ -7,7 +7,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mtssl.evaluate import _train_linear, extract_features, knn_classify, linear_probe, topk_accuracy
+from mtssl.eval.accuracy import topk_accuracy
+from mtssl.eval.features import extract_features
+from mtssl.eval.knn import knn_classify
+from mtssl.eval.linear import _train_linear, linear_probe
 
 # --------------------------------------------------------------------------------------------------
 # topk_accuracy

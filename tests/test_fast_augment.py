@@ -21,10 +21,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-import mtssl.fast_augment as fast_augment
+import mtssl.data.fast_augment as fast_augment
 from mtssl.config import compose_config, resolve_config
-from mtssl.fast_augment import FastMultiViewTransform, gaussian_taps, sample_crop_box, separable_blur
-from mtssl.views import VIEW_TYPES, MultiViewTransform, ViewLayout, build_view_layout
+from mtssl.data.fast_augment import FastMultiViewTransform, gaussian_taps, sample_crop_box, separable_blur
+from mtssl.data.views import VIEW_TYPES, MultiViewTransform, ViewLayout, build_view_layout
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE = 32
@@ -222,7 +222,7 @@ def test_cutout_area_fraction():
 # ---------------------------------------------------------------------------- kernels and contract
 @pytest.mark.parametrize("size,sigma", [(224, 0.1), (224, 0.7), (224, 2.0), (96, 1.3), (32, 1.9)])
 def test_separable_blur_matches_torchvision_gaussian_blur(size, sigma):
-    from mtssl.views import blur_kernel_size
+    from mtssl.data.views import blur_kernel_size
 
     torch.manual_seed(6)
     image = torch.rand(3, size, size) * 255
@@ -279,7 +279,7 @@ def test_reduced_jpeg_decode_keeps_the_views():
 
 
 def test_training_dataset_hands_the_fast_pipeline_the_undecoded_jpeg(tmp_path):
-    from mtssl.data import AugmentedImageFolder
+    from mtssl.data.image_folder import AugmentedImageFolder
 
     smooth = Image.fromarray(np.random.default_rng(3).integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((1600, 1200), Image.BICUBIC)
     smooth.save(tmp_path / "photo.jpg", "JPEG", quality=95)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mtssl.config import compose_config, resolve_config
-from mtssl.distributed import destroy_distributed, init_distributed
-from mtssl.train import Trainer
+from mtssl.distributed.process_group import destroy_distributed, init_distributed
+from mtssl.train.trainer import Trainer
 
 TINY = ["method=byol", "views=global_local_cutout", "backbone=resnet18", "data=cifar10", "data.small_images=true",
         "+backbone.kwargs.layers=[1,1,1,1]", "method.projector.hidden_dims=[64]", "method.predictor.hidden_dims=[64]",

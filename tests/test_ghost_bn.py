@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from mtssl.config import ConfigError, compose_config
-from mtssl.ghost_bn import GhostBatchNorm, grouped_views_mode
-from mtssl.model import build_model
-from mtssl.multitask import multitask_loss
-from mtssl.objectives import build_objective
+from mtssl.model.ghost_bn import GhostBatchNorm, grouped_views_mode
+from mtssl.model.siamese import build_model
+from mtssl.loss.multitask import multitask_loss
+from mtssl.loss.objectives import build_objective
 
 TOL = 1e-5
 VIEW_TYPES = ["global", "global", "local", "local", "cutout"]  # CIFAR sizes 32, 32, 16, 16, 32

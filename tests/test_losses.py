@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mtssl.config import compose_config, resolve_config
-from mtssl.multitask import multitask_loss
-from mtssl.objectives import build_objective, byol_pair_loss, mocov3_pair_loss, simsiam_pair_loss
+from mtssl.loss.multitask import multitask_loss
+from mtssl.loss.objectives import build_objective, byol_pair_loss, mocov3_pair_loss, simsiam_pair_loss
 
 
 def cosine(a, b):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mtssl.config import compose_config, resolve_config
-from mtssl.ema import ema_momentum, ema_update
-from mtssl.model import Encoder, build_model, mlp
-from mtssl.optim import LARS, lr_at_step, parameter_groups, peak_learning_rate
+from mtssl.train.ema import ema_momentum, ema_update
+from mtssl.model.siamese import Encoder, build_model, mlp
+from mtssl.train.optim import LARS, lr_at_step, parameter_groups, peak_learning_rate
 
 
 def count(module):

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from mtssl.config import compose_config, resolve_config
-from mtssl.views import Cutout, MultiViewTransform, blur_kernel_size, build_view_layout
+from mtssl.data.views import Cutout, MultiViewTransform, blur_kernel_size, build_view_layout
 
 PRESETS = {
     "global": {"global": 2},

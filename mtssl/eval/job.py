@@ -2,7 +2,7 @@
 
 Both evaluations use frozen backbone features (pre-projector; the CLS token for ViTs) in eval
 mode with the validation transform. The backbones are gathered unsharded onto every rank, which
-then extract their share of the features (see ``evaluate.extract_features``).
+then extract their share of the features (see ``mtssl.eval.features.extract_features``).
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from mtssl.data import EvalImageFolder, class_balanced_subset, list_image_folder
-from mtssl.distributed import DistEnv
-from mtssl.evaluate import extract_features, knn_classify, linear_probe
-from mtssl.fsdp import full_state_dict, state_sha256
-from mtssl.model import build_backbone
-from mtssl.views import build_eval_transform
+from mtssl.data.image_folder import EvalImageFolder, class_balanced_subset, list_image_folder
+from mtssl.distributed.process_group import DistEnv
+from mtssl.eval.features import extract_features
+from mtssl.eval.knn import knn_classify
+from mtssl.eval.linear import linear_probe
+from mtssl.distributed.fsdp import full_state_dict, state_sha256
+from mtssl.model.siamese import build_backbone
+from mtssl.data.views import build_eval_transform
 
 log = logging.getLogger(__name__)
 

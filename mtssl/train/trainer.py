@@ -26,18 +26,18 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from mtssl.checkpoint import CheckpointManager, ModelAndOptimizer, TrainerState
+from mtssl.distributed.checkpoint import CheckpointManager, ModelAndOptimizer, TrainerState
 from mtssl.config import ConfigError, config_hash
-from mtssl.data import AugmentedImageFolder, GlobalBatchSampler, class_balanced_subset, collate_views, list_image_folder
-from mtssl.distributed import DistEnv, agree_any
-from mtssl.ema import ema_momentum, ema_update
-from mtssl.fast_augment import AUGMENTATION_PIPELINES
-from mtssl.fsdp import shard_model
-from mtssl.model import MultiTaskSiamese, build_model
-from mtssl.multitask import multitask_loss
-from mtssl.objectives import Objective, build_objective
-from mtssl.optim import build_optimizer, lr_at_step, peak_learning_rate, set_learning_rate
-from mtssl.views import ViewLayout, build_view_layout
+from mtssl.data.image_folder import AugmentedImageFolder, GlobalBatchSampler, class_balanced_subset, collate_views, list_image_folder
+from mtssl.distributed.process_group import DistEnv, agree_any
+from mtssl.train.ema import ema_momentum, ema_update
+from mtssl.data.fast_augment import AUGMENTATION_PIPELINES
+from mtssl.distributed.fsdp import shard_model
+from mtssl.model.siamese import MultiTaskSiamese, build_model
+from mtssl.loss.multitask import multitask_loss
+from mtssl.loss.objectives import Objective, build_objective
+from mtssl.train.optim import build_optimizer, lr_at_step, peak_learning_rate, set_learning_rate
+from mtssl.data.views import ViewLayout, build_view_layout
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from mtssl.ghost_bn import GhostBatchNorm, grouped_views_mode
+from mtssl.model.ghost_bn import GhostBatchNorm, grouped_views_mode
 
 SHARED_PREDICTOR = "shared"
 
@@ -79,7 +79,7 @@ class MultiTaskSiamese(nn.Module):
     BatchNorm statistics are per view (one call per view), as in the paper. ``grouped_views``:
       * "ghost": same-resolution views go through the backbone in one call, all views through the
         projector in one call and each predictor's views through it in one call, while every BN
-        layer normalises each view's chunk with its own statistics (``mtssl.ghost_bn``): the same
+        layer normalises each view's chunk with its own statistics (``mtssl.model.ghost_bn``): the same
         outputs, gradients and running statistics as per-view calls, faster;
       * "plain" (or True): one backbone call per resolution with BN statistics over the group,
         projector still per view: faster, but a change of BN semantics.

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mtssl.fsdp import local_shard
+from mtssl.distributed.fsdp import local_shard
 
 
 class LARS(torch.optim.Optimizer):

@@ -1,4 +1,4 @@
-"""A faster multi-view augmentation with the same distributions as ``mtssl.views``.
+"""A faster multi-view augmentation with the same distributions as ``mtssl.data.views``.
 
 ``FastMultiViewTransform`` is a drop-in replacement for ``MultiViewTransform``: same call
 contract (PIL image -> list of normalised float CHW tensors in layout order) and the same
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from mtssl.views import Cutout, MultiViewTransform, ViewLayout, blur_kernel_size
+from mtssl.data.views import Cutout, MultiViewTransform, ViewLayout, blur_kernel_size
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)

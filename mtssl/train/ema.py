@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from mtssl.fsdp import local_shard
+from mtssl.distributed.fsdp import local_shard
 
 
 def ema_momentum(step: int, total_steps: int, base_tau: float) -> float:

@@ -1,0 +1,1 @@
+"""Process groups and collective helpers, FSDP2 wrapping, DCP checkpoints."""

@@ -1,0 +1,1 @@
+"""The backbone, the MLP heads, the multi-task Siamese network and ghost BatchNorm."""

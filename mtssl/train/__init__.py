@@ -1,0 +1,1 @@
+"""The training step and loop, optimisers and learning-rate schedule, the EMA target."""
