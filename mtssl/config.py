@@ -84,10 +84,24 @@ def resolve_config(cfg: DictConfig) -> DictConfig:
     cfg.optim = _merged_optim(cfg)
     if cfg.train.ema_tau is None:
         cfg.train.ema_tau = cfg.backbone.ema_tau
+    if cfg.train.get("precision", "auto") == "auto":
+        cfg.train.precision = default_precision(cfg.train.device)
     if cfg.data.root is not None:
         cfg.data.root = os.path.abspath(os.path.expanduser(str(cfg.data.root)))
     _fill_view_types(cfg)
     return cfg
+
+
+def default_precision(device: str) -> str:
+    """``train.precision=auto``: bf16 where the job runs on CUDA (as ``train.device`` selects it), else fp32.
+
+    Resolved before the config is hashed, so the hash names the precision that trained: a bf16
+    checkpoint is not resumed in fp32 (set ``train.precision`` explicitly to move a run).
+    """
+    import torch
+
+    on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "bf16" if on_cuda else "fp32"
 
 
 def _fill_view_types(cfg: DictConfig) -> None:
@@ -154,7 +168,11 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
     _require(0 <= train.ema_tau <= 1, f"train.ema_tau: must be in [0, 1], got {train.ema_tau}")
     _require(train.keep_checkpoints >= 2, f"train.keep_checkpoints: keep at least 2, got {train.keep_checkpoints}")
     _require(train.device in ("auto", "cpu", "cuda"), f"train.device: {train.device!r}; valid values are auto, cpu, cuda")
-    for flag in ("channels_last", "compile", "sync_bn", "deterministic"):
+    _require(
+        train.precision in ("fp32", "bf16"),
+        f"train.precision: {train.precision!r}; valid values are auto (bf16 on CUDA, fp32 on CPU), fp32, bf16",
+    )
+    for flag in ("channels_last", "compile", "sync_bn", "deterministic", "cuda_deterministic"):
         value = train.get(flag)
         _require(isinstance(value, bool), f"train.{flag}: {value!r} is not a boolean; use true or false")
     _require(0 < cfg.eval.linear_holdout < 1, f"eval.linear_holdout: must be in (0, 1), got {cfg.eval.linear_holdout}")

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtssl.distributed.checkpoint import CheckpointMismatch
 from mtssl.config import ConfigError, resolve_config, validate_config
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
-from mtssl.train.trainer import PretrainOutcome, StopRequest, Trainer, TrainingInterrupted
+from mtssl.train.trainer import PretrainOutcome, StopRequest, Trainer, TrainingInterrupted, configure_determinism
 
 log = logging.getLogger("mtssl")
 
@@ -112,8 +112,7 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         return EXIT_OK
     if env.is_main:
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    if cfg.train.deterministic and env.device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    configure_determinism(cfg.train, env.device)
 
     results = base_results(cfg, env)
     stop = stop if stop is not None else StopRequest()

@@ -15,12 +15,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
+
+from mtssl.distributed.collectives import host_barrier, world_size
+from mtssl.distributed.process_group import host_group
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ TRAINER_STATE = "trainer_state.json"
 # BatchNorm statistics are per rank (each rank normalises its own batch) while DCP stores one copy
 # of unsharded tensors; each rank therefore also saves its own buffers.
 RANK_BUFFERS = "buffers_rank{rank}.pt"
+# Each rank's generator states (CPU, and its own GPU's when it has one).
+RANK_RNG = "rng_rank{rank}.pt"
 
 
 class CheckpointMismatch(RuntimeError):
@@ -57,6 +61,20 @@ class ModelAndOptimizer(Stateful):
 
     def load_state_dict(self, state_dict):
         set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"])
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This rank's generator states: the CPU's and, when CUDA is in use, its current GPU's."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _step_dir(root: Path, step: int) -> Path:
@@ -95,11 +113,14 @@ class CheckpointManager:
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        dist.barrier()
-        dcp.save({"app": model_and_optimizer}, checkpoint_id=str(tmp))
+        host_barrier()
+        # DCP's own coordination exchanges only metadata (Python objects): the gloo host group
+        # keeps it off nccl. Shards are written by their owner, with no tensor collective.
+        dcp.save({"app": model_and_optimizer}, checkpoint_id=str(tmp), process_group=host_group())
         buffers = {name: b.detach().cpu() for name, b in model_and_optimizer.model.named_buffers()}
         torch.save(buffers, tmp / RANK_BUFFERS.format(rank=self.rank))
-        dist.barrier()
+        torch.save(rng_state(), tmp / RANK_RNG.format(rank=self.rank))
+        host_barrier()
         if self.is_main:
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
             (tmp / "config.yaml").write_text(config_yaml)
@@ -108,7 +129,7 @@ class CheckpointManager:
             tmp.rename(final)
             for old in self.checkpoints()[self.keep :]:
                 shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
+        host_barrier()
         return final
 
     def load_latest(self, model_and_optimizer: ModelAndOptimizer, config_hash: str) -> TrainerState | None:
@@ -126,7 +147,7 @@ class CheckpointManager:
                     f"{self.root} to start this config from scratch."
                 )
             try:
-                dcp.load({"app": model_and_optimizer}, checkpoint_id=str(path))
+                dcp.load({"app": model_and_optimizer}, checkpoint_id=str(path), process_group=host_group())
                 # Same world size: each rank gets its own statistics back; otherwise rank r takes
                 # those of saved rank r mod saved world size.
                 own = path / RANK_BUFFERS.format(rank=self.rank % state.world_size)
@@ -134,6 +155,9 @@ class CheckpointManager:
                 with torch.no_grad():
                     for name, buffer in model_and_optimizer.model.named_buffers():
                         buffer.copy_(saved[name])
+                rng_file = path / RANK_RNG.format(rank=self.rank)
+                if state.world_size == world_size() and rng_file.is_file():  # older checkpoints have none
+                    set_rng_state(torch.load(rng_file, map_location="cpu"))
             except (Exception, CheckpointException) as error:  # truncated or corrupted files
                 first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
                 log.warning("checkpoint %s could not be loaded (%s); trying the previous one", path, first_line)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 # Residual / transformer block classes of timm backbones; each becomes one FSDP unit.
 BLOCK_CLASS_NAMES = {"BasicBlock", "Bottleneck", "Block", "ResidualBlock", "ConvNeXtBlock"}
@@ -21,16 +22,33 @@ def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
     return [m for m in backbone.modules() if type(m).__name__ in BLOCK_CLASS_NAMES]
 
 
-def mixed_precision_policy(device: torch.device) -> MixedPrecisionPolicy:
-    """bf16 parameters with fp32 gradient reduction on GPU; plain fp32 on CPU."""
-    if device.type == "cuda":
+PRECISIONS = ("fp32", "bf16")
+
+
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    """bf16: parameters all-gathered and computed in bf16, gradients reduced in fp32; fp32: plain."""
+    if precision == "bf16":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
 
-def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Apply fully_shard per block, per head and at the root of a MultiTaskSiamese."""
-    policy = mixed_precision_policy(device)
+# BatchNorm keeps fp32 weights under bf16: its running statistics are fp32, and torch's CPU kernel
+# rejects bf16 weights beside them, as does the fused CUDA NCHW backward. A bf16 input with fp32
+# weights is supported on both (the output stays bf16), so inputs are left uncast.
+BATCH_NORM_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def shard_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
+    """Apply fully_shard per block, per head and at the root of a MultiTaskSiamese.
+
+    Under bf16 each BatchNorm (SyncBatchNorm included) first becomes its own fp32 unit, since
+    fully_shard leaves parameters that a nested unit already manages to that unit.
+    """
+    policy = mixed_precision_policy(precision)
+    if precision == "bf16":
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                fully_shard(module, mp_policy=BATCH_NORM_POLICY)
     encoders = [model.online] + ([model.target] if model.target is not None else [])
     for encoder in encoders:
         for block in backbone_blocks(encoder.backbone):

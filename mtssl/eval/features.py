@@ -6,9 +6,10 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from mtssl.distributed.collectives import collective_device, device_all_gather_stack, rank as current_rank, world_size as current_world_size
 
 
 def _padded_rank_indices(num_items: int, world_size: int, rank: int) -> list[int]:
@@ -22,19 +23,9 @@ def _padded_rank_indices(num_items: int, world_size: int, rank: int) -> list[int
     return padded[rank::world_size]
 
 
-def _gather_device(device: torch.device) -> torch.device:
-    """Device the all-gather runs on: NCCL needs CUDA tensors, gloo (and mixed backends) take CPU ones."""
-    if dist.get_backend() == "nccl":
-        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_gather_rows(tensor: Tensor, world_size: int, device: torch.device) -> Tensor:
+def _all_gather_rows(tensor: Tensor, device: torch.device) -> Tensor:
     """All-gather equally shaped tensors from every rank; returns [W, *tensor.shape] on the CPU."""
-    tensor = tensor.to(device).contiguous()
-    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(gathered, tensor)
-    return torch.stack(gathered).cpu()
+    return device_all_gather_stack(tensor.to(device)).cpu()
 
 
 @torch.no_grad()  # not inference_mode: FSDP2 forwards are not reliably supported under inference_mode
@@ -70,9 +61,9 @@ def extract_features(
     if num_items == 0:
         raise ValueError("dataset is empty: extract_features needs at least one (image, label) item")
     device = torch.device(device)
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    world_size = dist.get_world_size() if distributed else 1
-    rank = dist.get_rank() if distributed else 0
+    world_size = current_world_size()
+    distributed = world_size > 1
+    rank = current_rank()
 
     subset = Subset(dataset, _padded_rank_indices(num_items, world_size, rank)) if distributed else dataset
     loader = DataLoader(
@@ -83,7 +74,7 @@ def extract_features(
         pin_memory=device.type == "cuda",
         drop_last=False,
     )
-    gather_device = _gather_device(device) if distributed else None
+    gather_device = collective_device(device) if distributed else None
 
     feature_chunks: list[Tensor] = []  # per batch: [W, b, D] when distributed, [b, D] otherwise
     label_chunks: list[Tensor] = []
@@ -96,8 +87,8 @@ def extract_features(
                 f"for a batch of {labels.shape[0]} images; flatten or pool the backbone output"
             )
         if distributed:
-            feature_chunks.append(_all_gather_rows(features, world_size, gather_device))
-            label_chunks.append(_all_gather_rows(labels, world_size, gather_device))
+            feature_chunks.append(_all_gather_rows(features, gather_device))
+            label_chunks.append(_all_gather_rows(labels, gather_device))
         else:
             feature_chunks.append(features.cpu())
             label_chunks.append(labels.cpu())

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from mtssl.data.image_folder import EvalImageFolder, class_balanced_subset, list_image_folder
+from mtssl.distributed.collectives import average_buffers_over_ranks_
 from mtssl.distributed.process_group import DistEnv
 from mtssl.eval.features import extract_features
 from mtssl.eval.knn import knn_classify
@@ -45,6 +46,11 @@ def evaluation_samples(cfg: DictConfig, train_samples: list) -> tuple[list, list
 def evaluate_backbones(cfg: DictConfig, env: DistEnv, outcome, out_dir: Path, writer=None) -> dict:
     """Return the results.json evaluation fields; rank 0 also writes ``backbone.pth``."""
     model = outcome.model
+    # Each rank's BatchNorm statistics saw only its own batches: average them so that every rank
+    # extracts features with one network, the one backbone.pth and weights_sha256 describe.
+    for encoder in (model.online, model.target):
+        if encoder is not None:
+            average_buffers_over_ranks_(encoder.backbone)
     online_state = full_state_dict(model.online.backbone)
     target_state = full_state_dict(model.target.backbone) if model.target is not None else None
     fields: dict = {"weights_sha256": state_sha256(online_state)}

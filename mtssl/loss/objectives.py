@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from mtssl.distributed.collectives import device_all_gather_cat, rank
 
 
 def byol_pair_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -30,20 +31,14 @@ def simsiam_pair_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 def gather_keys(z: torch.Tensor) -> torch.Tensor:
     """L2-normalised keys of all ranks, concatenated in rank order (no gradient)."""
-    keys = F.normalize(z.detach(), dim=-1)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered = torch.empty((dist.get_world_size() * keys.shape[0], *keys.shape[1:]), dtype=keys.dtype, device=keys.device)
-        dist.all_gather_into_tensor(gathered, keys.contiguous())
-        return gathered
-    return keys
+    return device_all_gather_cat(F.normalize(z.detach(), dim=-1))
 
 
 def mocov3_pair_loss(q: torch.Tensor, keys: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """MoCo v3: 2 tau CE(q^ k^T / tau) with positives on the diagonal, offset by this rank."""
     q = F.normalize(q, dim=-1)
     logits = q @ keys.T / temperature
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+    labels = torch.arange(q.shape[0], device=q.device) + rank() * q.shape[0]
     return 2 * temperature * F.cross_entropy(logits, labels)
 
 

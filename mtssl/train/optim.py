@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from mtssl.distributed.collectives import device_sum_, world_size
 from mtssl.distributed.fsdp import local_shard
 
 
@@ -49,12 +49,10 @@ class LARS(torch.optim.Optimizer):
             weights = [w for _, ws, _, _ in adapted for w in ws]
             updates = [u for _, _, us, _ in adapted for u in us]
             norms = torch.stack(torch._foreach_norm(weights + updates, 2, dtype=torch.float32))
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                squares = norms.square()
-                dist.all_reduce(squares)  # sum over the shards of every parameter
-                norms = squares.sqrt()
+            if world_size() > 1:  # sum the squares over the shards of every parameter
+                norms = device_sum_(norms.square()).sqrt()
             w_norm, u_norm = norms.split(len(weights))
-            coefficient = torch.tensor([g["trust_coefficient"] for g, ws, _, _ in adapted for _ in ws], device=norms.device)
+            coefficient = self._trust_coefficients([(g["trust_coefficient"], len(ws)) for g, ws, _, _ in adapted], norms.device)
             trust = torch.where((w_norm > 0) & (u_norm > 0), coefficient * w_norm / u_norm, torch.ones_like(w_norm))
             torch._foreach_mul_(updates, list(trust.to(updates[0].dtype).unbind()))
         for group, weights, updates, buffers in groups:
@@ -62,6 +60,16 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(buffers, updates)
             torch._foreach_add_(weights, buffers, alpha=-group["lr"])
         return loss
+
+    def _trust_coefficients(self, layout: list[tuple[float, int]], device: torch.device) -> torch.Tensor:
+        """Per-parameter trust coefficients, built once per layout: a host-to-device copy each
+        step would block the host on CUDA (the list lives in pageable memory)."""
+        key = (tuple(layout), device)
+        cache = self.__dict__.setdefault("_coefficient_cache", {})
+        if key not in cache:
+            values = [c for c, n in layout for _ in range(n)]
+            cache[key] = torch.tensor(values, dtype=torch.float32, device=device)
+        return cache[key]
 
     def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]

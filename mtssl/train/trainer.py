@@ -12,8 +12,10 @@ to an uninterrupted one on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -21,7 +23,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -29,10 +30,11 @@ from torch.utils.data import DataLoader
 from mtssl.distributed.checkpoint import CheckpointManager, ModelAndOptimizer, TrainerState
 from mtssl.config import ConfigError, config_hash
 from mtssl.data.image_folder import AugmentedImageFolder, GlobalBatchSampler, class_balanced_subset, collate_views, list_image_folder
-from mtssl.distributed.process_group import DistEnv, agree_any
+from mtssl.distributed.collectives import device_mean_, host_any, host_sum
+from mtssl.distributed.process_group import DistEnv
 from mtssl.train.ema import ema_momentum, ema_update
 from mtssl.data.fast_augment import AUGMENTATION_PIPELINES
-from mtssl.distributed.fsdp import shard_model
+from mtssl.distributed.fsdp import backbone_blocks, shard_model
 from mtssl.model.siamese import MultiTaskSiamese, build_model
 from mtssl.loss.multitask import multitask_loss
 from mtssl.loss.objectives import Objective, build_objective
@@ -111,6 +113,24 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def configure_determinism(train_cfg, device: torch.device) -> None:
+    """Deterministic kernels where the config asks for them (process-wide; call before any CUDA work).
+
+    CPU (``train.deterministic``): deterministic algorithms, and CPU runs are bitwise repeatable.
+    CUDA (``train.cuda_deterministic``): deterministic algorithms (ops without a deterministic CUDA
+    kernel warn), cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when the first cuBLAS
+    handle is made), cuDNN's deterministic algorithms without autotuning.
+    """
+    if device.type == "cuda":
+        if train_cfg.cuda_deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(True, warn_only=True)
+    elif train_cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def training_samples(cfg: DictConfig) -> list:
     samples, _ = list_image_folder(cfg.data.root, cfg.data.train_split)
     if cfg.data.subset is not None:
@@ -119,24 +139,24 @@ def training_samples(cfg: DictConfig) -> list:
 
 
 def compile_backbones(model: MultiTaskSiamese) -> None:
-    """torch.compile the online and target backbones in place (the step, which calls backward, never).
+    """torch.compile each backbone block in place (the step, which calls backward, never).
 
-    Static shapes: one graph per view resolution. Under FSDP2 its hooks split a backbone into one
-    graph per block, and every block instance and resolution needs its own: far more than
-    dynamo's default recompile limit of 8.
+    Called before ``shard_model``, in torchtitan's and dinov3's order (compile per block, then
+    fully_shard per block): a block is one graph and FSDP2's all-gather and reshard hooks run
+    around it. Static shapes: one graph per view resolution, and every block instance and
+    resolution needs its own: far more than dynamo's default recompile limit of 8.
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     for encoder in (model.online, model.target):
         if encoder is not None:
-            encoder.backbone.compile(dynamic=False)
+            for block in backbone_blocks(encoder.backbone):
+                block.compile(dynamic=False)
 
 
 def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Means over ranks of scalar device tensors, read on the host (logging steps only)."""
     keys = sorted(values)
-    stacked = torch.stack([values[k].detach().float() for k in keys])
-    if dist.get_world_size() > 1:
-        dist.all_reduce(stacked)
-        stacked /= dist.get_world_size()
+    stacked = device_mean_(torch.stack([values[k].detach().float() for k in keys]))
     return dict(zip(keys, stacked.tolist()))
 
 
@@ -170,12 +190,13 @@ class Trainer:
         if cfg.train.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(env.device)
-        # One CPU rank has nothing to shard and no mixed precision: skip FSDP's per-forward parameter
-        # copies. DCP checkpoints reshard between plain and sharded layouts, so 1 <-> N resumes work.
-        single_cpu = env.world_size == 1 and env.device.type == "cpu"
-        self.model = model if single_cpu else shard_model(model, env.device)
         if cfg.train.compile:
-            compile_backbones(self.model)
+            compile_backbones(model)
+        # One fp32 CPU rank has nothing to shard and no mixed precision: skip FSDP's per-forward parameter
+        # copies. DCP checkpoints reshard between plain and sharded layouts, so 1 <-> N resumes work.
+        # bf16 always goes through FSDP2, whose policy is the one place precision is set.
+        plain = env.world_size == 1 and env.device.type == "cpu" and cfg.train.precision == "fp32"
+        self.model = model if plain else shard_model(model, cfg.train.precision)
 
         self.train_samples = training_samples(cfg) if train_samples is None else train_samples
         self.sampler = GlobalBatchSampler(len(self.train_samples), cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed)
@@ -237,8 +258,23 @@ class Trainer:
         return lr_at_step(step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.optim.final_lr_ratio)
 
     # ------------------------------------------------------------------ the loop
+    # "warn" or "error": torch.cuda.set_sync_debug_mode for the steps between logging steps
+    # (after this run's first interval, which compiles), where nothing may synchronise the host.
+    sync_debug_mode: str | None = None
+
+    @contextlib.contextmanager
+    def _host_sync_check(self, active: bool):
+        if not (active and self.sync_debug_mode and self.env.device.type == "cuda"):
+            yield
+            return
+        torch.cuda.set_sync_debug_mode(self.sync_debug_mode)
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
     def save(self, state: TrainerState, skipped_local: torch.Tensor) -> Path:
-        state.skipped_images += int(_sum_over_ranks(skipped_local))
+        state.skipped_images += host_sum([int(skipped_local)])[0]
         skipped_local.zero_()
         state.epoch, batch = divmod(state.step, max(1, self.sampler.steps_per_epoch))
         state.samples_seen = batch * self.cfg.train.batch_size
@@ -283,7 +319,7 @@ class Trainer:
                 # Agree before the forward pass: it updates BN running statistics, which a
                 # checkpoint taken after it would wrongly include.
                 due = env.is_main and time.monotonic() - last_save > 60 * cfg.train.checkpoint_every_min
-                stop_now, save_now, diverged = agree_any([stop.requested, due, last_nonfinite])
+                stop_now, save_now, diverged = host_any([stop.requested, due, last_nonfinite])
                 if diverged:
                     outcome.status, outcome.error = "diverged", f"non-finite loss at step {step - 1}"
                     log.error("loss is not finite at step %d: stopping, status diverged", step - 1)
@@ -298,9 +334,10 @@ class Trainer:
                     last_save = time.monotonic()
 
                 torch.manual_seed(step_seed(cfg.train.seed, env.rank, step))
-                views = [v.to(env.device, non_blocking=True) for v in views]
                 logs_now = (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == last_step
-                output = self.training_step(views, step, measure_grad_norm=logs_now)
+                with self._host_sync_check(active=not logs_now and step >= start_step + cfg.train.log_every_steps):
+                    views = [v.to(env.device, non_blocking=True) for v in views]  # pinned by the loader
+                    output = self.training_step(views, step, measure_grad_norm=logs_now)
                 loss = output.loss
                 skipped_local += skipped
                 step += 1
@@ -329,7 +366,7 @@ class Trainer:
         outcome.final_losses = {k: v for k, v in logged.items() if k.startswith("loss")}
         outcome.wall_time_s = elapsed
         outcome.images_per_s = (step - start_step) * cfg.train.batch_size / max(elapsed, 1e-9)
-        outcome.skipped_images = state.skipped_images + int(_sum_over_ranks(skipped_local))
+        outcome.skipped_images = state.skipped_images + host_sum([int(skipped_local)])[0]
         return outcome
 
     def _log(self, step, last_step, output: StepOutput, window_steps, window_start, writer) -> dict[str, float]:
@@ -352,9 +389,3 @@ class Trainer:
         )
         return values
 
-
-def _sum_over_ranks(value: torch.Tensor) -> int:
-    total = value.clone()
-    if dist.get_world_size() > 1:
-        dist.all_reduce(total)
-    return int(total)
