@@ -37,9 +37,9 @@ PORT_BASE, PORT_SPAN = 12000, 20000
 def rendezvous_port(environ) -> int:
     """MASTER_PORT of a SLURM job: a hash of the job (heterogeneous leader, array job and task) id.
 
-    Every task of one job derives the same port; array tasks and heterogeneous components of one
-    job get distinct keys, so jobs sharing a node do not collide unless two hashes meet (1 in
-    PORT_SPAN for any pair).
+    Every task of one job derives the same port (the components of a heterogeneous job too: they
+    share the leader's id); each array task has its own key, so jobs sharing a node collide only
+    when two hashes meet (1 in PORT_SPAN for any pair).
     """
     if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
         key = f"array:{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
@@ -59,8 +59,8 @@ def slurm_hostnames(node_list: str) -> list[str]:
 def slurm_task_env(environ) -> dict[str, str] | None:
     """torch.distributed's variables for a task started by ``srun`` (directly or by submitit).
 
-    None outside an srun step (the batch script itself, an salloc shell, torchrun): those have
-    no per-task SLURM_PROCID, or one that does not describe the processes of this job.
+    None outside an srun step: the batch script has SLURM_PROCID=0 but no SLURM_STEP_ID, and its
+    SLURM_NTASKS counts the tasks of the allocation, not the one process running it.
     """
     in_step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID")) is not None
     if not in_step or "SLURM_PROCID" not in environ:
