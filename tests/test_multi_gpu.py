@@ -342,3 +342,30 @@ def test_sync_batchnorm_becomes_its_own_fp32_unit_under_bf16(monkeypatch):
         assert conv.param_dtype == torch.bfloat16
     finally:
         destroy_distributed()
+
+
+SRUN_TASK = """
+import os
+os.environ.update(RANK="0", WORLD_SIZE="1")  # as inherited from the submitting shell
+from mtssl.distributed.collectives import host_sum
+from mtssl.distributed.process_group import destroy_distributed, init_distributed
+env = init_distributed("cpu")
+print("task", env.rank, env.world_size, env.local_rank, host_sum([env.rank + 1])[0], flush=True)
+destroy_distributed()
+"""
+
+
+@pytest.mark.slurm
+def test_plain_srun_tasks_form_one_job(tmp_path, slurm_cluster):
+    """``srun -n 2 python ...`` without submitit: two ranks of one job, not two copies of rank 0."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "task.py"
+    script.write_text(SRUN_TASK)
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(PACKAGE.parent)
+    done = subprocess.run(["srun", "-p", "low", "-n", "2", "--export=ALL", sys.executable, str(script)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    tasks = sorted(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("task "))
+    assert tasks == [["0", "2", "0", "3"], ["1", "2", "1", "3"]], done.stdout + done.stderr
