@@ -43,7 +43,7 @@ from submitit.core.utils import FailedSubmissionError, UncompletedJobError  # no
 from mtssl.config import ConfigError, compose_config, resolve_config, validate_config  # noqa: E402
 from sweeps.grid import SweepJob, expand_grid, quote_value  # noqa: E402
 from sweeps.launchers import (SweepLauncher, TrackedJob, is_final, read_submissions,  # noqa: E402
-                              record_submissions, register_configs, scheduler_state)
+                              record_submissions, register_configs, scheduler_states)
 from sweeps.overrides import split_overrides  # noqa: E402
 from sweeps.status import FINAL_STATUSES, job_state  # noqa: E402
 
@@ -215,12 +215,15 @@ def launch(cfg: DictConfig) -> int:
     submissions = read_submissions(sweep_dir)
     to_submit: list[tuple[str, list[str]]] = []
     attached: list[TrackedJob] = []
+    latest_of = {p.job.name: submissions[p.job.name][-1] for p in planned
+                 if p.state not in FINAL_STATUSES and submissions.get(p.job.name)}
+    states = scheduler_states(list(latest_of.values()))  # one sacct call for the whole sweep
     for p in planned:
         if p.state in FINAL_STATUSES:
             continue
-        latest = submissions.get(p.job.name, [None])[-1]
+        latest = latest_of.get(p.job.name)
         if latest is not None:
-            state = scheduler_state(latest)
+            state = states[latest.job_id]
             if state != "UNKNOWN" and not is_final(latest.cluster, state):
                 report(f"{p.job.name}: job {latest.job_id} already {state}, following it")
                 attached.append(TrackedJob(p.job.name, latest))
