@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtssl.distributed.checkpoint import CheckpointMismatch
-from mtssl.config import ConfigError, resolve_config, validate_config
+from mtssl.config import ConfigError, check_out_dir, resolve_config, validate_config
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
 from mtssl.train.trainer import PretrainOutcome, StopRequest, Trainer, TrainingInterrupted
 
@@ -97,6 +97,11 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     """
     env = init_distributed(OmegaConf.select(cfg, "train.device") or "auto")
     out_dir = Path(cfg.out_dir)
+    try:
+        check_out_dir(out_dir)  # before the log file is opened in it
+    except ConfigError as error:
+        print(f"invalid config: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     setup_logging(out_dir, env)
     log.info("job started: %d rank(s), pid %d, SLURM job %s", env.world_size, os.getpid(),
              os.environ.get("SLURM_JOB_ID", "none"))
