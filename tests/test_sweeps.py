@@ -553,6 +553,18 @@ def test_job_hitting_its_time_limit_requeues_and_ends_with_the_uninterrupted_wei
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
+def test_bare_form_runs_end_to_end_on_slurm(slurm_cluster, config_dir, tmp_path):
+    sweep_dir = tmp_path / "bare_slurm"
+    args, name = slurm_args(config_dir, sweep_dir, "ablation.axes.predictor=[separate]", "train.epochs=1")
+    out = launch(*args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = results(sweep_dir / "predictor=separate")
+    assert result["status"] == "completed" and result["epochs"] == 1 and result["steps"] == 2 * 16 // 8
+    assert result["world_size"] == 2 and len(slurm_jobs_named(name)) == 1
+
+
+@pytest.mark.slurm
 def test_bad_override_submits_nothing_to_slurm(slurm_cluster, config_dir, tmp_path):
     args, name = slurm_args(config_dir, tmp_path / "bad", 'job_overrides=["train.batch_size=7"]')
     out = launch(*args, timeout=120)
