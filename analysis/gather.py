@@ -28,12 +28,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 import yaml
+
+from mtssl.distributed.progress import progress_bar
 
 STATUSES = ("completed", "diverged", "failed", "running", "missing", "malformed")
 RESULT_STATUSES = ("completed", "diverged", "failed")
@@ -56,6 +59,8 @@ STARTED_MARKERS = ("config.yaml", "train.log", "tb", "checkpoints")
 # Sub-directories of a sweep that are never jobs.
 NON_JOB_DIRS = {"tables", ".submitit", "logs", "__pycache__"}
 
+# Sweeps with more jobs than this show a progress bar (on stderr) while they are gathered.
+PROGRESS_MIN_JOBS = 200
 # Malformed jobs listed one by one in the messages; the rest are counted.
 MAX_LISTED_PROBLEMS = 3
 
@@ -111,7 +116,8 @@ def _gather_one(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
     records = []
     listed = set()
-    for job in spec.get("jobs", []):
+    for job in progress_bar(spec.get("jobs", []), desc=f"gathering {sweep_dir.name}", unit="job",
+                            min_items=PROGRESS_MIN_JOBS, file=sys.stderr):
         listed.add(job["name"])
         records.append(_gather_job(sweep_dir / job["name"], job["name"], job["axes"], spec_axes, sweep_info))
 

@@ -33,7 +33,7 @@ import pandas as pd  # noqa: E402
 
 from analysis.gather import STATUSES, AnalysisError, gather_sweeps  # noqa: E402
 from analysis.plots import plot_jobs  # noqa: E402
-from analysis.tables import LEGEND, Table, build_tables, to_markdown, write_table  # noqa: E402
+from analysis.tables import Table, build_tables, legend, to_markdown, write_table  # noqa: E402
 
 log = logging.getLogger("analysis.make_tables")
 
@@ -102,7 +102,8 @@ def _index(sweep_dirs: list[Path], frame: pd.DataFrame, sections: list[tuple[Tab
         lines.append(f"- `{sweep_dir}`" + (f": {kind}" if kind else "") + f", {len(jobs)} jobs")
     counts = frame["status"].value_counts()
     lines += ["", "Jobs: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES if s in counts)
-              + ". Every job, one row each: [results.csv](results.csv).", "", LEGEND, ""]
+              + ". Every job, one row each: [results.csv](results.csv).", "",
+              legend([table for table, _, _ in sections]), ""]
 
     for table, files, plot_paths in sections:
         lines += [f"## {table.title}", "", to_markdown(table),

@@ -31,6 +31,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 from omegaconf import OmegaConf
 from submitit.slurm.slurm import SlurmInfoWatcher
 
+from mtssl.distributed.progress import Progress
 from mtssl.submitit_job import MtsslJob
 
 SUBMISSIONS_FILE = Path(".submitit") / "submissions.json"
@@ -204,6 +205,7 @@ class SweepLauncher:
         active = list(attached)
         done: list[TrackedJob] = []
         last_seen: dict[str, tuple[str, str]] = {}
+        progress = Progress("jobs finished", total=len(waiting) + len(active), unit="job")
         while waiting or active:
             room = len(waiting) if self.max_parallel is None else max(0, self.max_parallel - len(active))
             if room and waiting:
@@ -218,12 +220,15 @@ class SweepLauncher:
                 seen = (job.submission.job_id, job.state)
                 if last_seen.get(job.name) != seen:
                     last_seen[job.name] = seen
-                    report(f"{job.name}: job {job.submission.job_id} {job.state}  log {job.submission.stdout}")
+                    with progress.external_write():
+                        report(f"{job.name}: job {job.submission.job_id} {job.state}  log {job.submission.stdout}")
                 if job.final:
                     active.remove(job)
                     done.append(job)
+                    progress.update()
             if waiting or active:
                 time.sleep(poll_s)
+        progress.close()
         return done
 
 
