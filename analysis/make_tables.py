@@ -8,7 +8,7 @@ unless ``--out`` is given. It receives:
   ``results.csv``                 every job, one row each (see analysis/gather.py for the columns and statuses);
   ``<table>.md``, ``.tex``, ``.csv``   one table per (ablation, profile) (see analysis/tables.py for the layouts and
                                   the number format, e.g. ``72.3 ± 0.4 (n=3)``);
-  ``plots/<table>_*.png``         training loss per task, kNN during training, embedding std (analysis/plots.py);
+  ``plots/<table>_*.png``         loss per task and kNN over steps, embedding std, metrics per cell (analysis/plots.py);
   ``README.md``                   the index: every table inline, links to all files, the plots, the jobs that did
                                   not complete and any notes about the input.
 Sweeps of the same ablation and profile are combined into one table (their seeds pool); different ones get
@@ -76,7 +76,7 @@ def make_tables(sweep_dirs: Iterable[Path | str] | Path | str, out_dir: Path | s
         files = write_table(table, out_dir)
         plot_paths: list[Path] = []
         if plots:
-            plot_paths, plot_messages = plot_jobs(table.jobs, out_dir / "plots", table.name)
+            plot_paths, plot_messages = plot_jobs(table.jobs, out_dir / "plots", table.name, table)
             messages += plot_messages
         sections.append((table, files, plot_paths))
 

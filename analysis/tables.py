@@ -118,6 +118,7 @@ class Table:
     columns: list[Column]
     cells: list[list[Cell]]
     jobs: pd.DataFrame
+    column_axis: str | None = None  # the axis whose values are the columns (None: columns are metrics only)
 
 
 def build_tables(frame: pd.DataFrame) -> tuple[list[Table], list[str]]:
@@ -216,7 +217,7 @@ def build_table(jobs: pd.DataFrame, ablation: str | None, name: str, title: str)
         messages.append(f"{name}: {len(duplicated)} completed jobs share their configuration and seed with another "
                         f"job (the same run gathered twice?); each is counted in n: "
                         + ", ".join(sorted(duplicated["job"].astype(str).unique())[:5]))
-    return Table(name, title, row_axes, rows, columns, cells, jobs), messages
+    return Table(name, title, row_axes, rows, columns, cells, jobs, column_axis), messages
 
 
 def _varying_axes(jobs: pd.DataFrame) -> list[str]:
