@@ -44,7 +44,7 @@ RESULT_STATUSES = ("completed", "diverged", "failed")
 ID_COLUMNS = ["sweep", "sweep_dir", "ablation", "profile", "axes", "job", "job_dir", "status", "message"]
 CONFIG_FIELDS = ["method", "views", "predictor", "backbone", "data", "seed", "epochs", "steps"]
 METRIC_COLUMNS = ["knn_top1", "knn_top5", "knn_top1_target", "knn_top5_target", "linear_top1", "linear_top5"]
-RUN_FIELDS = ["wall_time_s", "images_per_s", "world_size", "skipped_images", "git_revision", "weights_sha256",
+RUN_FIELDS = ["wall_time_s", "train_time_s", "eval_time_s", "images_per_s", "world_size", "skipped_images", "git_revision", "weights_sha256",
               "error"]
 INTEGER_COLUMNS = ["seed", "epochs", "steps", "world_size", "skipped_images", "last_checkpoint_step"]
 

@@ -16,6 +16,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -135,7 +136,10 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         if outcome.status == "completed":
             from mtssl.eval.job import evaluate_backbones  # noqa: deferred, heavy
 
+            eval_start = time.monotonic()
             results.update(evaluate_backbones(cfg, env, outcome, out_dir, writer))
+            results["eval_time_s"] = time.monotonic() - eval_start
+            results["wall_time_s"] = results["train_time_s"] + results["eval_time_s"]
     except TrainingInterrupted as interrupt:
         log.warning("%s; rerun the same command to resume", interrupt)
         return EXIT_INTERRUPTED
@@ -154,6 +158,10 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
             writer.close()
     if env.is_main:
         write_json_atomic(out_dir / "results.json", results)
+        if results["status"] == "completed" and cfg.train.final_checkpoint_only:
+            deleted = trainer.checkpoints.keep_only_newest()
+            if deleted:
+                log.info("train.final_checkpoint_only: deleted %d earlier checkpoint(s)", len(deleted))
         log.info("results: %s", json.dumps({k: results.get(k) for k in ("status", "knn_top1", "linear_top1", "weights_sha256")}))
     return EXIT_OK
 
@@ -170,7 +178,8 @@ def _outcome_fields(outcome: PretrainOutcome, cfg: DictConfig) -> dict:
         "status": outcome.status,
         "steps": outcome.steps,
         "final_losses": outcome.final_losses,
-        "wall_time_s": outcome.wall_time_s,
+        "wall_time_s": outcome.wall_time_s,  # training, plus evaluation once it ran (eval_time_s)
+        "train_time_s": outcome.wall_time_s,
         "images_per_s": outcome.images_per_s,
         "skipped_images": outcome.skipped_images,
     }
