@@ -10,7 +10,8 @@ results. A sweep needs more than that, so ``launch()`` is replaced by ``submit()
     before submitit requeues it, and a sensible ``max_num_timeout`` replaces the plugin's default of 0;
   * the local executor starts every submitted job at once, so local jobs are submitted ``max_parallel``
     at a time.
-Every submission is recorded in ``<sweep_dir>/.submitit/submissions.json`` (job id, log paths), which
+States are polled for all jobs at once: one ``sacct`` call per poll, whatever the number of jobs
+(``scheduler_states``). Every submission is recorded in ``<sweep_dir>/.submitit/submissions.json`` (job id, log paths), which
 ``sweeps/status.py`` and later launches read.
 """
 
@@ -96,11 +97,6 @@ def scheduler_states(submissions: Sequence[Submission]) -> dict[str, str]:
         if s.cluster != "slurm":
             states[s.job_id] = "RUNNING" if _pid_runs_submitit(int(s.job_id)) else "FINISHED"
     return states
-
-
-def scheduler_state(submission: Submission) -> str:
-    """scheduler_states() of one submission."""
-    return scheduler_states([submission])[submission.job_id]
 
 
 def is_final(cluster: str, state: str) -> bool:

@@ -113,6 +113,12 @@ def test_unknown_key_names_both_configs_and_the_nearest_key(override, key, neare
     assert "sweeps/conf/config.yaml" in message and "mtssl/conf/config.yaml" in message
 
 
+def test_help_lists_dry_run_and_job_keys():
+    out = launch("--help", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--dry-run" in out.stdout and "job key=value" in out.stdout and "ablation: " in out.stdout
+
+
 @pytest.mark.slow
 def test_bare_job_overrides_reach_every_job_after_job_overrides(config_dir, tmp_path):
     sweep_dir = tmp_path / "bare"
