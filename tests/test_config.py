@@ -180,3 +180,12 @@ def test_cli_bad_input_exits_2_with_one_message(tmp_path):
     assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
     proc = subprocess.run([sys.executable, "-m", "mtssl.run", "method=dino"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "byol" in proc.stderr  # Hydra lists the available methods
+
+
+def test_cli_out_dir_that_cannot_be_created_exits_2_before_writing(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "mtssl.run", f"out_dir={blocker / 'run'}", "train.epochs=0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "out_dir:" in proc.stderr and "is a file" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
