@@ -77,19 +77,20 @@ def _records(buf: bytes, pos: int):
         pos = end
 
 
-def _scalars(data: bytes):
-    """(step, tag, value) of each scalar in one serialized Event; ('purge', step) for a session start."""
+def _parse(data: bytes) -> tuple[int | None, list[tuple[int, str, float]]]:
+    """One serialized Event: (its step if it marks a session start, i.e. a purge, else None; its scalars)."""
     event = event_pb2.Event.FromString(data)
     if event.HasField("session_log") and event.session_log.status == _START:
-        yield "purge", event.step, None
-        return
+        return event.step, []
     if not event.HasField("summary"):
-        return
+        return None, []
+    points = []
     for value in event.summary.value:
         if value.HasField("simple_value"):
-            yield event.step, value.tag, value.simple_value
+            points.append((event.step, value.tag, value.simple_value))
         elif value.HasField("tensor") and value.metadata.plugin_data.plugin_name == "scalars":
-            yield event.step, value.tag, float(tensor_util.make_ndarray(value.tensor))
+            points.append((event.step, value.tag, float(tensor_util.make_ndarray(value.tensor))))
+    return None, points
 
 
 def _read_all(buf: bytes, points: list, purges: list) -> None:
@@ -97,8 +98,10 @@ def _read_all(buf: bytes, points: list, purges: list) -> None:
     if start is None:
         return
     for _, data in _records(buf, start):
-        for step, tag, value in _scalars(data):
-            (purges.append(tag) if step == "purge" else points.append((step, tag, value)))
+        purge, found = _parse(data)
+        if purge is not None:
+            purges.append(purge)
+        points += found
 
 
 def _read_one_step(buf: bytes, points: list) -> None:
@@ -108,9 +111,7 @@ def _read_one_step(buf: bytes, points: list) -> None:
         return
     first = kept = None
     for _, data in _records(buf, pos):
-        for step, tag, value in _scalars(data):
-            if step == "purge":
-                continue
+        for step, tag, value in _parse(data)[1]:
             if first is None:
                 first = step
             elif step != first and kept is None:
