@@ -26,7 +26,7 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.util import tensor_util
 
-MAX_POINTS = 150                 # sampled steps per file (hence at most about this many points per curve)
+MAX_POINTS = 100                 # sampled steps per file (hence at most about this many points per curve)
 FULL_READ_BYTES = 256 * 1024     # files up to this size are read in full (about 5,000 scalars)
 EDGE_BYTES = 8 * 1024            # read in full at the start and the end of a sampled file
 WINDOW_BYTES = 4 * 1024          # read at each sampled offset: enough for two steps of ~40 tags
