@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -35,13 +36,15 @@ from typing import Any, Iterable
 import pandas as pd
 import yaml
 
+from mtssl.distributed.progress import progress_bar
+
 STATUSES = ("completed", "diverged", "failed", "running", "missing", "malformed")
 RESULT_STATUSES = ("completed", "diverged", "failed")
 
 ID_COLUMNS = ["sweep", "sweep_dir", "ablation", "profile", "axes", "job", "job_dir", "status", "message"]
 CONFIG_FIELDS = ["method", "views", "predictor", "backbone", "data", "seed", "epochs", "steps"]
 METRIC_COLUMNS = ["knn_top1", "knn_top5", "knn_top1_target", "knn_top5_target", "linear_top1", "linear_top5"]
-RUN_FIELDS = ["wall_time_s", "images_per_s", "world_size", "skipped_images", "git_revision", "weights_sha256",
+RUN_FIELDS = ["wall_time_s", "train_time_s", "eval_time_s", "images_per_s", "world_size", "skipped_images", "git_revision", "weights_sha256",
               "error"]
 INTEGER_COLUMNS = ["seed", "epochs", "steps", "world_size", "skipped_images", "last_checkpoint_step"]
 
@@ -56,6 +59,8 @@ STARTED_MARKERS = ("config.yaml", "train.log", "tb", "checkpoints")
 # Sub-directories of a sweep that are never jobs.
 NON_JOB_DIRS = {"tables", ".submitit", "logs", "__pycache__"}
 
+# Sweeps with more jobs than this show a progress bar (on stderr) while they are gathered.
+PROGRESS_MIN_JOBS = 200
 # Malformed jobs listed one by one in the messages; the rest are counted.
 MAX_LISTED_PROBLEMS = 3
 
@@ -111,7 +116,8 @@ def _gather_one(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
     records = []
     listed = set()
-    for job in spec.get("jobs", []):
+    for job in progress_bar(spec.get("jobs", []), desc=f"gathering {sweep_dir.name}", unit="job",
+                            min_items=PROGRESS_MIN_JOBS, file=sys.stderr):
         listed.add(job["name"])
         records.append(_gather_job(sweep_dir / job["name"], job["name"], job["axes"], spec_axes, sweep_info))
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -118,6 +118,7 @@ class Table:
     columns: list[Column]
     cells: list[list[Cell]]
     jobs: pd.DataFrame
+    column_axis: str | None = None  # the axis whose values are the columns (None: columns are metrics only)
 
 
 def build_tables(frame: pd.DataFrame) -> tuple[list[Table], list[str]]:
@@ -216,7 +217,7 @@ def build_table(jobs: pd.DataFrame, ablation: str | None, name: str, title: str)
         messages.append(f"{name}: {len(duplicated)} completed jobs share their configuration and seed with another "
                         f"job (the same run gathered twice?); each is counted in n: "
                         + ", ".join(sorted(duplicated["job"].astype(str).unique())[:5]))
-    return Table(name, title, row_axes, rows, columns, cells, jobs), messages
+    return Table(name, title, row_axes, rows, columns, cells, jobs, column_axis), messages
 
 
 def _varying_axes(jobs: pd.DataFrame) -> list[str]:
@@ -369,7 +370,7 @@ def write_table(table: Table, out_dir: Path) -> dict[str, Path]:
     """Write ``<name>.md``, ``<name>.tex`` and ``<name>.csv`` into out_dir; returns {"md"|"tex"|"csv": path}."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{table.name}.{ext}" for ext in ("md", "tex", "csv")}
-    paths["md"].write_text(f"### {table.title}\n\n{to_markdown(table)}\n{LEGEND}\n", encoding="utf-8")
+    paths["md"].write_text(f"### {table.title}\n\n{to_markdown(table)}\n{legend([table])}\n", encoding="utf-8")
     paths["tex"].write_text(to_latex(table), encoding="utf-8")
     to_csv_frame(table).to_csv(paths["csv"], index=False)
     return paths
@@ -377,7 +378,18 @@ def write_table(table: Table, out_dir: Path) -> dict[str, Path]:
 
 LEGEND = ("kNN: weighted kNN top-1 (k=20), linear: linear-probe top-1, in % on the val split. Cells: mean ± sample "
           "std over completed seeds (n); jobs that did not complete are listed by status and not averaged in; "
-          "best per column in bold; Δ is the difference of the means.")
+          "best per column in bold.")
+DELTA_LEGEND = " Δ is the difference of the means."
+
+
+def has_delta(table: Table) -> bool:
+    """Whether the table has a Δ column."""
+    return any(column.delta_of for column in table.columns)
+
+
+def legend(tables: Sequence[Table]) -> str:
+    """The caption of these tables; it explains Δ only when one of them has a Δ column."""
+    return LEGEND + (DELTA_LEGEND if any(has_delta(t) for t in tables) else "")
 
 
 def _safe_name(text: str) -> str:

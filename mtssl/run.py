@@ -16,6 +16,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -23,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtssl.distributed.checkpoint import CheckpointMismatch
-from mtssl.config import ConfigError, resolve_config, validate_config
+from mtssl.config import ConfigError, check_out_dir, resolve_config, validate_config
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
 from mtssl.train.trainer import PretrainOutcome, StopRequest, Trainer, TrainingInterrupted, configure_determinism
 
@@ -97,6 +98,11 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     """
     env = init_distributed(OmegaConf.select(cfg, "train.device") or "auto")
     out_dir = Path(cfg.out_dir)
+    try:
+        check_out_dir(out_dir)  # before the log file is opened in it
+    except ConfigError as error:
+        print(f"invalid config: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     setup_logging(out_dir, env)
     log.info("job started: %d rank(s), pid %d, SLURM job %s", env.world_size, os.getpid(),
              os.environ.get("SLURM_JOB_ID", "none"))
@@ -129,7 +135,10 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         if outcome.status == "completed":
             from mtssl.eval.job import evaluate_backbones  # noqa: deferred, heavy
 
+            eval_start = time.monotonic()
             results.update(evaluate_backbones(cfg, env, outcome, out_dir, writer))
+            results["eval_time_s"] = time.monotonic() - eval_start
+            results["wall_time_s"] = results["train_time_s"] + results["eval_time_s"]
     except TrainingInterrupted as interrupt:
         log.warning("%s; rerun the same command to resume", interrupt)
         return EXIT_INTERRUPTED
@@ -148,6 +157,10 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
             writer.close()
     if env.is_main:
         write_json_atomic(out_dir / "results.json", results)
+        if results["status"] == "completed" and cfg.train.final_checkpoint_only:
+            deleted = trainer.checkpoints.keep_only_newest()
+            if deleted:
+                log.info("train.final_checkpoint_only: deleted %d earlier checkpoint(s)", len(deleted))
         log.info("results: %s", json.dumps({k: results.get(k) for k in ("status", "knn_top1", "linear_top1", "weights_sha256")}))
     return EXIT_OK
 
@@ -164,7 +177,8 @@ def _outcome_fields(outcome: PretrainOutcome, cfg: DictConfig) -> dict:
         "status": outcome.status,
         "steps": outcome.steps,
         "final_losses": outcome.final_losses,
-        "wall_time_s": outcome.wall_time_s,
+        "wall_time_s": outcome.wall_time_s,  # training, plus evaluation once it ran (eval_time_s)
+        "train_time_s": outcome.wall_time_s,
         "images_per_s": outcome.images_per_s,
         "skipped_images": outcome.skipped_images,
     }

@@ -2,13 +2,16 @@
 """Launch one ablation sweep of mtssl jobs, on this machine or on a SLURM cluster.
 
     python sweeps/launch.py ablation=predictor_sharing                      # this machine, profile=cpu_quick
+    python sweeps/launch.py ablation=predictor_sharing data.subset=500 train.epochs=1  # job keys go to every job
     python sweeps/launch.py ablation=predictor_sharing launcher=slurm       # SLURM, cluster=local profile
     python sweeps/launch.py ablation=backbone profile=imagenet_200ep launcher=slurm cluster=example_gpu \
         profile.data_root=/data/imagenet --dry-run
 
 A Hydra app (config: sweeps/conf/) composing an ablation (the grid), a scale profile, a launcher and a
 cluster profile (slurm/profiles/). Every job's config is composed and validated before anything is
-submitted: one bad override fails the whole launch, nothing submitted. ``--dry-run`` prints the job grid,
+submitted: one bad override fails the whole launch, nothing submitted. An override whose key belongs to the
+job config (mtssl/conf: ``train.epochs=1``, ``method=simsiam``) is forwarded to every job, as if listed in
+``job_overrides`` (sweeps/overrides.py); a key of neither config is refused with the nearest valid key. ``--dry-run`` prints the job grid,
 the GPU-hours estimate and the output directories, and stops there.
 
 Each job writes to ``<sweep_dir>/<job name>/``; ``<sweep_dir>/sweep.json`` lists the grid. Launching again
@@ -40,7 +43,8 @@ from submitit.core.utils import FailedSubmissionError, UncompletedJobError  # no
 from mtssl.config import ConfigError, compose_config, resolve_config, validate_config  # noqa: E402
 from sweeps.grid import SweepJob, expand_grid, quote_value  # noqa: E402
 from sweeps.launchers import (SweepLauncher, TrackedJob, is_final, read_submissions,  # noqa: E402
-                              record_submissions, register_configs, scheduler_state)
+                              record_submissions, register_configs, scheduler_states)
+from sweeps.overrides import split_overrides  # noqa: E402
 from sweeps.status import FINAL_STATUSES, job_state  # noqa: E402
 
 DRY_RUN_FLAG = "--dry-run"
@@ -151,6 +155,8 @@ def print_plan(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob], reso
           f"{resources.ranks} rank(s) each ({resources.nodes} node(s) x {resources.tasks_per_node} task(s)"
           f"{', 1 GPU per task' if resources.gpus else ', CPU'})")
     print(f"Sweep directory: {sweep_dir}")
+    if cfg.job_overrides:
+        print(f"Job overrides (every job): {' '.join(map(str, cfg.job_overrides))}")
     width = max(len(p.job.name) for p in planned)
     for p in planned:
         print(f"  {p.job.name.ljust(width)}  {action[p.state]:<12} {p.out_dir}")
@@ -209,12 +215,15 @@ def launch(cfg: DictConfig) -> int:
     submissions = read_submissions(sweep_dir)
     to_submit: list[tuple[str, list[str]]] = []
     attached: list[TrackedJob] = []
+    latest_of = {p.job.name: submissions[p.job.name][-1] for p in planned
+                 if p.state not in FINAL_STATUSES and submissions.get(p.job.name)}
+    states = scheduler_states(list(latest_of.values()))  # one sacct call for the whole sweep
     for p in planned:
         if p.state in FINAL_STATUSES:
             continue
-        latest = submissions.get(p.job.name, [None])[-1]
+        latest = latest_of.get(p.job.name)
         if latest is not None:
-            state = scheduler_state(latest)
+            state = states[latest.job_id]
             if state != "UNKNOWN" and not is_final(latest.cluster, state):
                 report(f"{p.job.name}: job {latest.job_id} already {state}, following it")
                 attached.append(TrackedJob(p.job.name, latest))
@@ -262,12 +271,37 @@ def submit_and_follow(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob
     return 0
 
 
+# Job overrides given bare on the command line; taken out of sys.argv before Hydra parses it.
+BARE_JOB_OVERRIDES: list[str] = []
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    if BARE_JOB_OVERRIDES:  # after the quoted job_overrides: a bare key given last wins, as on Hydra's command line
+        cfg.job_overrides = [*cfg.job_overrides, *BARE_JOB_OVERRIDES]
     sys.exit(launch(cfg))
 
 
+def take_job_overrides(argv: list[str]) -> list[str]:
+    """argv without its job-config overrides, which go to BARE_JOB_OVERRIDES; exits 2 on an unknown key."""
+    from hydra._internal.utils import get_args_parser
+
+    if DRY_RUN_FLAG in argv:  # a plain flag for `dry_run=true`
+        argv = [arg for arg in argv if arg != DRY_RUN_FLAG] + ["dry_run=true"]
+    try:
+        args, _ = get_args_parser().parse_known_args(argv[1:])  # the parser hydra.main uses
+    except SystemExit:
+        return argv  # let hydra.main report its own usage error
+    try:
+        _, job = split_overrides(args.overrides)
+    except ConfigError as error:
+        print(f"sweeps/launch.py: {error}\nNothing was submitted.", file=sys.stderr)
+        sys.exit(2)
+    BARE_JOB_OVERRIDES.extend(job)
+    taken = set(job)
+    return [argv[0]] + [arg for arg in argv[1:] if arg not in taken]
+
+
 if __name__ == "__main__":
-    if DRY_RUN_FLAG in sys.argv:  # a plain flag for `dry_run=true`
-        sys.argv = [arg for arg in sys.argv if arg != DRY_RUN_FLAG] + ["dry_run=true"]
+    sys.argv = take_job_overrides(sys.argv)
     main()

@@ -106,6 +106,16 @@ class CheckpointManager:
                 log.warning("ignoring incomplete checkpoint %s (no .metadata or %s)", path, TRAINER_STATE)
         return found
 
+    def keep_only_newest(self) -> list[Path]:
+        """Delete every checkpoint but the newest complete one (rank 0; e.g. once a job has completed);
+        returns the deleted paths."""
+        if not self.is_main:
+            return []
+        found = self.checkpoints()
+        for old in found[1:]:
+            shutil.rmtree(old, ignore_errors=True)
+        return found[1:]
+
     def save(self, state: TrainerState, model_and_optimizer: ModelAndOptimizer, config_yaml: str) -> Path:
         """Write a complete checkpoint atomically (all ranks must call)."""
         final = _step_dir(self.root, state.step)

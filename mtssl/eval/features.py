@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from mtssl.distributed.collectives import collective_device, device_all_gather_stack, rank as current_rank, world_size as current_world_size
+from mtssl.distributed.progress import progress_bar
 
 
 def _padded_rank_indices(num_items: int, world_size: int, rank: int) -> list[int]:
@@ -78,7 +79,7 @@ def extract_features(
 
     feature_chunks: list[Tensor] = []  # per batch: [W, b, D] when distributed, [b, D] otherwise
     label_chunks: list[Tensor] = []
-    for images, labels in loader:
+    for images, labels in progress_bar(loader, desc="extracting features", unit="batch"):
         features = forward_fn(images.to(device, non_blocking=True)).float()
         labels = torch.as_tensor(labels, dtype=torch.int64)
         if features.ndim != 2 or features.shape[0] != labels.shape[0]:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtssl.distributed.progress import progress_bar
 from mtssl.eval.accuracy import topk_accuracy
 from mtssl.eval.features import check_feature_pair
 
@@ -54,7 +55,7 @@ def _train_linear(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * batches_per_epoch)
 
     model.train()
-    for _ in range(epochs):
+    for _ in progress_bar(range(epochs), desc=f"linear probe, lr {lr:g}", unit="epoch"):
         order = torch.randperm(num_samples, generator=generator).to(features.device)
         for batch in order.split(batch_size)[:batches_per_epoch]:
             loss = F.cross_entropy(model(features[batch]), labels[batch])
