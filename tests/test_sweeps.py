@@ -153,6 +153,43 @@ def test_bad_override_fails_the_launch_before_anything_is_submitted(config_dir, 
     assert not sweep_dir.exists()
 
 
+@pytest.mark.slow
+def test_default_sweep_dirs_differ_by_launcher(config_dir):
+    """So a SLURM launch after a local one (as the README runs them) neither skips nor reuses the local jobs."""
+    dirs = {}
+    for kind, extra in (("local", []), ("slurm", ["launcher=slurm", "cluster=local"])):
+        out = launch("--config-dir", str(config_dir), "ablation=pair", "profile=tiny", *extra, "--dry-run", timeout=120)
+        assert out.returncode == 0, out.stderr
+        dirs[kind] = re.search(r"^Sweep directory: (.+)$", out.stdout, re.M).group(1)
+    assert dirs == {kind: str(REPO / "sweeps" / "outputs" / kind / "pair-tiny") for kind in ("local", "slurm")}
+
+
+@pytest.mark.slow
+def test_relaunch_with_changed_job_overrides_is_refused_before_submitting(config_dir, tmp_path):
+    sweep_dir = tmp_path / "relaunch"
+    one_job = ["ablation.axes.predictor=[separate]", "profile.resources.ranks_per_job=1"]
+    out = launch(*tiny_sweep_args(config_dir, sweep_dir, *one_job))
+    assert out.returncode == 0, out.stdout + out.stderr
+    job = sweep_dir / "predictor=separate"
+    kept = [sweep_dir / "sweep.json", sweep_dir / ".submitit" / "submissions.json", job / "results.json",
+            job / "config.yaml", sweep_dir / "tables" / "results.csv"]
+    before = [p.read_bytes() for p in kept]
+
+    out = launch(*tiny_sweep_args(config_dir, sweep_dir, *one_job, 'job_overrides=["train.epochs=2"]'), timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "1 job(s) in" in out.stderr and "different training config" in out.stderr
+    assert "predictor=separate: final results (results.json status completed): train.epochs: 3 → 2" in out.stderr
+    assert "new sweep_dir" in out.stderr and "Nothing was submitted." in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert [p.read_bytes() for p in kept] == before  # sweep.json still describes the results beside it
+
+    # A field outside the training config (the evaluation) is the same run: skipped, as before.
+    out = launch(*tiny_sweep_args(config_dir, sweep_dir, *one_job, 'job_overrides=["eval.knn_k=[3]"]'), timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 job(s) to submit, 0 already queued or running, 1 finished" in out.stdout
+    assert (job / "results.json").read_bytes() == before[2]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Real sweeps on the local SLURM cluster
 
@@ -398,6 +435,37 @@ def test_job_hitting_its_time_limit_requeues_and_ends_with_the_uninterrupted_wei
         "cluster.timeout_min=2", "cluster.signal_delay_s=60", "cluster.max_num_timeout=3"))
     assert_resumed_to_reference(sweep_dir, record, reference, "timed-out")
     assert "remaining timeouts" in Path(record["stdout"]).read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_relaunch_while_a_job_is_queued_with_another_config_is_refused(slurm_cluster, config_dir, tmp_path):
+    """A queued job runs the overrides it was submitted with: a relaunch that changed them must not follow it."""
+    sweep_dir = tmp_path / "queued"
+    held = ["ablation.axes.predictor=[separate]", "wait=false", "+cluster.additional_parameters.begin='now+3600'"]
+    args, _ = slurm_args(config_dir, sweep_dir, *held)
+    out = launch(*args, timeout=120)
+    try:
+        assert out.returncode == 0, out.stdout + out.stderr
+        [record] = submissions(sweep_dir)["predictor=separate"]
+        spec = (sweep_dir / "sweep.json").read_bytes()
+        args, name = slurm_args(config_dir, sweep_dir, *held, 'job_overrides=["train.epochs=2"]')
+        out = launch(*args, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert (f"predictor=separate: job {record['job_id']} (PENDING) runs another training config: "
+                f"train.epochs: 3 → 2") in out.stderr
+        assert "scancel" in out.stderr and "Nothing was submitted." in out.stderr
+        assert slurm_jobs_named(name) == [] and len(submissions(sweep_dir)["predictor=separate"]) == 1
+        assert (sweep_dir / "sweep.json").read_bytes() == spec
+        # The same config follows it.
+        args, _ = slurm_args(config_dir, sweep_dir, *held)
+        out = launch(*args, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"predictor=separate: job {record['job_id']} already PENDING, following it" in out.stdout
+    finally:
+        ids = [r["job_id"] for records in submissions(sweep_dir).values() for r in records]
+        if ids:
+            subprocess.run(["scancel", *ids], check=False)
 
 
 @pytest.mark.slurm
