@@ -15,8 +15,8 @@ Each job writes to ``<sweep_dir>/<job name>/``; ``<sweep_dir>/sweep.json`` lists
 skips jobs with final results, follows jobs still queued, and resubmits the others (they resume from
 their checkpoints). A relaunch whose jobs' training configs differ from those that jobs in ``sweep_dir``
 finished, checkpointed or are queued with is refused before anything is submitted or written (exit 2),
-naming the jobs and the fields: use a new ``sweep_dir``. The launcher reports each job's id, state and log as they change and, once every job
-has ended, writes the result tables (analysis/make_tables.py). Exit status: 0 when every job completed
+naming the jobs and the fields: use a new ``sweep_dir``. The launcher reports each job's id, state and log
+as they change and, once every job has ended, writes the result tables (analysis/make_tables.py). Exit status: 0 when every job completed
 (or diverged), 1 when some failed or did not finish, 2 on a bad config.
 """
 

@@ -4,10 +4,10 @@ Per step: the online network sees every view, the target network (EMA copy, or t
 under stop-gradient for SimSiam) sees only the global views, the multi-task loss is built from
 the method's pair loss, one backward, the optimiser step, then the EMA update.
 
-Runs survive the cluster: SIGUSR2/SIGTERM (and a first Ctrl-C) only set a flag; at the next step boundary all ranks
-agree on it, write a synchronous checkpoint and stop (``TrainingInterrupted``). Randomness is a
-function of (seed, rank, step) and of (seed, epoch, sample), so a resumed run is bitwise equal
-to an uninterrupted one on CPU.
+Runs survive the cluster: SIGUSR2, SIGTERM and a first SIGINT only set a flag; at the next step
+boundary all ranks agree on it, write a synchronous checkpoint and stop (``TrainingInterrupted``).
+Randomness is a function of (seed, rank, step) and of (seed, epoch, sample), so a resumed run is
+bitwise equal to an uninterrupted one on CPU.
 """
 
 from __future__ import annotations
