@@ -125,6 +125,7 @@ def base_results(cfg: DictConfig, env: DistEnv) -> dict:
         "data": cfg.data.name,
         "seed": cfg.train.seed,
         "epochs": cfg.train.epochs,
+        "max_steps": cfg.train.max_steps,
         "world_size": env.world_size,
         "git_revision": git_revision(),
         # Which training config produced these results (reruns compare it; the seeds of one table cell share
@@ -156,7 +157,10 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         log.error("%s", conflict.message())
         return EXIT_BAD_CONFIG
     previous = read_results(out_dir)
-    if previous and previous.get("status") in FINAL_STATUSES:
+    if previous and previous.get("status") in FINAL_STATUSES and _more_steps_asked(previous, cfg):
+        log.info("%s holds results of a run cut short at train.max_steps=%s; training on from its last checkpoint",
+                 out_dir, previous["max_steps"])
+    elif previous and previous.get("status") in FINAL_STATUSES:
         log.info("%s already holds final results of this training config (status %s): nothing to do. Changed "
                  "fields outside the training config (eval.*) are not applied to them; delete results.json to "
                  "evaluate again", out_dir, previous["status"])
@@ -202,6 +206,14 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         write_json_atomic(out_dir / "results.json", results)
         log.info("results: %s", json.dumps({k: results.get(k) for k in ("status", "knn_top1", "linear_top1", "weights_sha256")}))
     return EXIT_OK
+
+
+def _more_steps_asked(previous: dict, cfg: DictConfig) -> bool:
+    """Whether completed results stopped at ``train.max_steps`` and this run allows more steps (train.max_steps
+    is not a training field, so the config hashes agree)."""
+    limit = previous.get("max_steps")
+    return (previous.get("status") == "completed" and limit is not None and previous.get("steps") == limit
+            and (cfg.train.max_steps is None or cfg.train.max_steps > limit))
 
 
 def _latest_step(out_dir: Path) -> int | None:

@@ -177,6 +177,16 @@ def test_finished_job_rerun_with_a_changed_non_training_field_has_nothing_to_do(
     assert (finished_dir / "results.json").read_bytes() == before
 
 
+def test_finished_run_cut_short_by_max_steps_trains_on_when_rerun_without_it(data_root, uninterrupted, tmp_path):
+    out = tmp_path / "max_steps"
+    assert wait(start_job(data_root, out, 2, extra=["train.max_steps=5"])) == [0, 0]
+    assert results(out)["status"] == "completed" and results(out)["steps"] == 5
+    assert wait(start_job(data_root, out, 2)) == [0, 0]
+    assert "cut short at train.max_steps=5; training on" in (out / "train.log").read_text()
+    assert results(out)["steps"] == TOTAL_STEPS
+    assert results(out)["weights_sha256"] == uninterrupted["weights_sha256"]
+
+
 def test_finished_job_of_an_older_version_is_compared_by_its_config_yaml(data_root, finished_dir, tmp_path):
     """results.json written before it recorded config_hash: the fields of out_dir/config.yaml decide."""
     old = tmp_path / "old"

@@ -81,6 +81,39 @@ def test_bad_grids_are_refused_with_the_field(kwargs, field):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The job's stop signals
+
+
+def test_sigint_stops_a_submitit_job_without_requeueing_it(tmp_path):
+    """After the stop checkpoint, SIGUSR2 (time limit, preemption) hands over to submitit's requeue handler; SIGINT
+    (a person's Ctrl-C, submitit's local cancel) ends the job without one."""
+    from submitit.core.utils import UncompletedJobError
+
+    from mtssl.submitit_job import MtsslJob
+    from mtssl.train.trainer import StopRequest
+
+    requeued: list[int] = []
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGINT)}
+    signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))  # where submitit's handler sits
+    try:
+        for sent, requeues in ((signal.SIGUSR2, True), (signal.SIGINT, False)):
+            stop = StopRequest()
+            try:
+                os.kill(os.getpid(), sent)
+                assert stop.received == [sent]
+                with pytest.raises(UncompletedJobError) as stopped:
+                    MtsslJob._requeue(stop, tmp_path, rank=0)
+            finally:
+                stop.restore()
+            assert requeued == ([signal.SIGUSR2] if requeues else []), sent
+            assert requeues or "stopped on SIGINT" in str(stopped.value) and "not requeued" in str(stopped.value)
+            requeued.clear()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Launch-time validation and dry runs (no cluster needed)
 
 
