@@ -99,6 +99,17 @@ def scheduler_states(submissions: Sequence[Submission]) -> dict[str, str]:
     return states
 
 
+def submitted_overrides(submission: Submission) -> list[str] | None:
+    """The mtssl overrides a recorded submission runs with, read from submitit's submission pickle (what a
+    requeue runs again); None when it cannot be read."""
+    job_class = submitit.SlurmJob if submission.cluster == "slurm" else submitit.LocalJob
+    try:
+        delayed = job_class(folder=submission.folder, job_id=submission.job_id).submission()
+        return [str(o) for o in delayed.args[0]]
+    except Exception:  # noqa: BLE001 - a missing, partial or foreign pickle: the caller says it could not check
+        return None
+
+
 def is_final(cluster: str, state: str) -> bool:
     return state in (SLURM_FINAL_STATES if cluster == "slurm" else LOCAL_FINAL_STATES)
 

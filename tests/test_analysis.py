@@ -325,6 +325,42 @@ def test_sweeps_of_the_same_ablation_pool_their_seeds(tmp_path: Path) -> None:
     assert table_rows((out / "method.md").read_text())[1] == ["byol", "20.0 ± 10.0 (n=3)"]
 
 
+def test_jobs_of_different_training_configs_never_share_a_cell(tmp_path: Path) -> None:
+    """Two sweeps of one ablation and profile, run with different job_overrides (train.epochs 1 vs 2, which no axis
+    names): their seeds pool only within one training config; results.json of older versions (no hash) fall back to
+    the job's config.yaml."""
+    from omegaconf import OmegaConf
+
+    from mtssl.config import config_hash
+
+    short, long = tmp_path / "short", tmp_path / "long"
+    write_sweep(short, "method", [{"method": "byol", "seed": 0}, {"method": "byol", "seed": 1}])
+    write_sweep(long, "method", [{"method": "byol", "seed": 2}, {"method": "byol", "seed": 3}])
+    hash_short, hash_long = "a" * 64, "b" * 64
+    write_result(short, {"method": "byol", "seed": 0}, knn=10.0, config_hash_without_seed=hash_short)
+    write_result(short, {"method": "byol", "seed": 1}, knn=20.0, config_hash_without_seed=hash_short)
+    write_result(long, {"method": "byol", "seed": 2}, knn=40.0, config_hash_without_seed=hash_long)
+    # An older results.json without the hash: read from config.yaml (seed 3 vs 2 must not matter).
+    legacy = write_result(long, {"method": "byol", "seed": 3}, knn=50.0)
+    config = {"method": {"name": "byol"}, "train": {"seed": 3, "epochs": 2}, "eval": {"knn_k": [20]}}
+    (legacy / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    legacy_hash = config_hash(OmegaConf.create(config), ignore=("train.seed",))
+    assert legacy_hash == config_hash({**config, "train": {"seed": 2, "epochs": 2}}, ignore=("train.seed",))
+
+    frame = gather_sweeps([short, long]).frame
+    assert list(frame["config_hash_without_seed"]) == [hash_short, hash_short, hash_long, legacy_hash]
+    tables, messages = build_tables(frame)
+    [table] = tables
+    # Three configs: 10, 20 -> 15.0 ± 7.1 (n=2); 40 alone; 50 alone. Never 30.0 ± 17.3 (n=4).
+    assert table_rows(to_markdown(table))[1:] == [
+        ["byol", "aaaaaaaa", "15.0 ± 7.1 (n=2)"],
+        ["byol", "bbbbbbbb", "40.0 (n=1)"],
+        ["byol", legacy_hash[:8], "**50.0 (n=1)**"],
+    ]
+    [note] = [m for m in messages if "different training configs" in m]
+    assert str(short / "method=byol,seed=0") in note and str(long / "method=byol,seed=2") in note
+
+
 def test_mixed_ablations_get_separate_tables_and_a_note(predictor_sweep: Path, view_sweep: Path,
                                                          tmp_path: Path) -> None:
     out = make_tables([predictor_sweep, view_sweep], tmp_path / "out", plots=False)

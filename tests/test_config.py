@@ -189,3 +189,35 @@ def test_cli_out_dir_that_cannot_be_created_exits_2_before_writing(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "out_dir:" in proc.stderr and "is a file" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+
+def test_config_changes_name_training_fields_only():
+    from mtssl.config import ABSENT, config_changes, config_hash, format_changes
+
+    old = {"method": {"name": "byol", "projector": {"hidden_dims": [64]}}, "train": {"seed": 0, "epochs": 3,
+           "log_every_steps": 1}, "eval": {"knn_k": [3, 5]}, "out_dir": "a", "hydra": {"x": 1}}
+    new = {"method": {"name": "simsiam", "projector": {"hidden_dims": [64, 64]}, "extra": True},
+           "train": {"seed": 0, "log_every_steps": 10}, "eval": {"knn_k": [3]}, "out_dir": "b"}
+    changes = config_changes(old, new)
+    assert changes == [("method.name", "byol", "simsiam"), ("method.projector.hidden_dims", [64], [64, 64]),
+                       ("method.extra", ABSENT, True), ("train.epochs", 3, ABSENT)]
+    assert format_changes(changes, limit=2) == "method.name: byol → simsiam, method.projector.hidden_dims: [64] → [64, 64], ... and 2 more"
+    assert config_changes(old, {**old, "eval": {}, "out_dir": "c"}) == []
+    assert old["hydra"] == {"x": 1} and "log_every_steps" in old["train"]  # inputs are not modified
+    # The seed-free hash ignores the seed and nothing else.
+    reseeded = {**old, "train": {**old["train"], "seed": 1}}
+    assert config_hash(old) != config_hash(reseeded)
+    assert config_hash(old, ignore=("train.seed",)) == config_hash(reseeded, ignore=("train.seed",))
+    assert config_hash(old, ignore=("train.seed",)) != config_hash(new, ignore=("train.seed",))
+
+
+def test_config_hash_survives_the_config_yaml_round_trip(tiny_folder, tmp_path):
+    """Reruns compare with out_dir/config.yaml: reading it back gives the hash of the config that wrote it."""
+    from omegaconf import OmegaConf
+
+    from mtssl.config import changes_from_file, config_hash
+
+    cfg = resolve_config(compose_config([f"data.root={tiny_folder}", "method=mocov3", "optim.weight_decay=1e-6"]))
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    assert config_hash(OmegaConf.load(tmp_path / "config.yaml")) == config_hash(cfg)
+    assert changes_from_file(tmp_path / "config.yaml", cfg) == []
+    assert changes_from_file(tmp_path / "missing.yaml", cfg) is None

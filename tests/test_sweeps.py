@@ -235,6 +235,38 @@ def test_status_table_reads_progress_and_queries_sacct_once(fake_sacct, tmp_path
     assert text.splitlines()[-1] == "2 running, 1 completed, 1 pending (4 jobs)"
 
 
+# The job's stop signals
+
+
+def test_sigint_stops_a_submitit_job_without_requeueing_it(tmp_path):
+    """After the stop checkpoint, SIGUSR2 (time limit, preemption) hands over to submitit's requeue handler; SIGINT
+    (a person's Ctrl-C, submitit's local cancel) ends the job without one."""
+    from submitit.core.utils import UncompletedJobError
+
+    from mtssl.submitit_job import MtsslJob
+    from mtssl.train.trainer import StopRequest
+
+    requeued: list[int] = []
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGINT)}
+    signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))  # where submitit's handler sits
+    try:
+        for sent, requeues in ((signal.SIGUSR2, True), (signal.SIGINT, False)):
+            stop = StopRequest()
+            try:
+                os.kill(os.getpid(), sent)
+                assert stop.received == [sent]
+                with pytest.raises(UncompletedJobError) as stopped:
+                    MtsslJob._requeue(stop, tmp_path, rank=0)
+            finally:
+                stop.restore()
+            assert requeued == ([signal.SIGUSR2] if requeues else []), sent
+            assert requeues or "stopped on SIGINT" in str(stopped.value) and "not requeued" in str(stopped.value)
+            requeued.clear()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Launch-time validation and dry runs (no cluster needed)
 
@@ -306,6 +338,43 @@ def test_bad_override_fails_the_launch_before_anything_is_submitted(config_dir, 
     assert expected in out.stderr and "Nothing was submitted." in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     assert not sweep_dir.exists()
+
+
+@pytest.mark.slow
+def test_default_sweep_dirs_differ_by_launcher(config_dir):
+    """So a SLURM launch after a local one (as the README runs them) neither skips nor reuses the local jobs."""
+    dirs = {}
+    for kind, extra in (("local", []), ("slurm", ["launcher=slurm", "cluster=local"])):
+        out = launch("--config-dir", str(config_dir), "ablation=pair", "profile=tiny", *extra, "--dry-run", timeout=120)
+        assert out.returncode == 0, out.stderr
+        dirs[kind] = re.search(r"^Sweep directory: (.+)$", out.stdout, re.M).group(1)
+    assert dirs == {kind: str(REPO / "sweeps" / "outputs" / kind / "pair-tiny") for kind in ("local", "slurm")}
+
+
+@pytest.mark.slow
+def test_relaunch_with_changed_job_overrides_is_refused_before_submitting(config_dir, tmp_path):
+    sweep_dir = tmp_path / "relaunch"
+    one_job = ["ablation.axes.predictor=[separate]", "profile.resources.ranks_per_job=1"]
+    out = launch(*tiny_sweep_args(config_dir, sweep_dir, *one_job))
+    assert out.returncode == 0, out.stdout + out.stderr
+    job = sweep_dir / "predictor=separate"
+    kept = [sweep_dir / "sweep.json", sweep_dir / ".submitit" / "submissions.json", job / "results.json",
+            job / "config.yaml", sweep_dir / "tables" / "results.csv"]
+    before = [p.read_bytes() for p in kept]
+
+    out = launch(*tiny_sweep_args(config_dir, sweep_dir, *one_job, 'job_overrides=["train.epochs=2"]'), timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "1 job(s) in" in out.stderr and "different training config" in out.stderr
+    assert "predictor=separate: final results (results.json status completed): train.epochs: 3 → 2" in out.stderr
+    assert "new sweep_dir" in out.stderr and "Nothing was submitted." in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert [p.read_bytes() for p in kept] == before  # sweep.json still describes the results beside it
+
+    # A field outside the training config (the evaluation) is the same run: skipped, as before.
+    out = launch(*tiny_sweep_args(config_dir, sweep_dir, *one_job, 'job_overrides=["eval.knn_k=[3]"]'), timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 job(s) to submit, 0 already queued or running, 1 finished" in out.stdout
+    assert (job / "results.json").read_bytes() == before[2]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -568,6 +637,37 @@ def test_bare_form_runs_end_to_end_on_slurm(slurm_cluster, config_dir, tmp_path)
     result = results(sweep_dir / "predictor=separate")
     assert result["status"] == "completed" and result["epochs"] == 1 and result["steps"] == 2 * 16 // 8
     assert result["world_size"] == 2 and len(slurm_jobs_named(name)) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_relaunch_while_a_job_is_queued_with_another_config_is_refused(slurm_cluster, config_dir, tmp_path):
+    """A queued job runs the overrides it was submitted with: a relaunch that changed them must not follow it."""
+    sweep_dir = tmp_path / "queued"
+    held = ["ablation.axes.predictor=[separate]", "wait=false", "+cluster.additional_parameters.begin='now+3600'"]
+    args, _ = slurm_args(config_dir, sweep_dir, *held)
+    out = launch(*args, timeout=120)
+    try:
+        assert out.returncode == 0, out.stdout + out.stderr
+        [record] = submissions(sweep_dir)["predictor=separate"]
+        spec = (sweep_dir / "sweep.json").read_bytes()
+        args, name = slurm_args(config_dir, sweep_dir, *held, 'job_overrides=["train.epochs=2"]')
+        out = launch(*args, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert (f"predictor=separate: job {record['job_id']} (PENDING) runs another training config: "
+                f"train.epochs: 3 → 2") in out.stderr
+        assert "scancel" in out.stderr and "Nothing was submitted." in out.stderr
+        assert slurm_jobs_named(name) == [] and len(submissions(sweep_dir)["predictor=separate"]) == 1
+        assert (sweep_dir / "sweep.json").read_bytes() == spec
+        # The same config follows it.
+        args, _ = slurm_args(config_dir, sweep_dir, *held)
+        out = launch(*args, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"predictor=separate: job {record['job_id']} already PENDING, following it" in out.stdout
+    finally:
+        ids = [r["job_id"] for records in submissions(sweep_dir).values() for r in records]
+        if ids:
+            subprocess.run(["scancel", *ids], check=False)
 
 
 @pytest.mark.slurm
