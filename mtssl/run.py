@@ -243,7 +243,8 @@ def _outcome_fields(outcome: PretrainOutcome, cfg: DictConfig) -> dict:
         "wall_time_s": outcome.wall_time_s,  # training, plus evaluation once it ran (eval_time_s)
         "train_time_s": outcome.wall_time_s,
         "images_per_s": outcome.images_per_s,
-        "skipped_images": outcome.skipped_images,
+        "skipped_images": len(outcome.skipped_files),
+        "skipped_files": outcome.skipped_files,
     }
     if outcome.error:
         fields["error"] = outcome.error

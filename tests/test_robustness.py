@@ -38,15 +38,19 @@ def test_non_finite_loss_records_diverged(tmp_path):
 @pytest.mark.parametrize("pipeline", ["torchvision", "fast"])
 def test_unreadable_image_is_skipped_and_counted(tmp_path, pipeline):
     root = make_image_folder(tmp_path / "data", per_class=8)
-    (root / "train" / "class_0" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    broken = root / "train" / "class_0" / "broken.jpg"
+    broken.write_bytes(b"not a jpeg at all")
     # A valid header with half the data: it opens, and fails only when decoded (inside the fast
     # pipeline, which decodes the file itself).
     good = next((root / "train" / "class_1").glob("*.jpg")).read_bytes()
-    (root / "train" / "class_1" / "truncated.jpg").write_bytes(good[: len(good) // 2])
-    proc = run(root, tmp_path / "run", "train.epochs=3", f"data.pipeline={pipeline}")
+    truncated = root / "train" / "class_1" / "truncated.jpg"
+    truncated.write_bytes(good[: len(good) // 2])
+    # 18 images, 3 steps of 6 per epoch: every image is drawn in each of the 3 epochs, so each bad file is met
+    # (at least) 3 times: the count is of distinct files, 2, not of skip events (6 or more).
+    proc = run(root, tmp_path / "run", "train.epochs=3", "train.batch_size=6", f"data.pipeline={pipeline}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "completed"
-    # 18 images, 2 steps of 8 per epoch: the broken ones are drawn in some epochs, never fatally.
-    assert results["skipped_images"] >= 1
+    assert results["skipped_images"] == 2
+    assert results["skipped_files"] == sorted([str(broken), str(truncated)])
     assert "skipping unreadable image" in (proc.stdout + proc.stderr)

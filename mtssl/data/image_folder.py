@@ -90,8 +90,8 @@ def load_rgb(path: str) -> Image.Image:
 class AugmentedImageFolder(Dataset):
     """Samples indexed by (epoch, index) and augmented under a per-sample seeded RNG.
 
-    An unreadable image is replaced by the next readable one and reported through the
-    ``skipped`` count returned with each sample, so a bad file costs a warning, not a job.
+    An unreadable image is replaced by the next readable one and reported through the paths
+    of the ``skipped`` files returned with each sample, so a bad file costs a warning, not a job.
     """
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable, seed: int):
@@ -104,7 +104,7 @@ class AugmentedImageFolder(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        skipped = 0
+        skipped: list[str] = []
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
@@ -112,7 +112,7 @@ class AugmentedImageFolder(Dataset):
                 break
             except (OSError, ValueError) as error:
                 log.warning("skipping unreadable image %s: %s", path, error)
-                skipped += 1
+                skipped.append(path)
         else:
             raise DataError("data.root: no readable image in the dataset")
         return views, label, skipped
@@ -194,8 +194,8 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 def collate_views(batch):
-    """[(views, label, skipped)] -> (list of [B, C, H, W] per view, labels, skipped count)."""
+    """[(views, label, skipped paths)] -> (list of [B, C, H, W] per view, labels, set of skipped paths)."""
     views = [torch.stack([sample[0][v] for sample in batch]) for v in range(len(batch[0][0]))]
     labels = torch.tensor([sample[1] for sample in batch])
-    skipped = sum(sample[2] for sample in batch)
+    skipped = {path for sample in batch for path in sample[2]}
     return views, labels, skipped

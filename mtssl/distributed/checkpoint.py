@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -46,7 +46,8 @@ class TrainerState:
     samples_seen: int = 0  # global samples seen in ``epoch``
     config_hash: str = ""
     world_size: int = 1
-    skipped_images: int = 0
+    skipped_images: int = 0  # distinct unreadable files met so far (len(skipped_files))
+    skipped_files: list[str] = field(default_factory=list)  # their paths, sorted
 
 
 class ModelAndOptimizer(Stateful):

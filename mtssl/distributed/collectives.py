@@ -56,6 +56,15 @@ def host_broadcast_object(obj, src: int = 0):
     return holder[0]
 
 
+def host_union(items: set[str]) -> set[str]:
+    """The union over ranks of each rank's set of strings (e.g. paths), gathered over gloo."""
+    if world_size() == 1:
+        return set(items)
+    gathered: list[list[str] | None] = [None] * world_size()
+    dist.all_gather_object(gathered, sorted(items), group=host_group())
+    return {item for part in gathered for item in part}
+
+
 def host_barrier() -> None:
     """Wait until every rank got here (filesystem ordering). gloo's barrier also waits for all
     earlier work on the host group; it does not wait for GPU work."""

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from mtssl.distributed.checkpoint import CheckpointManager, ModelAndOptimizer, TrainerState
 from mtssl.config import ConfigError, config_hash, describe_changes
 from mtssl.data.image_folder import AugmentedImageFolder, GlobalBatchSampler, class_balanced_subset, collate_views, list_image_folder
-from mtssl.distributed.collectives import device_mean_, host_any, host_sum
+from mtssl.distributed.collectives import device_mean_, host_any, host_union
 from mtssl.distributed.process_group import DistEnv
 from mtssl.train.ema import ema_momentum, ema_update
 from mtssl.data.fast_augment import AUGMENTATION_PIPELINES
@@ -121,7 +121,7 @@ class PretrainOutcome:
     final_losses: dict[str, float] = field(default_factory=dict)
     wall_time_s: float = 0.0
     images_per_s: float = 0.0
-    skipped_images: int = 0
+    skipped_files: list[str] = field(default_factory=list)  # distinct unreadable training files, sorted
     error: str | None = None
 
 
@@ -291,15 +291,21 @@ class Trainer:
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    def save(self, state: TrainerState, skipped_local: torch.Tensor) -> Path:
-        state.skipped_images += host_sum([int(skipped_local)])[0]
-        skipped_local.zero_()
+    def save(self, state: TrainerState, skipped_local: set[str]) -> Path:
+        self._merge_skipped(state, skipped_local)
         state.epoch, batch = divmod(state.step, max(1, self.sampler.steps_per_epoch))
         state.samples_seen = batch * self.cfg.train.batch_size
         state.world_size = self.env.world_size
         path = self.checkpoints.save(state, ModelAndOptimizer(self.model, self.optimizer), self.config_yaml)
         log.info("checkpoint %s", path)
         return path
+
+    @staticmethod
+    def _merge_skipped(state: TrainerState, skipped_local: set[str]) -> None:
+        """Add every rank's newly met unreadable files to ``state`` (collective), then forget them locally."""
+        state.skipped_files = sorted(set(state.skipped_files) | host_union(skipped_local))
+        state.skipped_images = len(state.skipped_files)
+        skipped_local.clear()
 
     def fit(self, stop: StopRequest, writer=None) -> PretrainOutcome:
         cfg, env = self.cfg, self.env
@@ -308,8 +314,9 @@ class Trainer:
         state = state or TrainerState(config_hash=self.config_hash, world_size=env.world_size)
         last_step = self.total_steps if cfg.train.max_steps is None else min(self.total_steps, cfg.train.max_steps)
         step = state.step
-        skipped_local = torch.zeros((), dtype=torch.int64)
-        outcome = PretrainOutcome("completed", self.model, self.layout, self.train_samples, step, skipped_images=state.skipped_images)
+        skipped_local: set[str] = set()  # unreadable files met on this rank since the last checkpoint
+        outcome = PretrainOutcome("completed", self.model, self.layout, self.train_samples, step,
+                                  skipped_files=list(state.skipped_files))
         if step >= last_step:
             log.info("pretraining already done (%d steps)", step)
             return outcome
@@ -360,7 +367,7 @@ class Trainer:
                     views = [v.to(env.device, non_blocking=True) for v in views]  # pinned by the loader
                     output = self.training_step(views, step, measure_grad_norm=logs_now)
                 loss = output.loss
-                skipped_local += skipped
+                skipped_local |= skipped
                 step += 1
                 window_steps += 1
                 check_finite = env.device.type == "cpu" or step % cfg.train.log_every_steps == 0
@@ -387,7 +394,8 @@ class Trainer:
         outcome.final_losses = {k: v for k, v in logged.items() if k.startswith("loss")}
         outcome.wall_time_s = elapsed
         outcome.images_per_s = (step - start_step) * cfg.train.batch_size / max(elapsed, 1e-9)
-        outcome.skipped_images = state.skipped_images + host_sum([int(skipped_local)])[0]
+        self._merge_skipped(state, skipped_local)
+        outcome.skipped_files = list(state.skipped_files)
         return outcome
 
     def _log(self, step, last_step, output: StepOutput, window_steps, window_start, writer) -> dict[str, float]:
