@@ -16,11 +16,12 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from mtssl.data.views import TARGET_VIEW_TYPE, VIEW_TYPES, build_view_layout
+from mtssl.data.views import EVAL_INTERPOLATIONS, TARGET_VIEW_TYPE, VIEW_TYPES, build_view_layout
 
 CONFIG_MODULE = "mtssl.conf"
 PREDICTOR_MODES = ("separate", "shared")
 OPTIMIZERS = ("lars", "sgd", "adamw")
+SCHEDULE_PER = ("step", "epoch")
 
 # Fields that do not change what is trained: they may differ when a run is resumed.
 NON_TRAINING_FIELDS = (
@@ -103,6 +104,24 @@ def _fill_view_types(cfg: DictConfig) -> None:
         )
 
 
+def describe_recipe(cfg: DictConfig) -> str:
+    """One line with the recipe items of a resolved job config (what ``--dry-run`` shows per job)."""
+    o, m, b = cfg.optim, cfg.method, cfg.backbone
+    peak = o.base_lr * cfg.train.batch_size / 256
+    heads = "-".join(str(d) for d in [*m.projector.hidden_dims, m.projector.out_dim])
+    views = ", ".join(
+        f"{name} {v.count}x{v.size} w {v.weight:.4g} scale {list(v.scale)} blur k{v.blur_kernel}"
+        for name, v in cfg.views.types.items()
+    )
+    return (
+        f"{cfg.train.epochs} ep, batch {cfg.train.batch_size}; {o.name} base lr {o.base_lr:g} (peak {peak:g}), "
+        f"wd {o.weight_decay:g} ({'every parameter' if o.weight_decay_1d else 'not 1-D'}), warmup {o.warmup_epochs} ep, "
+        f"cosine per {o.schedule_per} to {o.final_lr_ratio:g} x peak, clip {o.clip_grad}; tau0 "
+        f"{cfg.train.ema_tau if m.name != 'simsiam' else '-'}; projector {heads}; drop-path "
+        f"{b.get('drop_path_rate') or 0:g}; zero_init_last {b.get('zero_init_last')}; views: {views}"
+    )
+
+
 def _omegaconf_message(error: Exception) -> str:
     key = getattr(error, "full_key", None)
     if key:
@@ -142,6 +161,7 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
         f"predictor.mode: unknown predictor mode {cfg.predictor.mode!r}; valid modes are {list(PREDICTOR_MODES)}",
     )
     _validate_backbone(cfg)
+    _validate_method(cfg)
     _validate_views(cfg)
     _validate_optim(cfg)
     train = cfg.train
@@ -166,6 +186,10 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
         cfg.data.pipeline in AUGMENTATION_PIPELINES,
         f"data.pipeline: {cfg.data.pipeline!r}; valid pipelines are {sorted(AUGMENTATION_PIPELINES)}",
     )
+    _require(
+        cfg.data.get("eval_interpolation") in EVAL_INTERPOLATIONS,
+        f"data.eval_interpolation: {cfg.data.get('eval_interpolation')!r}; valid values are {list(EVAL_INTERPOLATIONS)}",
+    )
     if check_data:
         _validate_data(cfg)
 
@@ -178,6 +202,30 @@ def _validate_backbone(cfg: DictConfig) -> None:
         timm.is_model(name),
         f"backbone.name: unknown backbone {name!r}; use a preset {available('backbone')} (backbone=<preset>) "
         f"or any timm model name (backbone.name=<timm name>, see timm.list_models())",
+    )
+    zero_init_last = cfg.backbone.get("zero_init_last")
+    if zero_init_last is not None:
+        _require(isinstance(zero_init_last, bool), f"backbone.zero_init_last: {zero_init_last!r} is not a boolean; use true, false or null")
+        _require(
+            name in timm.list_models(module="resnet"),
+            f"backbone.zero_init_last: only timm ResNets take it, not {name!r}; set backbone.zero_init_last=null",
+        )
+    rate = cfg.backbone.get("drop_path_rate") or 0.0
+    _require(0 <= rate < 1, f"backbone.drop_path_rate: must be in [0, 1), got {rate}")
+
+
+def _validate_method(cfg: DictConfig) -> None:
+    method = cfg.method
+    for head in ("projector", "predictor"):
+        dims = list(method[head].hidden_dims)
+        _require(
+            all(isinstance(d, int) and d > 0 for d in dims),
+            f"method.{head}.hidden_dims: positive layer widths are needed, got {dims}",
+        )
+    batch = method.get("batch_size")
+    _require(
+        batch is None or (isinstance(batch, int) and batch > 0),
+        f"method.batch_size: the recipe's global batch must be a positive integer, got {batch!r}",
     )
 
 
@@ -216,6 +264,18 @@ def _validate_views(cfg: DictConfig) -> None:
             a, b = view.cutout_area
             _require(0 < a <= b < 1, f"{field}.cutout_area: need 0 < min <= max < 1, got {list(view.cutout_area)}")
         _require(view.weight >= 0, f"{field}.weight: task weights must be >= 0, got {view.weight}")
+        jitter = list(view.jitter)
+        _require(
+            len(jitter) == 4 and all(j >= 0 for j in jitter) and jitter[3] <= 0.5,
+            f"{field}.jitter: [brightness, contrast, saturation, hue] with every value >= 0 and hue <= 0.5 "
+            f"is needed, got {jitter}",
+        )
+        k = view.blur_kernel
+        _require(
+            isinstance(k, int) and k >= 1 and k % 2 == 1 and k // 2 < view.size,
+            f"{field}.blur_kernel: an odd number of pixels with half of it below the crop size {view.size} "
+            f"is needed, got {k!r}; e.g. {field}.blur_kernel=null (about 10 % of the crop)",
+        )
     _require(
         any(view.weight > 0 for view in layout.types),
         "views.types.*.weight: every task weight is 0; at least one task must be trained",
@@ -227,7 +287,20 @@ def _validate_optim(cfg: DictConfig) -> None:
     _require(optim.name in OPTIMIZERS, f"optim.name: unknown optimizer {optim.name!r}; valid names are {list(OPTIMIZERS)}")
     _require(optim.base_lr is not None and optim.base_lr > 0, f"optim.base_lr: must be positive, got {optim.base_lr}")
     _require(optim.weight_decay is not None and optim.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {optim.weight_decay}")
-    _require(optim.warmup_epochs >= 0, f"optim.warmup_epochs: must be >= 0, got {optim.warmup_epochs}")
+    _require(optim.warmup_epochs is not None and optim.warmup_epochs >= 0, f"optim.warmup_epochs: must be >= 0, got {optim.warmup_epochs}")
+    ratio = optim.final_lr_ratio
+    _require(ratio is not None and 0 <= ratio <= 1, f"optim.final_lr_ratio: must be in [0, 1], got {ratio}")
+    _require(
+        optim.schedule_per in SCHEDULE_PER,
+        f"optim.schedule_per: {optim.schedule_per!r}; valid values are {list(SCHEDULE_PER)} (lr set every step or once per epoch)",
+    )
+    decay_1d = optim.weight_decay_1d
+    _require(isinstance(decay_1d, bool), f"optim.weight_decay_1d: {decay_1d!r} is not a boolean; use true or false")
+    _require(
+        not (decay_1d and optim.name == "lars"),
+        "optim.weight_decay_1d: LARS excludes 1-D parameters from weight decay and adaptation; "
+        "use optim.weight_decay_1d=false with lars, or optim.name=sgd|adamw",
+    )
 
 
 def _validate_data(cfg: DictConfig) -> None:

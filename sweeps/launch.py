@@ -37,7 +37,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from submitit.core.utils import FailedSubmissionError, UncompletedJobError  # noqa: E402
 
-from mtssl.config import ConfigError, compose_config, resolve_config, validate_config  # noqa: E402
+from mtssl.config import ConfigError, compose_config, describe_recipe, resolve_config, validate_config  # noqa: E402
 from sweeps.grid import SweepJob, expand_grid, quote_value  # noqa: E402
 from sweeps.launchers import (SweepLauncher, TrackedJob, is_final, read_submissions,  # noqa: E402
                               record_submissions, register_configs, scheduler_state)
@@ -56,6 +56,7 @@ class PlannedJob:
     out_dir: Path
     state: str
     backbone: str
+    recipe: str = ""  # the resolved recipe items, shown by --dry-run
 
     @property
     def overrides(self) -> list[str]:
@@ -135,6 +136,7 @@ def plan_sweep(cfg: DictConfig, sweep_dir: Path, resources: Resources) -> list[P
                 message = "bad override: " + message.split("]: ", 1)[-1]
             raise ConfigError(f"job {job.name!r}: {message}") from error
         candidate.backbone = str(job_cfg.backbone.name)
+        candidate.recipe = describe_recipe(job_cfg)
         planned.append(candidate)
     return planned
 
@@ -154,6 +156,8 @@ def print_plan(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob], reso
     width = max(len(p.job.name) for p in planned)
     for p in planned:
         print(f"  {p.job.name.ljust(width)}  {action[p.state]:<12} {p.out_dir}")
+        if cfg.dry_run:
+            print(f"    {p.recipe}")
     to_run = [p for p in planned if p.state not in FINAL_STATUSES]
     hours = sum(hours_per_job(cfg, p.backbone) for p in to_run)
     all_hours = sum(hours_per_job(cfg, p.backbone) for p in planned)
