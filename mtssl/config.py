@@ -270,7 +270,7 @@ def _validate_views(cfg: DictConfig) -> None:
             f"{field}.jitter: [brightness, contrast, saturation, hue] with every value >= 0 and hue <= 0.5 "
             f"is needed, got {jitter}",
         )
-        k = view.blur_kernel
+        k = view.blur_kernel_px()
         _require(
             isinstance(k, int) and k >= 1 and k % 2 == 1 and k // 2 < view.size,
             f"{field}.blur_kernel: an odd number of pixels with half of it below the crop size {view.size} "

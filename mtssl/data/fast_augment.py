@@ -154,7 +154,7 @@ class FastMultiViewTransform:
                     blur_p=view.blur_probability(index),
                     solarize_p=view.solarize_probability(index),
                     cutout_area=tuple(view.cutout_area) if view.cutout_area is not None else None,
-                    blur_kernel=view.blur_kernel,
+                    blur_kernel=view.blur_kernel_px(),
                     jitter=tuple(view.jitter),
                 )
             )

@@ -46,6 +46,10 @@ class ViewType:
     def solarize_probability(self, index: int) -> float:
         return self.solarize_p[index % len(self.solarize_p)]
 
+    def blur_kernel_px(self) -> int:
+        """The blur kernel: ``blur_kernel``, or ~10% of the crop when it is None."""
+        return self.blur_kernel if self.blur_kernel is not None else blur_kernel_size(self.size)
+
 
 # Paper defaults (ImageNet). Adding a view type = adding an entry here.
 VIEW_TYPES: dict[str, ViewType] = {
@@ -116,9 +120,7 @@ def build_view_layout(types_cfg: Mapping[str, Mapping[str, Any] | None], default
                     f"{sorted(k for k in ViewType.__dataclass_fields__ if k != 'name')}"
                 )
         view = replace(VIEW_TYPES[name], **overrides)
-        if view.blur_kernel is None:
-            view = replace(view, blur_kernel=blur_kernel_size(view.size))
-        types.append(view)
+        types.append(replace(view, blur_kernel=view.blur_kernel_px()))  # the config shows the kernel used
     return ViewLayout(tuple(types))
 
 
@@ -170,7 +172,7 @@ def build_view_transform(view: ViewType, index: int, mean, std) -> v2.Compose:
     ops += [
         v2.RandomApply([v2.ColorJitter(*view.jitter)], p=0.8),
         v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(view.blur_kernel, sigma=(0.1, 2.0))], p=view.blur_probability(index)),
+        v2.RandomApply([v2.GaussianBlur(view.blur_kernel_px(), sigma=(0.1, 2.0))], p=view.blur_probability(index)),
     ]
     if view.solarize_probability(index) > 0:
         ops.append(v2.RandomSolarize(threshold=128, p=view.solarize_probability(index)))
