@@ -106,7 +106,10 @@ def _fill_view_types(cfg: DictConfig) -> None:
 
 def describe_recipe(cfg: DictConfig) -> str:
     """One line with the recipe items of a resolved job config (what ``--dry-run`` shows per job)."""
+    from mtssl.loss.objectives import build_objective
+
     o, m, b = cfg.optim, cfg.method, cfg.backbone
+    tau = cfg.train.ema_tau if build_objective(m).ema_target else "- (no EMA)"
     peak = o.base_lr * cfg.train.batch_size / 256
     heads = "-".join(str(d) for d in [*m.projector.hidden_dims, m.projector.out_dim])
     views = ", ".join(
@@ -117,7 +120,7 @@ def describe_recipe(cfg: DictConfig) -> str:
         f"{cfg.train.epochs} ep, batch {cfg.train.batch_size}; {o.name} base lr {o.base_lr:g} (peak {peak:g}), "
         f"wd {o.weight_decay:g} ({'every parameter' if o.weight_decay_1d else 'not 1-D'}), warmup {o.warmup_epochs} ep, "
         f"cosine per {o.schedule_per} to {o.final_lr_ratio:g} x peak, clip {o.clip_grad}; tau0 "
-        f"{cfg.train.ema_tau if m.name != 'simsiam' else '-'}; projector {heads}; drop-path "
+        f"{tau}; projector {heads}; drop-path "
         f"{b.get('drop_path_rate') or 0:g}; zero_init_last {b.get('zero_init_last')}; views: {views}"
     )
 
