@@ -257,6 +257,18 @@ def test_byol_and_mocov3_lr_warm_up_then_decay_per_step(method_runs, tmp_path, r
         assert group_lrs(trainer, step)[False] == pytest.approx(lr, rel=1e-12), step
 
 
+def test_per_epoch_schedule_after_a_per_step_warmup():
+    from mtssl.train.optim import lr_at_step
+
+    peak, final = 1.0, 0.0
+    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * (step - 5) / 95))  # 5 warmup steps of 100
+    expected = {0: 0.0, 3: 0.6, 4: 0.8,  # warmup, per step
+                5: cosine(5), 9: cosine(5),  # the rest of the first 10-step block holds the warmup's end
+                10: cosine(10), 19: cosine(10), 55: cosine(50), 99: cosine(90)}
+    for step, lr in expected.items():
+        assert lr_at_step(step, 100, 5, peak, final, steps_per_update=10) == pytest.approx(lr, abs=1e-12), step
+
+
 def decay_by_parameter(trainer):
     return {id(p): (g["weight_decay"], g.get("lars_exclude")) for g in trainer.optimizer.param_groups for p in g["params"]}
 

@@ -116,12 +116,13 @@ def lr_at_step(step: int, total_steps: int, warmup_steps: int, peak_lr: float, f
                steps_per_update: int = 1) -> float:
     """Linear warmup from 0, then cosine from ``peak_lr`` down to ``final_ratio * peak_lr``.
 
-    ``steps_per_update``: the lr only changes every that many steps, holding the value of the
-    first step of each block (the steps per epoch give a schedule set once per epoch).
+    ``steps_per_update``: after the warmup (always per step, so no block is spent at lr 0) the lr
+    only changes every that many steps, holding the value of the first step of each block (the
+    steps per epoch give SimSiam's schedule set once per epoch).
     """
-    step -= step % max(1, steps_per_update)
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
+    step = max(warmup_steps, step - step % max(1, steps_per_update))
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     final = final_ratio * peak_lr
