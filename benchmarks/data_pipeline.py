@@ -40,7 +40,7 @@ from torchvision.transforms import v2
 
 from mtssl.data.image_folder import load_rgb, sample_seed
 from mtssl.data.fast_augment import FastMultiViewTransform
-from mtssl.data.views import VIEW_TYPES, Cutout, MultiViewTransform, ViewLayout, blur_kernel_size
+from mtssl.data.views import VIEW_TYPES, Cutout, MultiViewTransform, ViewLayout
 from report import print_table, write_report
 
 RESULTS = Path(__file__).parent / "results" / "data_pipeline.json"
@@ -79,9 +79,9 @@ class FloatV2MultiView:
             if view.cutout_area is not None:
                 ops.append(FloatCutout(view.cutout_area, mean))
             ops += [
-                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                v2.RandomApply([v2.ColorJitter(*view.jitter)], p=0.8),
                 v2.RandomGrayscale(p=0.2),
-                v2.RandomApply([v2.GaussianBlur(blur_kernel_size(view.size), sigma=(0.1, 2.0))], p=view.blur_probability(index)),
+                v2.RandomApply([v2.GaussianBlur(view.blur_kernel_px(), sigma=(0.1, 2.0))], p=view.blur_probability(index)),
             ]
             if view.solarize_probability(index) > 0:
                 ops.append(v2.RandomSolarize(threshold=0.5, p=view.solarize_probability(index)))

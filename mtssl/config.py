@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from mtssl.data.views import TARGET_VIEW_TYPE, VIEW_TYPES, build_view_layout
+from mtssl.data.views import EVAL_INTERPOLATIONS, TARGET_VIEW_TYPE, VIEW_TYPES, build_view_layout
 
 CONFIG_MODULE = "mtssl.conf"
 # The repository root: relative defaults (data.root of data=cifar10) resolve against it, not the cwd.
@@ -26,6 +26,7 @@ if not OmegaConf.has_resolver("mtssl.repo"):
     OmegaConf.register_new_resolver("mtssl.repo", lambda: str(REPO_ROOT))
 PREDICTOR_MODES = ("separate", "shared")
 OPTIMIZERS = ("lars", "sgd", "adamw")
+SCHEDULE_PER = ("step", "epoch")
 
 # Fields that do not change what is trained: they may differ when a run is resumed.
 NON_TRAINING_FIELDS = (
@@ -103,9 +104,13 @@ def number(low: float | None = None, high: float | None = None, low_open: bool =
     return check
 
 
-def boolean() -> Check:
-    """true or false."""
-    return lambda value: None if isinstance(value, bool) else f"{value!r} is not a boolean; use true or false"
+def boolean(null: bool = False) -> Check:
+    """true or false (or null when ``null``)."""
+    def check(value):
+        if isinstance(value, bool) or (value is None and null):
+            return None
+        return f"{value!r} is not a boolean; use true or false{' or null' if null else ''}"
+    return check
 
 
 def text(null: bool = False) -> Check:
@@ -177,6 +182,8 @@ _HEAD = {"hidden_dims": listing(integer(1), min_length=0), "out_dim": integer(1)
 _OPTIM_OVERRIDE = {  # method.optim / backbone.optim: the defaults that optim.* null fields take
     "name": choice(OPTIMIZERS), "base_lr": number(0, low_open=True), "weight_decay": number(0),
     "betas": listing(number(0, 1), length=2), "clip_grad": number(0, low_open=True, null=True),
+    "weight_decay_1d": boolean(), "warmup_epochs": number(0), "final_lr_ratio": number(0, 1),
+    "schedule_per": choice(SCHEDULE_PER),
 }
 
 FIELD_CHECKS: dict[str, Check] = {
@@ -187,7 +194,13 @@ FIELD_CHECKS: dict[str, Check] = {
     **{f"method.{head}.{k}": c for head in ("projector", "predictor") for k, c in _HEAD.items()},
     "method.objective_kwargs": section(),
     "method.task_weight": number(0),
-    "method.two_view_weight": number(0),
+    "method.two_view": section(),  # views=global: the method's own 2-view augmentation and loss weight
+    "method.two_view.weight": number(0),
+    "method.two_view.scale": listing(number(), length=2),
+    "method.two_view.blur_p": _PROBABILITIES,
+    "method.two_view.solarize_p": _PROBABILITIES,
+    "method.two_view.jitter": listing(number(0), length=4),
+    "method.batch_size": integer(1, null=True),
     "method.fixed_predictor_lr": boolean(),
     "method.optim": section(),
     **{f"method.optim.{k}": c for k, c in _OPTIM_OVERRIDE.items()},
@@ -202,6 +215,8 @@ FIELD_CHECKS: dict[str, Check] = {
     "views.types.*.solarize_p": listing(number(0, 1), null=True),
     "views.types.*.cutout_area": listing(number(), length=2, null=True),
     "views.types.*.weight": number(null=True),
+    "views.types.*.jitter": listing(number(0), length=4, null=True),
+    "views.types.*.blur_kernel": integer(1, null=True),
     "predictor": section(),
     "predictor.mode": choice(PREDICTOR_MODES, " (predictor=<mode>)"),
     "backbone": section(),
@@ -209,6 +224,9 @@ FIELD_CHECKS: dict[str, Check] = {
     "backbone.timm_name": text(),
     "backbone.ema_tau": number(0, 1),
     "backbone.kwargs": section(),
+    "backbone.zero_init_last": boolean(null=True),
+    "backbone.drop_path_rate": number(0, 1, high_open=True),
+    "backbone.projector_hidden_dims": listing(integer(1)),
     "backbone.optim": section(null=True),
     **{f"backbone.optim.{k}": c for k, c in _OPTIM_OVERRIDE.items()},
     "data": section(),
@@ -225,6 +243,7 @@ FIELD_CHECKS: dict[str, Check] = {
     "data.small_images": boolean(),
     "data.eval_resize": integer(1, null=True),
     "data.eval_crop": integer(1, null=True),
+    "data.eval_interpolation": choice(EVAL_INTERPOLATIONS),
     "data.pipeline": choice(_pipelines),
     "data.num_workers": integer(0),
     "data.download": boolean(),
@@ -238,6 +257,8 @@ FIELD_CHECKS: dict[str, Check] = {
     "optim.clip_grad": number(0, low_open=True, null=True),
     "optim.warmup_epochs": number(0),
     "optim.final_lr_ratio": number(0, 1),
+    "optim.weight_decay_1d": boolean(),
+    "optim.schedule_per": choice(SCHEDULE_PER),
     "train": section(),
     "train.epochs": integer(0),
     "train.batch_size": integer(1),
@@ -272,7 +293,10 @@ FIELD_CHECKS: dict[str, Check] = {
 OPEN_SECTIONS = ("method.objective_kwargs", "backbone.kwargs")
 # Fields that may be absent: the sub-fields of a section that may be null.
 OPTIONAL_PATTERNS = tuple(f"backbone.optim.{k}" for k in _OPTIM_OVERRIDE) + tuple(
-    f"method.optim.{k}" for k in _OPTIM_OVERRIDE if k not in ("name", "base_lr", "weight_decay"))
+    f"method.optim.{k}" for k in _OPTIM_OVERRIDE if k not in ("name", "base_lr", "weight_decay")) + (
+    # Recipe fields a preset may leave out (read with oc.select / .get, null when absent).
+    "backbone.projector_hidden_dims", "backbone.zero_init_last", "backbone.drop_path_rate", "method.batch_size",
+    *(f"method.two_view.{k}" for k in ("scale", "blur_p", "solarize_p", "jitter")))
 
 
 def field_check(path: str) -> Check | None:
@@ -400,6 +424,27 @@ def _fill_view_types(cfg: DictConfig) -> None:
         )
 
 
+def describe_recipe(cfg: DictConfig) -> str:
+    """One line with the recipe items of a resolved job config (what ``--dry-run`` shows per job)."""
+    from mtssl.loss.objectives import build_objective
+
+    o, m, b = cfg.optim, cfg.method, cfg.backbone
+    tau = cfg.train.ema_tau if build_objective(m).ema_target else "- (no EMA)"
+    peak = o.base_lr * cfg.train.batch_size / 256
+    heads = "-".join(str(d) for d in [*m.projector.hidden_dims, m.projector.out_dim])
+    views = ", ".join(
+        f"{name} {v.count}x{v.size} w {v.weight:.4g} scale {list(v.scale)} blur k{v.blur_kernel}"
+        for name, v in cfg.views.types.items()
+    )
+    return (
+        f"{cfg.train.epochs} ep, batch {cfg.train.batch_size}; {o.name} base lr {o.base_lr:g} (peak {peak:g}), "
+        f"wd {o.weight_decay:g} ({'every parameter' if o.weight_decay_1d else 'not 1-D'}), warmup {o.warmup_epochs} ep, "
+        f"cosine per {o.schedule_per} to {o.final_lr_ratio:g} x peak, clip {o.clip_grad}; tau0 "
+        f"{tau}; projector {heads}; drop-path "
+        f"{b.get('drop_path_rate') or 0:g}; zero_init_last {b.get('zero_init_last')}; views: {views}"
+    )
+
+
 def _omegaconf_message(error: Exception) -> str:
     key = getattr(error, "full_key", None)
     if key:
@@ -507,7 +552,9 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
     """
     check_fields(cfg)
     _validate_backbone(cfg)
+    _validate_method(cfg)
     _validate_views(cfg)
+    _validate_optim(cfg)
     train = cfg.train
     _require(
         train.batch_size % world_size == 0,
@@ -539,6 +586,30 @@ def _validate_backbone(cfg: DictConfig) -> None:
         timm.is_model(name),
         f"backbone.name: unknown backbone {name!r}; use a preset {available('backbone')} (backbone=<preset>) "
         f"or any timm model name (backbone.name=<timm name>, see timm.list_models())",
+    )
+    zero_init_last = cfg.backbone.get("zero_init_last")
+    if zero_init_last is not None:
+        _require(isinstance(zero_init_last, bool), f"backbone.zero_init_last: {zero_init_last!r} is not a boolean; use true, false or null")
+        _require(
+            name in timm.list_models(module="resnet"),
+            f"backbone.zero_init_last: only timm ResNets take it, not {name!r}; set backbone.zero_init_last=null",
+        )
+    rate = cfg.backbone.get("drop_path_rate") or 0.0
+    _require(0 <= rate < 1, f"backbone.drop_path_rate: must be in [0, 1), got {rate}")
+
+
+def _validate_method(cfg: DictConfig) -> None:
+    method = cfg.method
+    for head in ("projector", "predictor"):
+        dims = list(method[head].hidden_dims)
+        _require(
+            all(isinstance(d, int) and d > 0 for d in dims),
+            f"method.{head}.hidden_dims: positive layer widths are needed, got {dims}",
+        )
+    batch = method.get("batch_size")
+    _require(
+        batch is None or (isinstance(batch, int) and batch > 0),
+        f"method.batch_size: the recipe's global batch must be a positive integer, got {batch!r}",
     )
 
 
@@ -577,9 +648,31 @@ def _validate_views(cfg: DictConfig) -> None:
             a, b = view.cutout_area
             _require(0 < a <= b < 1, f"{field}.cutout_area: need 0 < min <= max < 1, got {list(view.cutout_area)}")
         _require(view.weight >= 0, f"{field}.weight: task weights must be >= 0, got {view.weight}")
+        jitter = list(view.jitter)
+        _require(
+            len(jitter) == 4 and all(j >= 0 for j in jitter) and jitter[3] <= 0.5,
+            f"{field}.jitter: [brightness, contrast, saturation, hue] with every value >= 0 and hue <= 0.5 "
+            f"is needed, got {jitter}",
+        )
+        k = view.blur_kernel_px()
+        _require(
+            isinstance(k, int) and k >= 1 and k % 2 == 1 and k // 2 < view.size,
+            f"{field}.blur_kernel: an odd number of pixels with half of it below the crop size {view.size} "
+            f"is needed, got {k!r}; e.g. {field}.blur_kernel=null (about 10 % of the crop)",
+        )
     _require(
         any(view.weight > 0 for view in layout.types),
         "views.types.*.weight: every task weight is 0; at least one task must be trained",
+    )
+
+
+def _validate_optim(cfg: DictConfig) -> None:
+    """What spans optimiser fields (each field's own type and range is in FIELD_CHECKS)."""
+    optim = cfg.optim
+    _require(
+        not (optim.weight_decay_1d and optim.name == "lars"),
+        "optim.weight_decay_1d: LARS excludes 1-D parameters from weight decay and adaptation; "
+        "use optim.weight_decay_1d=false with lars, or optim.name=sgd|adamw",
     )
 
 

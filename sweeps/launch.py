@@ -42,8 +42,8 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from submitit.core.utils import FailedSubmissionError, UncompletedJobError  # noqa: E402
 
-from mtssl.config import (ConfigError, compose_config, config_changes, config_hash, format_changes,  # noqa: E402
-                          resolve_config, validate_config)
+from mtssl.config import (ConfigError, compose_config, config_changes, config_hash, describe_recipe,  # noqa: E402
+                          format_changes, resolve_config, validate_config)
 from mtssl.run import OutDirConflict, out_dir_conflict  # noqa: E402
 from sweeps.grid import SweepJob, expand_grid, quote_value  # noqa: E402
 from sweeps.launchers import (Submission, SweepLauncher, TrackedJob, is_final, read_submissions,  # noqa: E402
@@ -66,6 +66,7 @@ class PlannedJob:
     backbone: str
     config: DictConfig | None = None  # resolved
     conflict: OutDirConflict | None = None  # out_dir holds results or a checkpoint of another training config
+    recipe: str = ""  # the resolved recipe items, shown by --dry-run
 
     @property
     def overrides(self) -> list[str]:
@@ -146,6 +147,7 @@ def plan_sweep(cfg: DictConfig, sweep_dir: Path, resources: Resources) -> list[P
             raise ConfigError(f"job {job.name!r}: {message}") from error
         candidate.backbone = str(job_cfg.backbone.name)
         candidate.config, candidate.conflict = job_cfg, out_dir_conflict(job_cfg, out_dir)
+        candidate.recipe = describe_recipe(job_cfg)
         planned.append(candidate)
     return planned
 
@@ -167,6 +169,8 @@ def print_plan(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob], reso
     width = max(len(p.job.name) for p in planned)
     for p in planned:
         print(f"  {p.job.name.ljust(width)}  {action[p.state]:<12} {p.out_dir}")
+        if cfg.dry_run:
+            print(f"    {p.recipe}")
     to_run = [p for p in planned if p.state not in FINAL_STATUSES]
     hours = sum(hours_per_job(cfg, p.backbone) for p in to_run)
     all_hours = sum(hours_per_job(cfg, p.backbone) for p in planned)

@@ -56,6 +56,19 @@ def check(overrides, world_size=1):
     (["+train.epoch=2"], "train.epoch", "not a field of the job config; did you mean train.epochs?"),
     (["+eval.knn=[5]"], "eval.knn", "did you mean eval.knn_k?"),
     (["~train.epochs"], "train.epochs", "missing from the config"),
+    (["optim.schedule_per=week"], "optim.schedule_per", "epoch"),
+    (["method=byol", "optim.weight_decay_1d=true"], "optim.weight_decay_1d", "optim.name=sgd"),
+    (["optim.weight_decay_1d=maybe"], "optim.weight_decay_1d", "true or false"),
+    (["optim.final_lr_ratio=2"], "optim.final_lr_ratio", "[0, 1]"),
+    (["views.types.local.blur_kernel=8"], "views.types.local.blur_kernel", "odd"),
+    (["views.types.local.size=8"], "views.types.local.blur_kernel", "blur_kernel=null"),
+    (["views.types.global.jitter=[0.4,0.4,0.2]"], "views.types.global.jitter", "must hold 4 values"),
+    (["views.types.global.jitter=[0.4,0.4,0.2,0.7]"], "views.types.global.jitter", "hue <= 0.5"),
+    (["data.eval_interpolation=lanczos"], "data.eval_interpolation", "bilinear"),
+    (["backbone=vit_tiny", "+backbone.zero_init_last=false"], "backbone.zero_init_last", "zero_init_last=null"),
+    (["backbone.drop_path_rate=1.5"], "backbone.drop_path_rate", "[0, 1)"),
+    (["method.batch_size=0"], "method.batch_size", "must be >= 1"),
+    (["method.projector.hidden_dims=[0]"], "method.projector.hidden_dims", "must be >= 1"),
 ])
 def test_bad_config_names_field(tiny_folder, overrides, field, hint):
     with pytest.raises(ConfigError) as info:

@@ -169,7 +169,8 @@ def test_fsdp_two_ranks_match_one_process(tmp_path, overrides):
     run_ranks(_fsdp_worker, 2, root, overrides, tmp_path)
     fsdp = torch.load(tmp_path / "fsdp.pt")
     reference = reference_one_process(root, overrides, tmp_path)
-    assert fsdp["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    # abs: a loss can sit near 0 (SimSiam's -cos at init) while its terms are O(1), so round-off is absolute
+    assert fsdp["losses"] == pytest.approx(reference["losses"], rel=1e-5, abs=1e-6)
     # BN running statistics differ by construction (updated per rank vs twice in one process).
     for part in ("online", "target", "predictors"):
         params = {k: v for k, v in reference[part].items() if "running" not in k and "num_batches" not in k}

@@ -159,6 +159,53 @@ def test_jitter_and_grayscale_frequencies():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("op,strength", [("brightness", 0.4), ("contrast", 0.4), ("saturation", 0.2), ("saturation", 0.4)])
+def test_jitter_strengths_follow_the_view_spec(op, strength):
+    # The view's ``jitter`` field with one op switched on: on a constant colour x (gray luma g), brightness
+    # multiplies by f and contrast / saturation (blend with the mean luma / the luma, both g) give
+    # g + f (x - g), so f is read back from the red channel. The spec: f ~ U(1 - s, 1 + s), applied with p 0.8.
+    jitter = tuple(strength if name == op else 0.0 for name in ("brightness", "contrast", "saturation", "hue"))
+    view = replace(VIEW_TYPES["global"], size=SIZE, scale=(1.0, 1.0), blur_p=(0.0,), solarize_p=(0.0,), jitter=jitter)
+    color = torch.tensor([150.0, 100.0, 50.0])
+    luma = float(torch.tensor(fast_augment.GRAY_WEIGHTS) @ color)
+    image = Image.new("RGB", (SIZE, SIZE), tuple(int(c) for c in color))
+    factors, colored = [], 0
+    for views in run_views(image, 2000, seed=11, layout=ViewLayout((view,))):
+        for pixels in views:
+            red = float(pixels[0, 0, 0])
+            if (pixels.amax(dim=0) - pixels.amin(dim=0)).max() < 1e-3:
+                continue  # grayscale
+            colored += 1
+            f = red / color[0].item() if op == "brightness" else (red - luma) / (color[0].item() - luma)
+            if abs(f - 1) > 1e-4:  # jittered (a factor within 1e-4 of 1 has probability < 1e-3)
+                factors.append(f)
+    factors = np.array(factors)
+    assert_frequency(len(factors), colored, 0.8, f"{op} jitter")
+    assert factors.min() >= 1 - strength - 1e-3 and factors.max() <= 1 + strength + 1e-3
+    assert factors.min() < 1 - 0.95 * strength and factors.max() > 1 + 0.95 * strength  # the whole range
+    std = strength / math.sqrt(3)  # of U(1 - s, 1 + s)
+    assert abs(factors.mean() - 1) < 4.5 * std / math.sqrt(len(factors))
+    assert abs(factors.std() - std) < 0.05 * std
+
+
+@pytest.mark.parametrize("kernel,radius", [(5, 2), (9, 4), (23, 8)])
+def test_blur_kernel_field_bounds_the_blur_support(kernel, radius):
+    # One bright pixel, blur always on: the blur reaches ``kernel // 2`` pixels, or 4 sigma <= 8 when
+    # that is shorter (taps beyond 4 sigma are dropped), for the view's ``blur_kernel`` field.
+    size = 64
+    values = np.full((size, size), 20.0)
+    values[32, 32] = 220.0
+    view = replace(VIEW_TYPES["local"], size=size, scale=(1.0, 1.0), blur_p=(1.0,), jitter=(0.0, 0.0, 0.0, 0.0), blur_kernel=kernel)
+    reach = []
+    for (pixels,) in run_views(gray_image(values), 200, seed=12, layout=ViewLayout((replace(view, count=1),))):
+        p = pixels[0]
+        row, col = divmod(int(p.argmax()), size)
+        lit = (p[row] - p[row, 0]).abs() > 1e-3
+        reach.append(int(lit.nonzero().max()) - col)
+    assert max(reach) == radius
+
+
+@pytest.mark.slow
 def test_blur_frequency_and_sigma_range():
     # A single brighter pixel on a dark gray background: after a blur of sigma the horizontal
     # neighbour's excess over the background is exp(-1 / (2 sigma^2)) times the centre's
@@ -220,13 +267,11 @@ def test_cutout_area_fraction():
 
 
 # ---------------------------------------------------------------------------- kernels and contract
-@pytest.mark.parametrize("size,sigma", [(224, 0.1), (224, 0.7), (224, 2.0), (96, 1.3), (32, 1.9)])
-def test_separable_blur_matches_torchvision_gaussian_blur(size, sigma):
-    from mtssl.data.views import blur_kernel_size
-
+@pytest.mark.parametrize("size,sigma,k", [(224, 0.1, 23), (224, 0.7, 23), (224, 2.0, 23), (96, 1.3, 23), (96, 2.0, 23),
+                                          (96, 1.3, 9), (32, 1.9, 3)])
+def test_separable_blur_matches_torchvision_gaussian_blur(size, sigma, k):
     torch.manual_seed(6)
     image = torch.rand(3, size, size) * 255
-    k = blur_kernel_size(size)
     expected = TF.gaussian_blur(image, [k, k], [sigma, sigma])
     got = separable_blur(image, gaussian_taps(k, sigma))
     assert (got - expected).abs().max() < 0.05  # levels of 255: taps beyond 4 sigma are dropped

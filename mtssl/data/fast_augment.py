@@ -38,10 +38,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from mtssl.data.views import Cutout, MultiViewTransform, ViewLayout, blur_kernel_size
+from mtssl.data.views import Cutout, MultiViewTransform, ViewLayout
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
-JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
 JITTER_P = 0.8
 GRAYSCALE_P = 0.2
 FLIP_P = 0.5
@@ -131,6 +130,7 @@ class _ViewSpec:
     solarize_p: float
     cutout_area: tuple[float, float] | None
     blur_kernel: int
+    jitter: tuple[float, float, float, float]  # brightness, contrast, saturation, hue
 
 
 class FastMultiViewTransform:
@@ -154,7 +154,8 @@ class FastMultiViewTransform:
                     blur_p=view.blur_probability(index),
                     solarize_p=view.solarize_probability(index),
                     cutout_area=tuple(view.cutout_area) if view.cutout_area is not None else None,
-                    blur_kernel=blur_kernel_size(view.size),
+                    blur_kernel=view.blur_kernel_px(),
+                    jitter=tuple(view.jitter),
                 )
             )
         mean_t = torch.tensor([float(m) for m in mean]).view(3, 1, 1)
@@ -199,7 +200,7 @@ class FastMultiViewTransform:
             ct, cl, ch, cw = Cutout.sample_box(view.size, view.size, view.cutout_area, CROP_RATIO)
             x[:, ct : ct + ch, cl : cl + cw] = self.cutout_fill
         if _happens(JITTER_P):
-            x = self._color_jitter(x)
+            x = self._color_jitter(x, view.jitter)
         if _happens(GRAYSCALE_P):
             x = grayscale(x, self.gray_weights)  # one channel; broadcast back at normalisation
         if _happens(view.blur_p):
@@ -208,13 +209,15 @@ class FastMultiViewTransform:
             x = torch.where(x >= SOLARIZE_THRESHOLD, 255.0 - x, x)
         return torch.addcmul(self.norm_shift, x, self.norm_scale)
 
-    def _color_jitter(self, x: torch.Tensor) -> torch.Tensor:
-        """ColorJitter(0.4, 0.4, 0.2, 0.1): the four ops in a random order, as torchvision draws it."""
+    def _color_jitter(self, x: torch.Tensor, strengths: Sequence[float]) -> torch.Tensor:
+        """ColorJitter(brightness, contrast, saturation, hue): the four ops in a random order, as
+        torchvision draws it (a factor range starting below 0 is clipped at 0, as there)."""
+        brightness, contrast, saturation, hue = strengths
         order = torch.randperm(4).tolist()
-        b = _uniform(1 - JITTER["brightness"], 1 + JITTER["brightness"])
-        c = _uniform(1 - JITTER["contrast"], 1 + JITTER["contrast"])
-        s = _uniform(1 - JITTER["saturation"], 1 + JITTER["saturation"])
-        h = _uniform(-JITTER["hue"], JITTER["hue"])
+        b = _uniform(max(0.0, 1 - brightness), 1 + brightness)
+        c = _uniform(max(0.0, 1 - contrast), 1 + contrast)
+        s = _uniform(max(0.0, 1 - saturation), 1 + saturation)
+        h = _uniform(-hue, hue)
         for op in order:
             if op == 0:
                 x = x.mul_(b)

@@ -4,10 +4,11 @@ Each view type is one latent alignment task. Its defaults live in ``VIEW_TYPES``
 place to touch when adding a type: presets in ``conf/views/`` just list which types to use
 and may override any field.
 
-Every view uses bicubic RandomResizedCrop, flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1)
-p=0.8, grayscale p=0.2, Gaussian blur (sigma in [0.1, 2], kernel ~10% of the crop), optional
-solarize, then mean/std normalisation. The i-th view of a type uses ``blur_p[i % len]`` and
-``solarize_p[i % len]``, which keeps BYOL's asymmetric pair of global views.
+Every view uses bicubic RandomResizedCrop, flip p=0.5, ColorJitter(``jitter``) p=0.8
+(brightness, contrast, saturation, hue; 0.4, 0.4, 0.2, 0.1 by default), grayscale p=0.2,
+Gaussian blur (sigma in [0.1, 2], kernel ``blur_kernel`` px, by default ~10% of the crop),
+optional solarize, then mean/std normalisation. The i-th view of a type uses
+``blur_p[i % len]`` and ``solarize_p[i % len]``, which keeps BYOL's asymmetric pair of global views.
 
 All geometric and colour ops run on uint8 tensors; conversion to float happens last.
 """
@@ -36,6 +37,8 @@ class ViewType:
     solarize_p: tuple[float, ...]
     cutout_area: tuple[float, float] | None = None  # fraction of the crop masked, if any
     weight: float = 1.0  # w_t in the multi-task loss
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # ColorJitter brightness, contrast, saturation, hue
+    blur_kernel: int | None = None  # Gaussian blur kernel in px; None: blur_kernel_size(size)
 
     def blur_probability(self, index: int) -> float:
         return self.blur_p[index % len(self.blur_p)]
@@ -43,11 +46,16 @@ class ViewType:
     def solarize_probability(self, index: int) -> float:
         return self.solarize_p[index % len(self.solarize_p)]
 
+    def blur_kernel_px(self) -> int:
+        """The blur kernel: ``blur_kernel``, or ~10% of the crop when it is None."""
+        return self.blur_kernel if self.blur_kernel is not None else blur_kernel_size(self.size)
+
 
 # Paper defaults (ImageNet). Adding a view type = adding an entry here.
 VIEW_TYPES: dict[str, ViewType] = {
     "global": ViewType("global", count=2, size=224, scale=(0.25, 1.0), blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2)),
-    "local": ViewType("local", count=2, size=96, scale=(0.08, 0.25), blur_p=(0.5,), solarize_p=(0.0,)),
+    # The official local blur kernel is 23 px at 96 px crops (not 10% of the crop).
+    "local": ViewType("local", count=2, size=96, scale=(0.08, 0.25), blur_p=(0.5,), solarize_p=(0.0,), blur_kernel=23),
     "cutout": ViewType(
         "cutout", count=1, size=224, scale=(0.25, 1.0), blur_p=(0.5,), solarize_p=(0.0,), cutout_area=(0.2, 0.4)
     ),
@@ -87,9 +95,9 @@ class ViewLayout:
 def build_view_layout(types_cfg: Mapping[str, Mapping[str, Any] | None], default_sizes: Mapping[str, int] | None = None) -> ViewLayout:
     """Resolve a ``views.types`` config into a layout.
 
-    ``types_cfg`` maps a registered type name to field overrides (``count``, ``size``, ``scale``,
-    ``blur_p``, ``solarize_p``, ``cutout_area``, ``weight``). A size left null falls back to
-    ``default_sizes`` (the data preset's sizes, e.g. 32/16 for CIFAR) and then to the registry.
+    ``types_cfg`` maps a registered type name to field overrides (any ``ViewType`` field but
+    ``name``). A size left null falls back to ``default_sizes`` (the data preset's sizes, e.g.
+    32/16 for CIFAR) and then to the registry; a blur kernel left null in both is ~10% of the crop.
     """
     unknown = [n for n in types_cfg if n not in VIEW_TYPES]
     if unknown:
@@ -102,7 +110,7 @@ def build_view_layout(types_cfg: Mapping[str, Mapping[str, Any] | None], default
         overrides = {k: v for k, v in dict(types_cfg[name] or {}).items() if v is not None}
         if "size" not in overrides and default_sizes and default_sizes.get(name):
             overrides["size"] = default_sizes[name]
-        for key in ("scale", "blur_p", "solarize_p", "cutout_area"):
+        for key in ("scale", "blur_p", "solarize_p", "cutout_area", "jitter"):
             if key in overrides:
                 overrides[key] = tuple(float(x) for x in overrides[key])
         for key in overrides:
@@ -111,7 +119,8 @@ def build_view_layout(types_cfg: Mapping[str, Mapping[str, Any] | None], default
                     f"views.types.{name}.{key}: unknown field; valid fields are "
                     f"{sorted(k for k in ViewType.__dataclass_fields__ if k != 'name')}"
                 )
-        types.append(replace(VIEW_TYPES[name], **overrides))
+        view = replace(VIEW_TYPES[name], **overrides)
+        types.append(replace(view, blur_kernel=view.blur_kernel_px()))  # the config shows the kernel used
     return ViewLayout(tuple(types))
 
 
@@ -161,9 +170,9 @@ def build_view_transform(view: ViewType, index: int, mean, std) -> v2.Compose:
     if view.cutout_area is not None:  # after the flip, before colour jitter
         ops.append(Cutout(view.cutout_area, mean))
     ops += [
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        v2.RandomApply([v2.ColorJitter(*view.jitter)], p=0.8),
         v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(view.size), sigma=(0.1, 2.0))], p=view.blur_probability(index)),
+        v2.RandomApply([v2.GaussianBlur(view.blur_kernel_px(), sigma=(0.1, 2.0))], p=view.blur_probability(index)),
     ]
     if view.solarize_probability(index) > 0:
         ops.append(v2.RandomSolarize(threshold=128, p=view.solarize_probability(index)))
@@ -184,11 +193,19 @@ class MultiViewTransform:
         return [t(image) for t in self.transforms]
 
 
-def build_eval_transform(mean, std, resize: int | None, crop: int | None) -> v2.Compose:
-    """Validation transform: resize then centre crop (both skipped when null, e.g. CIFAR at 32 px)."""
+EVAL_INTERPOLATIONS = {
+    "bilinear": v2.InterpolationMode.BILINEAR,
+    "bicubic": v2.InterpolationMode.BICUBIC,
+    "nearest": v2.InterpolationMode.NEAREST,
+}
+
+
+def build_eval_transform(mean, std, resize: int | None, crop: int | None, interpolation: str = "bilinear") -> v2.Compose:
+    """Validation transform: resize (``interpolation``: bilinear, bicubic or nearest) then centre
+    crop, both skipped when null (e.g. CIFAR at 32 px)."""
     ops: list[Any] = [v2.PILToTensor()]
     if resize:
-        ops.append(v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True))
+        ops.append(v2.Resize(resize, interpolation=EVAL_INTERPOLATIONS[interpolation], antialias=True))
     if crop:
         ops.append(v2.CenterCrop(crop))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]

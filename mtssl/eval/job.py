@@ -20,14 +20,14 @@ from mtssl.eval.features import extract_features
 from mtssl.eval.knn import knn_classify
 from mtssl.eval.linear import linear_probe
 from mtssl.distributed.fsdp import full_state_dict, state_sha256
-from mtssl.model.siamese import build_backbone
+from mtssl.model.siamese import backbone_kwargs, build_backbone
 from mtssl.data.views import build_eval_transform
 
 log = logging.getLogger(__name__)
 
 
 def _frozen_backbone(cfg: DictConfig, state: dict, device: torch.device) -> torch.nn.Module:
-    backbone = build_backbone(cfg.backbone.timm_name, small_images=cfg.data.small_images, **dict(cfg.backbone.get("kwargs") or {}))
+    backbone = build_backbone(cfg.backbone.timm_name, small_images=cfg.data.small_images, **backbone_kwargs(cfg.backbone))
     backbone.load_state_dict(state)
     return backbone.to(device).eval().requires_grad_(False)
 
@@ -57,7 +57,7 @@ def evaluate_backbones(cfg: DictConfig, env: DistEnv, outcome, out_dir: Path, wr
     if env.is_main:
         torch.save({"backbone": cfg.backbone.timm_name, "state_dict": online_state}, out_dir / "backbone.pth")
 
-    transform = build_eval_transform(cfg.data.mean, cfg.data.std, cfg.data.eval_resize, cfg.data.eval_crop)
+    transform = build_eval_transform(cfg.data.mean, cfg.data.std, cfg.data.eval_resize, cfg.data.eval_crop, cfg.data.eval_interpolation)
     train_samples, val_samples = evaluation_samples(cfg, outcome.train_samples)
     train_set, val_set = EvalImageFolder(train_samples, transform), EvalImageFolder(val_samples, transform)
     num_classes = 1 + max(label for _, label in train_samples + val_samples)

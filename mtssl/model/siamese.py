@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 import timm
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from mtssl.model.ghost_bn import GhostBatchNorm, grouped_views_mode
@@ -52,6 +53,28 @@ def build_backbone(timm_name: str, small_images: bool = False, **timm_kwargs) ->
         model.conv1 = nn.Conv2d(3, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     return model
+
+
+def without_drop_path(module: nn.Module) -> nn.Module:
+    """Replace every timm ``DropPath`` in ``module`` by an identity, in place; returns ``module``.
+
+    The EMA target of a drop-path recipe (ViT BYOL: online only) runs in train mode like the
+    online network, so its stochastic depth has to be removed, not just switched off by eval().
+    DropPath holds no parameters: state dicts and FSDP shards are unchanged.
+    """
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, DropPath):
+                setattr(parent, name, nn.Identity())
+    return module
+
+
+def backbone_kwargs(backbone_cfg) -> dict:
+    """timm arguments of a ``backbone`` config: ``kwargs`` plus ``zero_init_last`` when set (ResNets)."""
+    kwargs = dict(backbone_cfg.get("kwargs") or {})
+    if backbone_cfg.get("zero_init_last") is not None:
+        kwargs["zero_init_last"] = bool(backbone_cfg.zero_init_last)
+    return kwargs
 
 
 def feature_dim(backbone: nn.Module) -> int:
@@ -178,12 +201,21 @@ def _scatter_chunks(batch: torch.Tensor, indices: Sequence[int], outputs: list) 
 
 
 def build_model(cfg, task_names: Sequence[str], small_images: bool, ema_target: bool) -> MultiTaskSiamese:
-    """Build the network from the ``backbone``, ``method`` and ``predictor`` config groups."""
-    backbone = build_backbone(cfg.backbone.timm_name, small_images=small_images, **dict(cfg.backbone.get("kwargs") or {}))
+    """Build the network from the ``backbone``, ``method`` and ``predictor`` config groups.
+
+    ``backbone.drop_path_rate`` (timm stochastic depth) applies to the online backbone only.
+    """
+    timm_kwargs = backbone_kwargs(cfg.backbone)
+    if cfg.backbone.get("drop_path_rate"):  # only when set: not every timm model takes the argument
+        timm_kwargs["drop_path_rate"] = cfg.backbone.drop_path_rate
+    backbone = build_backbone(cfg.backbone.timm_name, small_images=small_images, **timm_kwargs)
     proj = cfg.method.projector
     projector = mlp(feature_dim(backbone), list(proj.hidden_dims), proj.out_dim, proj.last_bn)
     pred = cfg.method.predictor
     keys = [SHARED_PREDICTOR] if cfg.predictor.mode == "shared" else list(task_names)
     predictors = {k: mlp(proj.out_dim, list(pred.hidden_dims), pred.out_dim, pred.last_bn) for k in keys}
     grouped = grouped_views_mode(cfg.train.get("grouped_views"))  # checked before any weights are built
-    return MultiTaskSiamese(Encoder(backbone, projector), predictors, ema_target, grouped_views=grouped)
+    model = MultiTaskSiamese(Encoder(backbone, projector), predictors, ema_target, grouped_views=grouped)
+    if model.target is not None:
+        without_drop_path(model.target)
+    return model

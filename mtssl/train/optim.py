@@ -78,11 +78,13 @@ class LARS(torch.optim.Optimizer):
         return state["momentum_buffer"]
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, fixed_lr_prefixes: tuple[str, ...] = ()) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float, fixed_lr_prefixes: tuple[str, ...] = (),
+                     weight_decay_1d: bool = False) -> list[dict]:
     """Split trainable parameters into groups.
 
-    1-D parameters (biases, norm scales) get no weight decay and no LARS adaptation. Parameters
-    whose name starts with one of ``fixed_lr_prefixes`` keep the peak lr (SimSiam's predictor).
+    1-D parameters (biases, norm scales) get no LARS adaptation, and no weight decay unless
+    ``weight_decay_1d`` (SimSiam decays every parameter). Parameters whose name starts with one
+    of ``fixed_lr_prefixes`` keep the peak lr (SimSiam's predictor).
     """
     groups: dict[tuple[bool, bool], dict] = {}
     for name, p in model.named_parameters():
@@ -92,14 +94,15 @@ def parameter_groups(model: nn.Module, weight_decay: float, fixed_lr_prefixes: t
         fixed = name.startswith(fixed_lr_prefixes) if fixed_lr_prefixes else False
         key = (is_1d, fixed)
         if key not in groups:
-            groups[key] = dict(params=[], weight_decay=0.0 if is_1d else weight_decay, lars_exclude=is_1d, fixed_lr=fixed)
+            decay = weight_decay if weight_decay_1d or not is_1d else 0.0
+            groups[key] = dict(params=[], weight_decay=decay, lars_exclude=is_1d, fixed_lr=fixed)
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 
 
 def build_optimizer(optim_cfg, model: nn.Module, peak_lr: float, fixed_lr_prefixes: tuple[str, ...] = ()) -> torch.optim.Optimizer:
     """``optim.name`` in {lars, sgd, adamw}; the lr is set per step by ``lr_at_step``."""
-    groups = parameter_groups(model, optim_cfg.weight_decay, fixed_lr_prefixes)
+    groups = parameter_groups(model, optim_cfg.weight_decay, fixed_lr_prefixes, bool(optim_cfg.weight_decay_1d))
     name = optim_cfg.name
     if name == "lars":
         return LARS(groups, lr=peak_lr, weight_decay=optim_cfg.weight_decay, momentum=optim_cfg.momentum, trust_coefficient=optim_cfg.trust_coefficient)
@@ -117,10 +120,17 @@ def peak_learning_rate(base_lr: float, global_batch_size: int) -> float:
     return base_lr * global_batch_size / 256
 
 
-def lr_at_step(step: int, total_steps: int, warmup_steps: int, peak_lr: float, final_ratio: float = 0.001) -> float:
-    """Linear warmup from 0, then cosine from ``peak_lr`` down to ``final_ratio * peak_lr``."""
+def lr_at_step(step: int, total_steps: int, warmup_steps: int, peak_lr: float, final_ratio: float = 0.001,
+               steps_per_update: int = 1) -> float:
+    """Linear warmup from 0, then cosine from ``peak_lr`` down to ``final_ratio * peak_lr``.
+
+    ``steps_per_update``: after the warmup (always per step, so no block is spent at lr 0) the lr
+    only changes every that many steps, holding the value of the first step of each block (the
+    steps per epoch give SimSiam's schedule set once per epoch).
+    """
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
+    step = max(warmup_steps, step - step % max(1, steps_per_update))
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     final = final_ratio * peak_lr

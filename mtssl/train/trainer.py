@@ -273,7 +273,11 @@ class Trainer:
         return ema_momentum(step, self.total_steps, self.cfg.train.ema_tau)
 
     def learning_rate(self, step: int) -> float:
-        return lr_at_step(step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.optim.final_lr_ratio)
+        per_epoch = self.cfg.optim.schedule_per == "epoch"
+        return lr_at_step(
+            step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.optim.final_lr_ratio,
+            steps_per_update=self.sampler.steps_per_epoch if per_epoch else 1,
+        )
 
     # ------------------------------------------------------------------ the loop
     # "warn" or "error": torch.cuda.set_sync_debug_mode for the steps between logging steps
