@@ -21,6 +21,8 @@ from mtssl.data.views import TARGET_VIEW_TYPE, VIEW_TYPES, build_view_layout
 CONFIG_MODULE = "mtssl.conf"
 PREDICTOR_MODES = ("separate", "shared")
 OPTIMIZERS = ("lars", "sgd", "adamw")
+LINEAR_PROTOCOLS = ("frozen_features", "augmented")  # eval.linear_protocols
+FEATURE_DTYPE_NAMES = ("fp32", "bf16", "fp16")  # eval.feature_dtype; mtssl.eval.features maps them to torch dtypes
 
 # Fields that do not change what is trained: they may differ when a run is resumed.
 NON_TRAINING_FIELDS = (
@@ -178,6 +180,12 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
     _require(0 < cfg.eval.linear_holdout < 1, f"eval.linear_holdout: must be in (0, 1), got {cfg.eval.linear_holdout}")
     _require(len(cfg.eval.linear_lrs) > 0, "eval.linear_lrs: give at least one learning rate")
     _require(all(k > 0 for k in cfg.eval.knn_k), f"eval.knn_k: values must be positive, got {list(cfg.eval.knn_k)}")
+    _require(
+        cfg.eval.get("feature_dtype", "fp32") in FEATURE_DTYPE_NAMES,
+        f"eval.feature_dtype: {cfg.eval.get('feature_dtype')!r}; valid values are {list(FEATURE_DTYPE_NAMES)} "
+        f"(fp32 keeps today's results bitwise; bf16/fp16 halve the banks' device memory)",
+    )
+    _validate_eval(cfg, world_size)
     from mtssl.data.fast_augment import AUGMENTATION_PIPELINES
 
     _require(
@@ -186,6 +194,25 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
     )
     if check_data:
         _validate_data(cfg)
+
+
+def _validate_eval(cfg: DictConfig, world_size: int) -> None:
+    ev = cfg.eval
+    _require(ev.batch_size > 0, f"eval.batch_size: must be positive, got {ev.batch_size}")
+    _require(ev.linear_epochs >= 1, f"eval.linear_epochs: must be >= 1, got {ev.linear_epochs}")
+    _require(ev.linear_batch_size >= 2, f"eval.linear_batch_size: must be >= 2 (BatchNorm needs two samples), got {ev.linear_batch_size}")
+    _require(all(lr > 0 for lr in ev.linear_lrs), f"eval.linear_lrs: learning rates must be positive, got {list(ev.linear_lrs)}")
+    protocols = list(ev.get("linear_protocols") or [])
+    _require(
+        len(protocols) > 0 and all(p in LINEAR_PROTOCOLS for p in protocols),
+        f"eval.linear_protocols: {protocols}; give one or both of {list(LINEAR_PROTOCOLS)}, e.g. eval.linear_protocols=[frozen_features]",
+    )
+    _require(ev.augmented_epochs >= 1, f"eval.augmented_epochs: must be >= 1, got {ev.augmented_epochs}")
+    _require(ev.augmented_lr > 0, f"eval.augmented_lr: must be positive, got {ev.augmented_lr}")
+    _require(
+        ev.augmented_batch_size > 0 and ev.augmented_batch_size % world_size == 0,
+        f"eval.augmented_batch_size: {ev.augmented_batch_size} must be a positive multiple of the {world_size} ranks",
+    )
 
 
 def _validate_backbone(cfg: DictConfig) -> None:

@@ -22,7 +22,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mtssl.distributed.checkpoint import CheckpointMismatch
+from mtssl.distributed.checkpoint import CheckpointMismatch, write_json_atomic
 from mtssl.config import ConfigError, resolve_config, validate_config
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
 from mtssl.train.trainer import PretrainOutcome, StopRequest, Trainer, TrainingInterrupted, configure_determinism
@@ -60,12 +60,6 @@ def setup_logging(out_dir: Path, env: DistEnv) -> None:
         file_handler = logging.FileHandler(out_dir / "train.log")
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def read_results(out_dir: Path) -> dict | None:
@@ -127,9 +121,13 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         outcome = trainer.fit(stop, writer)
         results.update(_outcome_fields(outcome, cfg))
         if outcome.status == "completed":
-            from mtssl.eval.job import evaluate_backbones  # noqa: deferred, heavy
+            from mtssl.eval.job import EvaluationInterrupted, evaluate_backbones  # noqa: deferred, heavy
 
-            results.update(evaluate_backbones(cfg, env, outcome, out_dir, writer))
+            try:
+                results.update(evaluate_backbones(cfg, env, outcome, out_dir, writer, stop))
+            except EvaluationInterrupted as interrupt:  # finished phases are in eval_state.json
+                log.warning("%s; rerun the same command to resume", interrupt)
+                return EXIT_INTERRUPTED
     except TrainingInterrupted as interrupt:
         log.warning("%s; rerun the same command to resume", interrupt)
         return EXIT_INTERRUPTED
