@@ -18,7 +18,9 @@ The ``status`` column of a row is one of ``STATUSES``:
 
 Configuration columns (method, views, predictor, backbone, data, seed, epochs) come from the job's axes in
 ``sweep.json`` first, then from ``results.json``; ``config.yaml`` is read only for jobs without a usable
-``results.json`` (running or malformed ones), so gathering stays fast. Metric columns are percentages
+``results.json`` (running or malformed ones) or with one written before it recorded ``config_hash_without_seed``,
+so gathering stays fast. ``config_hash_without_seed`` (the training config's hash, seed left out) tells jobs
+of different training configs apart: the tables never put two of them in one cell. Metric columns are percentages
 (0..100) exactly as the job wrote them; nested entries are flattened (``knn.k10.top1`` -> ``knn_k10_top1``,
 ``final_losses.loss_local`` -> ``final_loss_local``).
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -35,14 +38,17 @@ from typing import Any, Iterable
 import pandas as pd
 import yaml
 
+from mtssl.distributed.progress import progress_bar
+
 STATUSES = ("completed", "diverged", "failed", "running", "missing", "malformed")
 RESULT_STATUSES = ("completed", "diverged", "failed")
 
 ID_COLUMNS = ["sweep", "sweep_dir", "ablation", "profile", "axes", "job", "job_dir", "status", "message"]
 CONFIG_FIELDS = ["method", "views", "predictor", "backbone", "data", "seed", "epochs", "steps"]
 METRIC_COLUMNS = ["knn_top1", "knn_top5", "knn_top1_target", "knn_top5_target", "linear_top1", "linear_top5"]
-RUN_FIELDS = ["wall_time_s", "images_per_s", "world_size", "skipped_images", "git_revision", "weights_sha256",
-              "error"]
+RUN_FIELDS = ["wall_time_s", "train_time_s", "eval_time_s", "images_per_s", "world_size", "skipped_images", "git_revision",
+              "weights_sha256", "config_hash", "config_hash_without_seed", "error"]
+CELL_HASH = "config_hash_without_seed"  # what the seeds of one table cell share
 INTEGER_COLUMNS = ["seed", "epochs", "steps", "world_size", "skipped_images", "last_checkpoint_step"]
 
 # Axis names in sweep.json that are stored under a different column name.
@@ -56,6 +62,8 @@ STARTED_MARKERS = ("config.yaml", "train.log", "tb", "checkpoints")
 # Sub-directories of a sweep that are never jobs.
 NON_JOB_DIRS = {"tables", ".submitit", "logs", "__pycache__"}
 
+# Sweeps with more jobs than this show a progress bar (on stderr) while they are gathered.
+PROGRESS_MIN_JOBS = 200
 # Malformed jobs listed one by one in the messages; the rest are counted.
 MAX_LISTED_PROBLEMS = 3
 
@@ -111,7 +119,8 @@ def _gather_one(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
     records = []
     listed = set()
-    for job in spec.get("jobs", []):
+    for job in progress_bar(spec.get("jobs", []), desc=f"gathering {sweep_dir.name}", unit="job",
+                            min_items=PROGRESS_MIN_JOBS, file=sys.stderr):
         listed.add(job["name"])
         records.append(_gather_job(sweep_dir / job["name"], job["name"], job["axes"], spec_axes, sweep_info))
 
@@ -205,6 +214,8 @@ def _gather_job(job_dir: Path, name: str, axes: dict[str, Any], spec_axes: list[
     if results is None and job_dir.is_dir():
         for key, value in _config_fields(job_dir / "config.yaml").items():
             record.setdefault(key, value)
+    if record.get(CELL_HASH) is None and (job_dir / "config.yaml").is_file():
+        record[CELL_HASH] = _seedless_hash(job_dir / "config.yaml")
     # Axes from sweep.json describe the grid and take precedence over what the job recorded.
     for key, value in axes.items():
         record[AXIS_COLUMN_ALIASES.get(key, key)] = value
@@ -281,6 +292,19 @@ def _config_fields(path: Path) -> dict[str, Any]:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             fields[name] = value
     return fields
+
+
+def _seedless_hash(path: Path) -> str | None:
+    """``config_hash_without_seed`` of a job's resolved config.yaml, as the job itself records it; None if unreadable."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mtssl.config import config_hash
+
+    try:
+        return config_hash(OmegaConf.load(path), ignore=("train.seed",))
+    except (OSError, OmegaConfBaseException, ValueError, yaml.YAMLError, AttributeError):
+        return None
 
 
 def _to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:

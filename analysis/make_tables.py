@@ -8,7 +8,7 @@ unless ``--out`` is given. It receives:
   ``results.csv``                 every job, one row each (see analysis/gather.py for the columns and statuses);
   ``<table>.md``, ``.tex``, ``.csv``   one table per (ablation, profile) (see analysis/tables.py for the layouts and
                                   the number format, e.g. ``72.3 ± 0.4 (n=3)``);
-  ``plots/<table>_*.png``         training loss per task, kNN during training, embedding std (analysis/plots.py);
+  ``plots/<table>_*.png``         loss per task and kNN over steps, embedding std, metrics per cell (analysis/plots.py);
   ``README.md``                   the index: every table inline, links to all files, the plots, the jobs that did
                                   not complete and any notes about the input.
 Sweeps of the same ablation and profile are combined into one table (their seeds pool); different ones get
@@ -33,7 +33,7 @@ import pandas as pd  # noqa: E402
 
 from analysis.gather import STATUSES, AnalysisError, gather_sweeps  # noqa: E402
 from analysis.plots import plot_jobs  # noqa: E402
-from analysis.tables import LEGEND, Table, build_tables, to_markdown, write_table  # noqa: E402
+from analysis.tables import Table, build_tables, legend, to_markdown, write_table  # noqa: E402
 
 log = logging.getLogger("analysis.make_tables")
 
@@ -76,7 +76,7 @@ def make_tables(sweep_dirs: Iterable[Path | str] | Path | str, out_dir: Path | s
         files = write_table(table, out_dir)
         plot_paths: list[Path] = []
         if plots:
-            plot_paths, plot_messages = plot_jobs(table.jobs, out_dir / "plots", table.name)
+            plot_paths, plot_messages = plot_jobs(table.jobs, out_dir / "plots", table.name, table)
             messages += plot_messages
         sections.append((table, files, plot_paths))
 
@@ -102,7 +102,8 @@ def _index(sweep_dirs: list[Path], frame: pd.DataFrame, sections: list[tuple[Tab
         lines.append(f"- `{sweep_dir}`" + (f": {kind}" if kind else "") + f", {len(jobs)} jobs")
     counts = frame["status"].value_counts()
     lines += ["", "Jobs: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES if s in counts)
-              + ". Every job, one row each: [results.csv](results.csv).", "", LEGEND, ""]
+              + ". Every job, one row each: [results.csv](results.csv).", "",
+              legend([table for table, _, _ in sections]), ""]
 
     for table, files, plot_paths in sections:
         lines += [f"## {table.title}", "", to_markdown(table),

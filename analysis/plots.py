@@ -1,105 +1,246 @@
-"""PNG plots of a sweep's training curves, read from each job's TensorBoard event files (``<job dir>/tb``).
+"""PNG plots of a table's jobs: training curves from each job's TensorBoard events (``<job dir>/tb``), and the
+table's metrics per ablation cell.
 
-For the jobs of one table, ``plot_jobs`` writes (each only when some job logged the tags):
+For the jobs of one table, ``plot_jobs`` writes (each only when there is something to draw):
   ``<name>_loss.png``            one panel per task loss (``train/loss``, ``train/loss_global``, ``train/loss_local``,
-                                 ``train/loss_cutout``) over steps, one line per job;
-  ``<name>_knn.png``             ``eval/knn_top1`` over steps, for jobs evaluated during training;
+                                 ``train/loss_cutout``) over steps;
+  ``<name>_knn.png``             ``eval/knn_top1`` over steps (during training when logged, else the final value);
   ``<name>_embedding_std.png``   ``train/embedding_std``, the collapse monitor: the per-dimension std of the
                                  normalised embeddings, which falls to 0 when the representation collapses (about
-                                 1/sqrt(d) for a d-dimensional embedding that uses all its dimensions).
-Jobs that did not complete are drawn dashed. Non-finite values (a diverging loss) are left as gaps. Figures are
-drawn on matplotlib's Agg canvas without pyplot, so no display is needed and the global backend is untouched.
+                                 1/sqrt(d) for a d-dimensional embedding that uses all its dimensions);
+  ``<name>_cells.png``           each metric of the table per ablation cell: a bar at the mean over completed
+                                 seeds, the sample std as error bar, each seed as a dot, n under the bar.
+Curves: with up to ``MAX_LEGEND_ENTRIES`` jobs, one line per job; with more, one line per ablation cell (its
+seeds averaged on a common step grid, their range shaded). Jobs that did not complete are drawn dashed.
+Non-finite values (a diverging loss) are left as gaps. Each figure's title names the table and how many jobs
+(and of which sweeps) it covers; its legend names them. Curves are read with ``analysis.events`` (a bounded
+number of points per curve). Figures are drawn on matplotlib's Agg canvas without pyplot, so no display is
+needed and the global backend is untouched.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from analysis.events import read_scalars
+from analysis.tables import Table
+from mtssl.distributed.progress import progress_bar
 
 LOSS_TAGS = ["train/loss", "train/loss_global", "train/loss_local", "train/loss_cutout"]
 KNN_TAG = "eval/knn_top1"
 EMBEDDING_STD_TAG = "train/embedding_std"
 MAX_LEGEND_ENTRIES = 12
+GRID_POINTS = 100          # common steps on which the seeds of a cell are averaged
+PROGRESS_MIN_JOBS = 200    # show a progress bar (stderr) when reading the events of more jobs
+PARALLEL_MIN_JOBS = 100    # read the events of more jobs in MAX_READERS processes
+MAX_READERS = 8
+SEED_AXES = ("seed", "train.seed")
 
-# Keep every scalar event; skip loading the heavier plugin data.
-_SIZE_GUIDANCE = {"scalars": 0, "tensors": 1, "images": 1, "audio": 1, "histograms": 1, "distributions": 1,
-                  "compressedHistograms": 1}
-
-
-def read_scalars(tb_dir: Path) -> dict[str, pd.DataFrame]:
-    """All scalar series of a TensorBoard log directory as {tag: DataFrame(step, value)}, sorted by step."""
-    accumulator = EventAccumulator(str(tb_dir), size_guidance=_SIZE_GUIDANCE)
-    accumulator.Reload()
-    series = {}
-    for tag in accumulator.Tags().get("scalars", []):
-        events = accumulator.Scalars(tag)
-        frame = pd.DataFrame({"step": [e.step for e in events],
-                              "value": [e.value if math.isfinite(e.value) else math.nan for e in events]})
-        series[tag] = frame.sort_values("step", kind="stable").reset_index(drop=True)
-    return series
+__all__ = ["plot_jobs", "read_scalars"]
 
 
-def plot_jobs(jobs: pd.DataFrame, out_dir: Path, name: str) -> tuple[list[Path], list[str]]:
-    """Write the loss, kNN and embedding-std plots of these jobs into out_dir; returns (paths, messages)."""
-    messages = []
-    curves: dict[str, tuple[dict[str, pd.DataFrame], bool]] = {}  # job -> (scalars, completed)
-    for job in jobs.itertuples(index=False):
-        tb_dir = Path(job.job_dir) / "tb"
-        if not tb_dir.is_dir():
-            continue
-        try:
-            scalars = read_scalars(tb_dir)
-        except Exception as exc:  # a corrupt event file must not stop the tables being written
-            messages.append(f"{tb_dir}: TensorBoard events could not be read ({exc}); job left out of the plots")
-            continue
-        if scalars:
-            curves[str(job.job)] = (scalars, job.status == "completed")
-    if not curves:
-        messages.append(f"{name}: no TensorBoard scalars found in the job directories; no plots written")
-        return [], messages
+class Curves:
+    """The scalars of one job (or one cell's average): {tag: DataFrame(step, value[, low, high])}."""
 
+    def __init__(self, label: str, scalars: dict[str, pd.DataFrame], completed: bool) -> None:
+        self.label, self.scalars, self.completed = label, scalars, completed
+
+
+def plot_jobs(jobs: pd.DataFrame, out_dir: Path, name: str, table: Table | None = None) -> tuple[list[Path], list[str]]:
+    """Write the curve plots of these jobs and, given their table, its per-cell bar chart; returns (paths, messages)."""
+    messages: list[str] = []
+    paths: list[Path] = []
+    covers = _covers(jobs)
+    if table is not None and _has_values(table):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{name}_cells.png"
+        _plot_cells(table, path, f"{name}: {covers}")
+        paths.append(path)
+
+    per_job: list[tuple[object, Curves]] = []
+    rows = [job for job in jobs.itertuples(index=False) if (Path(job.job_dir) / "tb").is_dir()]
+    tb_dirs = [Path(job.job_dir) / "tb" for job in rows]
+    with _reader(len(tb_dirs)) as pool:
+        read = pool.map(_read_job, tb_dirs, chunksize=16) if pool else map(_read_job, tb_dirs)
+        for job, (scalars, problem) in zip(rows, progress_bar(read, desc=f"reading curves of {name}", unit="job",
+                                                              total=len(rows), min_items=PROGRESS_MIN_JOBS,
+                                                              file=sys.stderr)):
+            if problem:
+                messages.append(problem)
+            elif scalars:
+                per_job.append((job, Curves(str(job.job), scalars, job.status == "completed")))
+    if not per_job:
+        messages.append(f"{name}: no TensorBoard scalars found in the job directories; no curve plots written")
+        return paths, messages
+
+    if len(per_job) <= MAX_LEGEND_ENTRIES:
+        curves = [c for _, c in per_job]
+        subject = f"{name}: {covers}, one line per job"
+    else:
+        curves = _cell_means(per_job)
+        subject = f"{name}: {covers}; mean over seeds per cell, range shaded ({len(curves)} cells)"
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    loss_tags = [tag for tag in LOSS_TAGS if any(tag in scalars for scalars, _ in curves.values())]
+    loss_tags = [tag for tag in LOSS_TAGS if any(tag in c.scalars for c in curves)]
     for suffix, tags, ylabel in (("loss", loss_tags, "loss"), ("knn", [KNN_TAG], "kNN top-1 (%)"),
                                  ("embedding_std", [EMBEDDING_STD_TAG], "embedding std")):
-        if tags and any(tag in scalars for scalars, _ in curves.values() for tag in tags):
+        if tags and any(tag in c.scalars for c in curves for tag in tags):
             path = out_dir / f"{name}_{suffix}.png"
-            _plot_panels(curves, tags, ylabel, path)
+            _plot_panels(curves, tags, ylabel, path, subject)
             paths.append(path)
     return paths, messages
 
 
-def _plot_panels(curves: dict[str, tuple[dict[str, pd.DataFrame], bool]], tags: list[str], ylabel: str,
-                 path: Path) -> None:
-    """One panel per tag, one line per job that logged it."""
-    figure = Figure(figsize=(4.5 * len(tags), 3.4), layout="constrained")
+def _read_job(tb_dir: Path) -> tuple[dict[str, pd.DataFrame], str | None]:
+    """A job's curves, or a message when its events cannot be read (which must not stop the tables)."""
+    try:
+        return read_scalars(tb_dir), None
+    except Exception as exc:
+        return {}, f"{tb_dir}: TensorBoard events could not be read ({exc}); job left out of the plots"
+
+
+def _reader(n_jobs: int):
+    """Processes that read many jobs' events in parallel (None: read here, for few jobs or one core)."""
+    workers = min(MAX_READERS, os.cpu_count() or 1)
+    if n_jobs < PARALLEL_MIN_JOBS or workers < 2:
+        return contextlib.nullcontext()
+    return ProcessPoolExecutor(max_workers=workers)
+
+
+def _covers(jobs: pd.DataFrame) -> str:
+    """``12 jobs of sweep_a (10 completed)``: what a figure covers."""
+    sweeps = sorted(set(map(str, jobs["sweep"]))) if "sweep" in jobs.columns else []
+    completed = int((jobs["status"] == "completed").sum()) if "status" in jobs.columns else 0
+    where = f" of {', '.join(sweeps)}" if sweeps and len(sweeps) <= 3 else (f" of {len(sweeps)} sweeps" if sweeps else "")
+    return f"{len(jobs)} jobs{where} ({completed} completed)"
+
+
+def _cell_label(job) -> str:
+    """The job's ablation cell: its axis values without the seed (the job name when it has no axes)."""
+    axes = [a for a in str(getattr(job, "axes", "") or "").split(",") if a and a not in SEED_AXES]
+    values = [f"{a}={getattr(job, a)}" for a in axes if hasattr(job, a)]
+    return ",".join(values) or str(job.job)
+
+
+def _cell_means(per_job: list[tuple[object, Curves]]) -> list[Curves]:
+    """One curve per cell: its jobs' values interpolated on a common step grid, mean with min/max."""
+    cells: dict[str, list[Curves]] = {}
+    for job, curves in per_job:
+        cells.setdefault(_cell_label(job), []).append(curves)
+    merged = []
+    for label, members in cells.items():
+        scalars = {}
+        for tag in sorted({t for c in members for t in c.scalars}):
+            series = []
+            for c in members:  # numpy, not pandas, per series: a 1,000-job sweep has ~10,000 of them
+                if tag in c.scalars:
+                    steps, values = c.scalars[tag]["step"].to_numpy(), c.scalars[tag]["value"].to_numpy()
+                    finite = np.isfinite(values)
+                    if finite.any():
+                        series.append((steps[finite], values[finite]))
+            if not series:
+                continue
+            first = min(int(st[0]) for st, _ in series)
+            last = max(int(st[-1]) for st, _ in series)
+            grid = np.unique(np.linspace(first, last, GRID_POINTS).round().astype(np.int64))
+            stacked = np.full((len(series), len(grid)), np.nan)
+            for i, (steps, values) in enumerate(series):
+                inside = (grid >= steps[0]) & (grid <= steps[-1])
+                stacked[i, inside] = np.interp(grid[inside], steps, values)
+            counted = np.isfinite(stacked).any(axis=0)
+            with np.errstate(all="ignore"):
+                scalars[tag] = pd.DataFrame({"step": grid[counted], "value": np.nanmean(stacked[:, counted], axis=0),
+                                             "low": np.nanmin(stacked[:, counted], axis=0),
+                                             "high": np.nanmax(stacked[:, counted], axis=0)})
+        merged.append(Curves(f"{label} (n={len(members)})", scalars, all(c.completed for c in members)))
+    return merged
+
+
+def _plot_panels(curves: list[Curves], tags: list[str], ylabel: str, path: Path, subject: str) -> None:
+    """One panel per tag, one line per job (or cell) that logged it."""
+    figure = Figure(figsize=(4.5 * len(tags), 3.6), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(tags), squeeze=False)[0]
     for ax, tag in zip(axes, tags):
-        for i, (job, (scalars, completed)) in enumerate(curves.items()):
-            if tag in scalars:
-                series = scalars[tag]
-                # Same colour for a job in every panel; a marker keeps a lone finite point visible.
-                ax.plot(series["step"], series["value"], color=f"C{i % 10}", linestyle="-" if completed else "--",
-                        linewidth=1.2, label=job, marker="." if series["value"].notna().sum() < 2 else None)
+        for i, c in enumerate(curves):
+            if tag not in c.scalars:
+                continue
+            series = c.scalars[tag]
+            colour = f"C{i % 10}"
+            # Same colour for a job in every panel; a marker keeps a lone finite point visible.
+            ax.plot(series["step"], series["value"], color=colour, linestyle="-" if c.completed else "--",
+                    linewidth=1.2, label=c.label, marker="o" if series["value"].notna().sum() < 2 else None)
+            if "low" in series:
+                ax.fill_between(series["step"], series["low"], series["high"], color=colour, alpha=0.15, linewidth=0)
         ax.set_title(tag)
-        ax.set_xlabel("step")
+        ax.set_xlabel("training step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+    figure.suptitle(subject + " (dashed: not completed)", fontsize="medium")
     if len(curves) <= MAX_LEGEND_ENTRIES:
         by_label = {}
         for ax in axes:
             by_label.update(zip(*reversed(ax.get_legend_handles_labels())))
         figure.legend(list(by_label.values()), list(by_label), loc="outside lower center", fontsize="small",
-                      ncols=min(len(tags), len(by_label)))
-    else:
-        figure.suptitle(f"{len(curves)} jobs (dashed: not completed)")
+                      ncols=max(1, min(len(tags), len(by_label))))
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def _has_values(table: Table) -> bool:
+    return any(cell.n for row in table.cells for cell, column in zip(row, table.columns) if not column.delta_of)
+
+
+def cell_bars(table: Table, metric: str) -> list[dict]:
+    """The bars of one metric (a column label, e.g. ``kNN``): per table cell, in table order, its label
+    (``byol / shared``), n, the mean and sample std over completed seeds, and the seeds' values."""
+    bars = []
+    for row, cells in zip(table.rows, table.cells):
+        for cell, column in zip(cells, table.columns):
+            if column.delta_of or column.label != metric:
+                continue
+            parts = [*row] + ([column.value] if column.value else [])
+            bars.append({"cell": " / ".join(map(str, parts)), "n": cell.n, "mean": cell.mean, "std": cell.std,
+                         "values": list(cell.values)})
+    return bars
+
+
+def _plot_cells(table: Table, path: Path, subject: str) -> None:
+    """One panel per metric (stacked): a bar per cell (mean over seeds), the sample std as error bar, seeds as dots."""
+    metrics = list(dict.fromkeys(c.label for c in table.columns if not c.delta_of))
+    n_cells = len(table.rows) * max(1, sum(1 for c in table.columns if not c.delta_of) // max(1, len(metrics)))
+    figure = Figure(figsize=(min(20.0, max(6.0, 0.45 * n_cells)), 3.8 * len(metrics)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(metrics), 1, squeeze=False)[:, 0]
+    for ax, metric in zip(axes, metrics):
+        bars = cell_bars(table, metric)
+        labels = [f"{b['cell']} (n={b['n']})" for b in bars]
+        means = [np.nan if b["mean"] is None else b["mean"] for b in bars]
+        stds = [b["std"] or 0.0 for b in bars]
+        dots = [b["values"] for b in bars]
+        x = np.arange(len(labels))
+        ax.bar(x, means, yerr=stds, capsize=3, color="C0", alpha=0.6)
+        for i, values in enumerate(dots):
+            ax.scatter(np.full(len(values), x[i]), values, color="k", s=10, zorder=3)
+        rotate = len(labels) > 4
+        ax.set_xticks(x, labels, rotation=60 if rotate else 0, ha="right" if rotate else "center", fontsize="small")
+        values = [v for vs in dots for v in vs]
+        if values:  # zoom on the values: differences between cells are often a point or two
+            low, high = min(values), max(values)
+            margin = max(1.0, 0.15 * (high - low))
+            ax.set_ylim(max(0.0, low - margin - max(stds, default=0)), min(100.0, high + margin + max(stds, default=0)))
+        ax.set_xlabel(" / ".join(table.row_axes + ([table.column_axis] if table.column_axis else [])))
+        ax.set_ylabel(f"{metric} top-1 (%)")
+        ax.grid(alpha=0.3, axis="y")
+    figure.suptitle(f"{subject}\nbar: mean over completed seeds, error bar: sample std, dots: seeds "
+                    f"(y axis zoomed on the values)", fontsize="medium")
     figure.savefig(path, dpi=100, bbox_inches="tight")

@@ -9,7 +9,10 @@ Layouts (row axes; column axis), chosen by the sweep's ``ablation``:
   anything else      a generic pivot over the axes that vary: the last varying axis becomes the columns
                      ("axis=value"), the others the rows.
 Any other axis that varies within a known layout is added to the rows, so no jobs are merged by accident. Seeds
-are never an axis of the table: they are what a cell aggregates. Sweeps of different ablations or profiles are
+are never an axis of the table: they are what a cell aggregates. Jobs of different training configs never share
+a cell either: when a cell would hold more than one ``config_hash_without_seed`` (say two sweeps of different
+``job_overrides``, or a field no axis names), a ``config`` row axis (the hash's first 8 characters) keeps them
+apart, and a message names the jobs. Sweeps of different ablations or profiles are
 never mixed in one table; each (ablation, profile) gets its own.
 
 Metrics: "kNN" is ``knn_top1`` (weighted kNN, k=20, online backbone), "linear" is ``linear_top1``; both top-1 in
@@ -39,11 +42,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 
 HEADLINE_METRICS = [("kNN", "knn_top1"), ("linear", "linear_top1")]
+CELL_HASH = "config_hash_without_seed"  # the training config's hash without the seed: what one cell's jobs share
+CONFIG_AXIS = "config"
 MARK_ORDER = ("diverged", "failed", "malformed", "running", "missing", "n/a")
 # Configuration fields that can be table axes even when sweep.json does not name them.
 STANDARD_AXES = ["method", "views", "predictor", "backbone", "data"]
@@ -118,6 +123,7 @@ class Table:
     columns: list[Column]
     cells: list[list[Cell]]
     jobs: pd.DataFrame
+    column_axis: str | None = None  # the axis whose values are the columns (None: columns are metrics only)
 
 
 def build_tables(frame: pd.DataFrame) -> tuple[list[Table], list[str]]:
@@ -170,6 +176,12 @@ def build_table(jobs: pd.DataFrame, ablation: str | None, name: str, title: str)
     if not row_axes:
         labels["config"] = "all"
         row_axes = ["config"]
+    split = _split_configs(jobs, labels, row_axes + ([column_axis] if column_axis else []))
+    if split is not None:
+        labels[CONFIG_AXIS], mixed = split
+        row_axes = [a for a in row_axes if a != "config"] + [CONFIG_AXIS]
+        messages.append(f"{name}: jobs of different training configs would share a cell; a '{CONFIG_AXIS}' row axis "
+                        f"(the first 8 characters of {CELL_HASH}) keeps them apart: " + "; ".join(mixed[:5]))
     rows = _ordered_rows(labels, row_axes)
     column_values = _ordered_values(labels[column_axis], column_axis) if column_axis else [""]
     if delta is not None and not all(v in column_values for v in delta):
@@ -209,14 +221,37 @@ def build_table(jobs: pd.DataFrame, ablation: str | None, name: str, title: str)
         cells.append(row_cells)
     _mark_best(cells)
 
-    identity = [c for c in group_axes if c in jobs.columns] + ["seed"]
+    identity = [c for c in group_axes if c in jobs.columns] + ["seed"] + ([CELL_HASH] if CELL_HASH in jobs.columns else [])
     done = jobs[completed & jobs["seed"].notna()]
     duplicated = done[done.duplicated(subset=identity, keep=False)]
     if not duplicated.empty:
         messages.append(f"{name}: {len(duplicated)} completed jobs share their configuration and seed with another "
                         f"job (the same run gathered twice?); each is counted in n: "
                         + ", ".join(sorted(duplicated["job"].astype(str).unique())[:5]))
-    return Table(name, title, row_axes, rows, columns, cells, jobs), messages
+    return Table(name, title, row_axes, rows, columns, cells, jobs, column_axis), messages
+
+
+def _split_configs(jobs: pd.DataFrame, labels: pd.DataFrame, cell_axes: list[str]) -> tuple[pd.Series, list[str]] | None:
+    """Per-job config labels when some cell would hold jobs of several training configs, and those cells described
+    (jobs by config); None when every cell holds one config. A job without a hash (not started) takes its cell's
+    config when the cell has only one."""
+    if CELL_HASH not in jobs.columns:
+        return None
+    hashes = jobs[CELL_HASH].where(jobs[CELL_HASH].map(lambda h: isinstance(h, str)))
+    config = pd.Series("?", index=jobs.index, dtype=object)
+    mixed, split = [], False
+    for key, part in labels.groupby(cell_axes, sort=False):
+        known = hashes.loc[part.index].dropna()
+        distinct = list(dict.fromkeys(known))
+        config.loc[known.index] = [h[:8] for h in known]
+        if len(distinct) == 1:
+            config.loc[part.index] = distinct[0][:8]
+        elif len(distinct) > 1:
+            split = True
+            cell = ",".join(map(str, key if isinstance(key, tuple) else (key,)))
+            by_config = {h[:8]: sorted(jobs.loc[known.index[known == h], "job_dir"].astype(str)) for h in distinct}
+            mixed.append(f"cell {cell}: " + ", ".join(f"{h} ({', '.join(d)})" for h, d in by_config.items()))
+    return (config, mixed) if split else None
 
 
 def _varying_axes(jobs: pd.DataFrame) -> list[str]:
@@ -369,7 +404,7 @@ def write_table(table: Table, out_dir: Path) -> dict[str, Path]:
     """Write ``<name>.md``, ``<name>.tex`` and ``<name>.csv`` into out_dir; returns {"md"|"tex"|"csv": path}."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{table.name}.{ext}" for ext in ("md", "tex", "csv")}
-    paths["md"].write_text(f"### {table.title}\n\n{to_markdown(table)}\n{LEGEND}\n", encoding="utf-8")
+    paths["md"].write_text(f"### {table.title}\n\n{to_markdown(table)}\n{legend([table])}\n", encoding="utf-8")
     paths["tex"].write_text(to_latex(table), encoding="utf-8")
     to_csv_frame(table).to_csv(paths["csv"], index=False)
     return paths
@@ -377,7 +412,18 @@ def write_table(table: Table, out_dir: Path) -> dict[str, Path]:
 
 LEGEND = ("kNN: weighted kNN top-1 (k=20), linear: linear-probe top-1, in % on the val split. Cells: mean ± sample "
           "std over completed seeds (n); jobs that did not complete are listed by status and not averaged in; "
-          "best per column in bold; Δ is the difference of the means.")
+          "best per column in bold.")
+DELTA_LEGEND = " Δ is the difference of the means."
+
+
+def has_delta(table: Table) -> bool:
+    """Whether the table has a Δ column."""
+    return any(column.delta_of for column in table.columns)
+
+
+def legend(tables: Sequence[Table]) -> str:
+    """The caption of these tables; it explains Δ only when one of them has a Δ column."""
+    return LEGEND + (DELTA_LEGEND if any(has_delta(t) for t in tables) else "")
 
 
 def _safe_name(text: str) -> str:

@@ -1,16 +1,24 @@
 #!/usr/bin/env python
-"""Benchmark: how long gathering (and tabulating) a sweep of 1,000 job directories takes.
+"""Benchmark: how long gathering, tabulating and plotting a sweep of 1,000 job directories takes.
 
-    python benchmarks/gather_results.py [--jobs 1000] [--repeats 5] [--json benchmarks/results/gather_results.json]
+    python benchmarks/gather_results.py [--jobs 1000] [--repeats 5] [--logged-steps 25000] [--event-files 4]
+                                        [--json benchmarks/results/gather_results.json]
 
 Builds a synthetic sweep in a temporary directory (sweep.json plus one directory per job; mostly completed jobs
 with a results.json of the real shape, and some diverged, failed, running with config.yaml and checkpoints,
 missing and malformed ones), then times, over several repeats:
   gather   analysis.gather.gather_sweep (reads every results.json, config.yaml only for unfinished jobs);
   tables   analysis.tables.build_tables on the gathered frame;
-  full     analysis.make_tables.make_tables without plots (gather, results.csv, tables, README.md).
-The files are freshly written, so the OS page cache is warm: this measures the Python side, not a cold network
-file system. Prints a table and writes the numbers as JSON. Not a test: it reports, it does not judge.
+  full     analysis.make_tables.make_tables without plots (gather, results.csv, tables, README.md);
+  curves   analysis.events.read_scalars of every job's tb/ (a bounded number of points per curve);
+  full + plots   make_tables with plots (tables, loss/kNN/embedding-std curves, the per-cell bar chart).
+Every job but the missing ones has TensorBoard events of realistic size: ``--logged-steps`` steps of the 9 scalars
+the trainer logs (25,000 = 200 ImageNet epochs at batch 1024, logging every 10 steps: 225,000 events, ~11 MB).
+Writing 1,000 such files would take 11 GB, so ``--event-files`` distinct files are written and hard-linked
+into the job directories. For comparison, TensorBoard's EventAccumulator (which parses every event) reads one
+of those files, timed in the same run and multiplied by the number of jobs. The files are freshly written, so
+the OS page cache is warm: this measures the Python side, not a cold network file system. Prints a table and
+writes the numbers as JSON. Not a test: it reports, it does not judge.
 """
 
 from __future__ import annotations
@@ -19,8 +27,13 @@ import argparse
 import itertools
 import json
 import logging
+import math
+import os
 import platform
+import random
+import shutil
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -28,13 +41,63 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from analysis.events import read_scalars  # noqa: E402
 from analysis.gather import gather_sweep  # noqa: E402
 from analysis.make_tables import make_tables  # noqa: E402
 from analysis.tables import build_tables  # noqa: E402
 
+# The scalars the trainer logs every train.log_every_steps (mtssl/train/trainer.py), for views=global_local_cutout.
+TAGS = ["train/loss", "train/loss_global", "train/loss_local", "train/loss_cutout", "train/embedding_std",
+        "train/images_per_s", "train/lr", "train/tau", "train/grad_norm"]
+LOG_EVERY = 10
+
 METHODS = ["byol", "simsiam", "mocov3"]
 PREDICTORS = ["shared", "separate"]
 VIEWS = ["global", "global_local", "global_cutout", "global_local_cutout"]
+
+
+def write_event_file(path: Path, logged_steps: int, seed: int) -> int:
+    """A TensorBoard event file of TAGS at logged_steps steps (as SummaryWriter.add_scalar writes them) and the
+    final eval/* scalars; returns its size in bytes."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    def record(event) -> bytes:
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
+
+    rng = random.Random(seed)
+    chunks = [record(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))]
+    for i in range(1, logged_steps + 1):
+        step = i * LOG_EVERY
+        base = 4.0 * math.exp(-i / (logged_steps / 3)) + 0.5
+        for k, tag in enumerate(TAGS):
+            value = base / (k + 1) + 0.05 * rng.random()
+            summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=value)])
+            chunks.append(record(event_pb2.Event(wall_time=1.7e9 + i, step=step, summary=summary)))
+    for tag, value in (("eval/knn_top1", 40.0 + seed), ("eval/knn_top1_target", 41.0 + seed),
+                       ("eval/linear_top1", 45.0 + seed)):
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=value)])
+        chunks.append(record(event_pb2.Event(wall_time=1.7e9 + logged_steps, step=logged_steps * LOG_EVERY,
+                                             summary=summary)))
+    data = b"".join(chunks)
+    path.write_bytes(data)
+    return len(data)
+
+
+def link_events(sweep_dir: Path, sources: list[Path]) -> int:
+    """Hard-link one of the event files into every job's tb/ (copy where links fail); returns how many jobs."""
+    linked = 0
+    for i, tb in enumerate(sorted(p for p in sweep_dir.glob("*/tb") if p.is_dir())):
+        source = sources[i % len(sources)]
+        target = tb / source.name
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+        linked += 1
+    return linked
 
 
 def build_sweep(sweep_dir: Path, n_jobs: int) -> dict[str, int]:
@@ -94,6 +157,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--logged-steps", type=int, default=25000, help="logged steps per job's event file")
+    parser.add_argument("--event-files", type=int, default=4, help="distinct event files (hard-linked into jobs)")
     parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" /
                         "gather_results.json")
     args = parser.parse_args()
@@ -115,15 +180,39 @@ def main() -> int:
             "full (no plots)": timed(lambda: make_tables([sweep_dir], Path(tmp) / "out", plots=False),
                                      args.repeats),
         }
+        start = time.perf_counter()
+        sources = [Path(tmp) / f"events.out.tfevents.{1700000000 + i}.bench" for i in range(args.event_files)]
+        sizes = [write_event_file(path, args.logged_steps, seed=i) for i, path in enumerate(sources)]
+        with_events = link_events(sweep_dir, sources)
+        events_s = time.perf_counter() - start
+        tb_dirs = sorted(p for p in sweep_dir.glob("*/tb") if p.is_dir())
+        points = sum(len(c) for c in read_scalars(tb_dirs[0]).values())
+        timings["curves"] = timed(lambda: [read_scalars(tb) for tb in tb_dirs], 1)
+        timings["full + plots"] = timed(lambda: make_tables([sweep_dir], Path(tmp) / "out_plots", plots=True), 1)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+        def accumulate_one():
+            accumulator = EventAccumulator(str(tb_dirs[0]), size_guidance={"scalars": 0})
+            accumulator.Reload()
+        one_job = timed(accumulate_one, 1)[0]
+
+    events = args.logged_steps * len(TAGS) + 3
     print(f"{args.jobs} job directories ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
           f"writing them took {build_s:.2f} s")
+    print(f"{with_events} jobs with TensorBoard events: {events} scalars per job ({args.logged_steps} steps x "
+          f"{len(TAGS)} tags + 3 eval), {statistics.mean(sizes) / 1e6:.1f} MB per file, {args.event_files} distinct "
+          f"files hard-linked (writing them took {events_s:.1f} s); {points} points read per job")
     print(f"{'step':<18}{'median s':>10}{'min s':>10}{'max s':>10}{'jobs/s':>10}")
     for step, seconds in timings.items():
         median = statistics.median(seconds)
         print(f"{step:<18}{median:>10.3f}{min(seconds):>10.3f}{max(seconds):>10.3f}{args.jobs / median:>10.0f}")
+    print(f"EventAccumulator (every event) on one job's events: {one_job:.2f} s, x {with_events} jobs = "
+          f"{one_job * with_events:.0f} s; bounded reading of all {with_events} jobs: {timings['curves'][0]:.1f} s "
+          f"({one_job * with_events / timings['curves'][0]:.0f}x less)")
 
     report = {"benchmark": "gather_results", "jobs": args.jobs, "repeats": args.repeats, "statuses": counts,
+              "events": {"jobs_with_events": with_events, "scalars_per_job": events, "bytes_per_file": sizes,
+                         "points_read_per_job": points, "event_accumulator_one_job_s": one_job},
               "python": platform.python_version(), "machine": platform.machine(),
               "seconds": {step: {"median": statistics.median(s), "min": min(s), "max": max(s), "all": s}
                           for step, s in timings.items()}}

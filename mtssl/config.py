@@ -7,18 +7,23 @@ override fails at launch instead of an hour into a cluster job.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from mtssl.data.views import TARGET_VIEW_TYPE, VIEW_TYPES, build_view_layout
 
 CONFIG_MODULE = "mtssl.conf"
+# The repository root: relative defaults (data.root of data=cifar10) resolve against it, not the cwd.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if not OmegaConf.has_resolver("mtssl.repo"):
+    OmegaConf.register_new_resolver("mtssl.repo", lambda: str(REPO_ROOT))
 PREDICTOR_MODES = ("separate", "shared")
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LINEAR_PROTOCOLS = ("frozen_features", "augmented")  # eval.linear_protocols
@@ -34,6 +39,7 @@ NON_TRAINING_FIELDS = (
     "train.checkpoint_every_steps",
     "train.checkpoint_every_min",
     "train.keep_checkpoints",
+    "train.final_checkpoint_only",
     "train.max_steps",
     "train.device",
     "eval",
@@ -42,6 +48,288 @@ NON_TRAINING_FIELDS = (
 
 class ConfigError(ValueError):
     """An invalid config value; the message names the field and how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Field checks: one per field of the job config. ``check_fields`` walks the composed config and refuses any
+# field without a check, so a new field must get one here (a pattern; ``*`` stands for one key, e.g. a view
+# type). A check returns None when the value is fine, else what is wrong and how to fix it.
+
+Check = Callable[[Any], "str | None"]
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _bounds(low, high, low_open: bool, high_open: bool = False) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return "positive" if (low == 0 and low_open) else f">= {low}"
+    return f"<= {high}" if high is not None else ""
+
+
+def _in_range(value, low, high, low_open: bool, high_open: bool = False) -> bool:
+    if low is not None and (value <= low if low_open else value < low):
+        return False
+    return high is None or (value < high if high_open else value <= high)
+
+
+def integer(low: int | None = None, high: int | None = None, null: bool = False) -> Check:
+    """An int (not a bool) in [low, high]; null allowed when ``null``."""
+    def check(value):
+        if value is None and null:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"must be an integer{'' if low is None else ' ' + _bounds(low, high, False)}" \
+                   f"{' or null' if null else ''}, got {value!r} ({_kind(value)})"
+        if not _in_range(value, low, high, False):
+            return f"must be {_bounds(low, high, False)}, got {value}"
+        return None
+    return check
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
+           null: bool = False) -> Check:
+    """An int or float in [low, high] (``low_open``/``high_open``: excluding that bound); null allowed when ``null``."""
+    def check(value):
+        if value is None and null:
+            return None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"must be a number{'' if low is None and high is None else ' ' + _bounds(low, high, low_open, high_open)}" \
+                   f"{' or null' if null else ''}, got {value!r} ({_kind(value)})"
+        if not _in_range(value, low, high, low_open, high_open):
+            return f"must be {_bounds(low, high, low_open, high_open)}, got {value}"
+        return None
+    return check
+
+
+def boolean() -> Check:
+    """true or false."""
+    return lambda value: None if isinstance(value, bool) else f"{value!r} is not a boolean; use true or false"
+
+
+def text(null: bool = False) -> Check:
+    """A string (a name, a path); null allowed when ``null``."""
+    def check(value):
+        if (value is None and null) or isinstance(value, str):
+            return None
+        return f"must be a string{' or null' if null else ''}, got {value!r} ({_kind(value)})"
+    return check
+
+
+def choice(values: Sequence[Any] | Callable[[], Sequence[Any]], hint: str = "") -> Check:
+    """One of ``values`` (or of what the callable returns: a registry read when checking)."""
+    def check(value):
+        valid = list(values() if callable(values) else values)
+        if value in valid and not (isinstance(value, bool) and not any(isinstance(v, bool) for v in valid)):
+            return None
+        return f"unknown value {value!r}; valid values are {valid}{hint}"
+    return check
+
+
+def listing(item: Check, length: int | None = None, min_length: int = 1, null: bool = False) -> Check:
+    """A list whose every element passes ``item`` (exactly ``length`` long, or at least ``min_length``)."""
+    def check(value):
+        if value is None and null:
+            return None
+        if not isinstance(value, (list, tuple)):
+            return f"must be a list{'' if length is None else f' of {length}'}{' or null' if null else ''}, " \
+                   f"got {value!r} ({_kind(value)}); write it as [a,b]"
+        if length is not None and len(value) != length:
+            return f"must hold {length} values, got {len(value)}: {list(value)}"
+        if len(value) < min_length:
+            return f"must hold at least {min_length} value(s), got {list(value)}"
+        for i, element in enumerate(value):
+            problem = item(element)
+            if problem:
+                return f"element {i}: {problem}"
+        return None
+    return check
+
+
+def section(null: bool = False) -> Check:
+    """A group of fields (checked one by one); null allowed when ``null``."""
+    def check(value):
+        if (value is None and null) or isinstance(value, dict):
+            return None
+        return f"must be a group of fields{' or null' if null else ''}, got {value!r}"
+    return check
+
+
+def _objectives() -> list[str]:
+    from mtssl.loss.objectives import OBJECTIVES
+
+    return sorted(OBJECTIVES)
+
+
+def _pipelines() -> list[str]:
+    from mtssl.data.fast_augment import AUGMENTATION_PIPELINES
+
+    return sorted(AUGMENTATION_PIPELINES)
+
+
+def _view_types() -> list[str]:
+    return sorted(VIEW_TYPES)
+
+
+_PROBABILITIES = listing(number(0, 1))
+_HEAD = {"hidden_dims": listing(integer(1), min_length=0), "out_dim": integer(1), "last_bn": boolean()}
+_OPTIM_OVERRIDE = {  # method.optim / backbone.optim: the defaults that optim.* null fields take
+    "name": choice(OPTIMIZERS), "base_lr": number(0, low_open=True), "weight_decay": number(0),
+    "betas": listing(number(0, 1), length=2), "clip_grad": number(0, low_open=True, null=True),
+}
+
+FIELD_CHECKS: dict[str, Check] = {
+    "out_dir": text(),
+    "method": section(),
+    "method.name": choice(_objectives, " (method=<name>)"),
+    **{f"method.{head}": section() for head in ("projector", "predictor")},
+    **{f"method.{head}.{k}": c for head in ("projector", "predictor") for k, c in _HEAD.items()},
+    "method.objective_kwargs": section(),
+    "method.task_weight": number(0),
+    "method.two_view_weight": number(0),
+    "method.fixed_predictor_lr": boolean(),
+    "method.optim": section(),
+    **{f"method.optim.{k}": c for k, c in _OPTIM_OVERRIDE.items()},
+    "views": section(),
+    "views.name": text(),
+    "views.types": section(),
+    "views.types.*": section(),
+    "views.types.*.count": integer(1, null=True),
+    "views.types.*.size": integer(1, null=True),
+    "views.types.*.scale": listing(number(), length=2, null=True),
+    "views.types.*.blur_p": listing(number(0, 1), null=True),
+    "views.types.*.solarize_p": listing(number(0, 1), null=True),
+    "views.types.*.cutout_area": listing(number(), length=2, null=True),
+    "views.types.*.weight": number(null=True),
+    "predictor": section(),
+    "predictor.mode": choice(PREDICTOR_MODES, " (predictor=<mode>)"),
+    "backbone": section(),
+    "backbone.name": text(),
+    "backbone.timm_name": text(),
+    "backbone.ema_tau": number(0, 1),
+    "backbone.kwargs": section(),
+    "backbone.optim": section(null=True),
+    **{f"backbone.optim.{k}": c for k, c in _OPTIM_OVERRIDE.items()},
+    "data": section(),
+    "data.name": text(),
+    "data.root": text(null=True),
+    "data.train_split": text(),
+    "data.val_split": text(),
+    "data.subset": integer(1, null=True),
+    "data.subset_seed": integer(0),
+    "data.mean": listing(number(0, 1), length=3),
+    "data.std": listing(number(0, low_open=True), length=3),
+    "data.view_sizes": section(),
+    "data.view_sizes.*": integer(1),
+    "data.small_images": boolean(),
+    "data.eval_resize": integer(1, null=True),
+    "data.eval_crop": integer(1, null=True),
+    "data.pipeline": choice(_pipelines),
+    "data.num_workers": integer(0),
+    "data.download": boolean(),
+    "optim": section(),
+    "optim.name": choice(OPTIMIZERS),
+    "optim.base_lr": number(0, low_open=True),
+    "optim.weight_decay": number(0),
+    "optim.momentum": number(0, 1),
+    "optim.trust_coefficient": number(0, low_open=True),
+    "optim.betas": listing(number(0, 1), length=2),
+    "optim.clip_grad": number(0, low_open=True, null=True),
+    "optim.warmup_epochs": number(0),
+    "optim.final_lr_ratio": number(0, 1),
+    "train": section(),
+    "train.epochs": integer(0),
+    "train.batch_size": integer(1),
+    "train.seed": integer(0),
+    "train.ema_tau": number(0, 1),
+    "train.grouped_views": choice([False, True, "ghost", "plain"]),
+    "train.sync_bn": boolean(),
+    "train.channels_last": boolean(),
+    "train.compile": boolean(),
+    "train.log_every_steps": integer(1),
+    "train.checkpoint_every_steps": integer(1),
+    "train.checkpoint_every_min": number(0, low_open=True),
+    "train.keep_checkpoints": integer(2),
+    "train.final_checkpoint_only": boolean(),
+    "train.max_steps": integer(1, null=True),
+    "train.device": choice(["auto", "cpu", "cuda"]),
+    "train.precision": choice(["auto", "fp32", "bf16"]),  # auto is resolved (resolve_config) before the hash
+    "train.deterministic": boolean(),
+    "train.cuda_deterministic": boolean(),
+    "eval": section(),
+    "eval.knn_k": listing(integer(1)),
+    "eval.knn_temperature": number(0, low_open=True),
+    "eval.batch_size": integer(1),
+    "eval.train_subset": integer(1, null=True),
+    "eval.val_subset": integer(1, null=True),
+    "eval.linear_epochs": integer(1),
+    "eval.linear_lrs": listing(number(0, low_open=True)),
+    "eval.linear_batch_size": integer(2),  # BatchNorm needs two samples
+    "eval.linear_holdout": number(0, 1, low_open=True, high_open=True),
+    "eval.feature_dtype": choice(FEATURE_DTYPE_NAMES, " (fp32 keeps results bitwise; bf16/fp16 halve the banks' memory)"),
+    "eval.linear_protocols": listing(choice(LINEAR_PROTOCOLS)),
+    "eval.augmented_epochs": integer(1),
+    "eval.augmented_batch_size": integer(1),
+    "eval.augmented_lr": number(0, low_open=True),
+}
+# Sections passed on as keyword arguments (to timm, to the objective): their keys are not ours to check.
+OPEN_SECTIONS = ("method.objective_kwargs", "backbone.kwargs")
+# Fields that may be absent: the sub-fields of a section that may be null.
+OPTIONAL_PATTERNS = tuple(f"backbone.optim.{k}" for k in _OPTIM_OVERRIDE) + tuple(
+    f"method.optim.{k}" for k in _OPTIM_OVERRIDE if k not in ("name", "base_lr", "weight_decay"))
+
+
+def field_check(path: str) -> Check | None:
+    """The check of a dotted field path (``views.types.local.count`` matches ``views.types.*.count``)."""
+    if path in FIELD_CHECKS:
+        return FIELD_CHECKS[path]
+    parts = path.split(".")
+    for pattern, check in FIELD_CHECKS.items():
+        pattern_parts = pattern.split(".")
+        if len(pattern_parts) == len(parts) and all(p in ("*", q) for p, q in zip(pattern_parts, parts)):
+            return check
+    return None
+
+
+def _nearest_field(path: str) -> str:
+    import difflib
+
+    known = [p for p in FIELD_CHECKS if "*" not in p]
+    nearest = difflib.get_close_matches(path, known, n=1, cutoff=0.6)
+    return f"; did you mean {nearest[0]}?" if nearest else ""
+
+
+def check_fields(cfg: DictConfig) -> None:
+    """Check every field's type and range against FIELD_CHECKS; refuse fields it does not know and missing ones."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("hydra", None)
+
+    def walk(node: Any, path: str) -> None:
+        check = field_check(path) if path else section()
+        if check is None:
+            raise ConfigError(
+                f"{path}: not a field of the job config{_nearest_field(path)} "
+                f"(an override with + adds a field that nothing reads; remove it, or fix its name)")
+        problem = check(node)
+        if problem:
+            raise ConfigError(f"{path}: {problem}")
+        if isinstance(node, dict) and path not in OPEN_SECTIONS:
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else str(key))
+
+    walk(data, "")
+    for pattern in FIELD_CHECKS:
+        if "*" in pattern or pattern in OPTIONAL_PATTERNS:
+            continue
+        parent, _, leaf = pattern.rpartition(".")
+        node = data
+        for part in parent.split(".") if parent else []:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node:
+            raise ConfigError(f"{pattern}: missing from the config (removed with ~?); give it a value: {pattern}=...")
 
 
 def available(group: str) -> list[str]:
@@ -127,17 +415,90 @@ def _omegaconf_message(error: Exception) -> str:
     return str(error)
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """SHA-256 of the fields that define the training run (see ``NON_TRAINING_FIELDS``)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
+def training_fields(cfg: DictConfig | dict) -> dict:
+    """The config as plain data without ``NON_TRAINING_FIELDS`` (and Hydra's own node): what defines the run."""
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(dict(cfg))
     data.pop("hydra", None)
     for dotted in NON_TRAINING_FIELDS:
-        *parents, leaf = dotted.split(".")
-        node = data
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
+        _drop(data, dotted)
+    return data
+
+
+def _drop(data: dict, dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        data = data.get(p, {})
+    data.pop(leaf, None)
+
+
+def config_hash(cfg: DictConfig | dict, ignore: Sequence[str] = ()) -> str:
+    """SHA-256 of the fields that define the training run (see ``NON_TRAINING_FIELDS``).
+
+    ``ignore``: further dotted fields to leave out, e.g. ``("train.seed",)`` for the hash that the seeds of
+    one table cell share.
+    """
+    data = training_fields(cfg)
+    for dotted in ignore:
+        _drop(data, dotted)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+ABSENT = "(absent)"
+
+
+def config_changes(old: DictConfig | dict, new: DictConfig | dict) -> list[tuple[str, Any, Any]]:
+    """Training fields whose values differ, as (dotted key, old value, new value); ``ABSENT`` where a side lacks
+    the key. Lists compare as one value; ``NON_TRAINING_FIELDS`` are ignored."""
+    before, after = _flatten(training_fields(old)), _flatten(training_fields(new))
+    keys = list(after) + [k for k in before if k not in after]
+    return [(k, before.get(k, ABSENT), after.get(k, ABSENT)) for k in keys if before.get(k, ABSENT) != after.get(k, ABSENT)]
+
+
+def changes_from_file(recorded: Path | str, cfg: DictConfig | dict) -> list[tuple[str, Any, Any]] | None:
+    """``config_changes`` from the resolved config saved at ``recorded`` (a config.yaml) to ``cfg``; None when
+    that file is missing or unreadable."""
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        old = OmegaConf.load(recorded)
+    except (OSError, OmegaConfBaseException, ValueError, yaml.YAMLError):
+        return None
+    return config_changes(old, cfg) if isinstance(old, DictConfig) else None
+
+
+def describe_changes(recorded: Path | str, cfg: DictConfig | dict,
+                     changes: list[tuple[str, Any, Any]] | None = None) -> str:
+    """The training fields that differ from the config saved at ``recorded`` to ``cfg`` (``format_changes``), or why
+    they cannot be named; ``changes``: ``changes_from_file(recorded, cfg)`` when already computed."""
+    changes = changes_from_file(recorded, cfg) if changes is None else changes
+    if changes:
+        return format_changes(changes)
+    if changes is None:
+        return f"the fields cannot be named: {recorded} is missing or unreadable"
+    return f"the config hashes differ although no field of {recorded} does"
+
+
+def format_changes(changes: Sequence[tuple[str, Any, Any]], limit: int = 24) -> str:
+    """``train.seed: 0 → 5, method.name: byol → simsiam`` (the first ``limit`` changes, then a count)."""
+    shown = [f"{key}: {_show(a)} → {_show(b)}" for key, a, b in changes[:limit]]
+    if len(changes) > limit:
+        shown.append(f"... and {len(changes) - limit} more")
+    return ", ".join(shown)
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -146,73 +507,40 @@ def _require(condition: bool, message: str) -> None:
 
 
 def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 1) -> None:
-    """Raise ConfigError for the first problem found; return None when the job can run."""
-    from mtssl.loss.objectives import OBJECTIVES
+    """Raise ConfigError for the first problem found; return None when the job can run.
 
-    _require(
-        cfg.method.name in OBJECTIVES,
-        f"method.name: unknown method {cfg.method.name!r}; valid methods are {sorted(OBJECTIVES)} (method=<name>)",
-    )
-    _require(
-        cfg.predictor.mode in PREDICTOR_MODES,
-        f"predictor.mode: unknown predictor mode {cfg.predictor.mode!r}; valid modes are {list(PREDICTOR_MODES)}",
-    )
+    Every field's type and range first (``check_fields``), then what spans fields (views, batch per rank,
+    the backbone name in timm), the output directory, and with ``check_data`` the data folder.
+    """
+    check_fields(cfg)
     _validate_backbone(cfg)
     _validate_views(cfg)
-    _validate_optim(cfg)
     train = cfg.train
-    _require(train.epochs >= 0, f"train.epochs: must be >= 0, got {train.epochs}")
-    _require(train.batch_size > 0, f"train.batch_size: must be positive, got {train.batch_size}")
     _require(
         train.batch_size % world_size == 0,
         f"train.batch_size: {train.batch_size} does not divide across {world_size} ranks; use a multiple of {world_size}",
     )
-    _require(0 <= train.ema_tau <= 1, f"train.ema_tau: must be in [0, 1], got {train.ema_tau}")
-    _require(train.keep_checkpoints >= 2, f"train.keep_checkpoints: keep at least 2, got {train.keep_checkpoints}")
-    _require(train.device in ("auto", "cpu", "cuda"), f"train.device: {train.device!r}; valid values are auto, cpu, cuda")
     _require(
-        train.precision in ("fp32", "bf16"),
-        f"train.precision: {train.precision!r}; valid values are auto (bf16 on CUDA, fp32 on CPU), fp32, bf16",
+        cfg.eval.augmented_batch_size % world_size == 0,
+        f"eval.augmented_batch_size: {cfg.eval.augmented_batch_size} does not divide across {world_size} ranks; "
+        f"use a multiple of {world_size}",
     )
-    for flag in ("channels_last", "compile", "sync_bn", "deterministic", "cuda_deterministic"):
-        value = train.get(flag)
-        _require(isinstance(value, bool), f"train.{flag}: {value!r} is not a boolean; use true or false")
-    _require(0 < cfg.eval.linear_holdout < 1, f"eval.linear_holdout: must be in (0, 1), got {cfg.eval.linear_holdout}")
-    _require(len(cfg.eval.linear_lrs) > 0, "eval.linear_lrs: give at least one learning rate")
-    _require(all(k > 0 for k in cfg.eval.knn_k), f"eval.knn_k: values must be positive, got {list(cfg.eval.knn_k)}")
-    _require(
-        cfg.eval.get("feature_dtype", "fp32") in FEATURE_DTYPE_NAMES,
-        f"eval.feature_dtype: {cfg.eval.get('feature_dtype')!r}; valid values are {list(FEATURE_DTYPE_NAMES)} "
-        f"(fp32 keeps today's results bitwise; bf16/fp16 halve the banks' device memory)",
-    )
-    _validate_eval(cfg, world_size)
-    from mtssl.data.fast_augment import AUGMENTATION_PIPELINES
-
-    _require(
-        cfg.data.pipeline in AUGMENTATION_PIPELINES,
-        f"data.pipeline: {cfg.data.pipeline!r}; valid pipelines are {sorted(AUGMENTATION_PIPELINES)}",
-    )
+    check_out_dir(cfg.out_dir)
     if check_data:
         _validate_data(cfg)
 
 
-def _validate_eval(cfg: DictConfig, world_size: int) -> None:
-    ev = cfg.eval
-    _require(ev.batch_size > 0, f"eval.batch_size: must be positive, got {ev.batch_size}")
-    _require(ev.linear_epochs >= 1, f"eval.linear_epochs: must be >= 1, got {ev.linear_epochs}")
-    _require(ev.linear_batch_size >= 2, f"eval.linear_batch_size: must be >= 2 (BatchNorm needs two samples), got {ev.linear_batch_size}")
-    _require(all(lr > 0 for lr in ev.linear_lrs), f"eval.linear_lrs: learning rates must be positive, got {list(ev.linear_lrs)}")
-    protocols = list(ev.get("linear_protocols") or [])
-    _require(
-        len(protocols) > 0 and all(p in LINEAR_PROTOCOLS for p in protocols),
-        f"eval.linear_protocols: {protocols}; give one or both of {list(LINEAR_PROTOCOLS)}, e.g. eval.linear_protocols=[frozen_features]",
-    )
-    _require(ev.augmented_epochs >= 1, f"eval.augmented_epochs: must be >= 1, got {ev.augmented_epochs}")
-    _require(ev.augmented_lr > 0, f"eval.augmented_lr: must be positive, got {ev.augmented_lr}")
-    _require(
-        ev.augmented_batch_size > 0 and ev.augmented_batch_size % world_size == 0,
-        f"eval.augmented_batch_size: {ev.augmented_batch_size} must be a positive multiple of the {world_size} ranks",
-    )
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """Raise ConfigError unless out_dir exists as a writable folder or can be created (nothing is created)."""
+    path = Path(os.path.abspath(os.path.expanduser(str(out_dir))))
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"out_dir: {path} cannot be created: {existing} is a file; choose another out_dir=...")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"out_dir: {path} cannot be {'written' if existing == path else 'created'}: no write "
+                          f"permission on {existing}; choose a folder you can write, out_dir=...")
 
 
 def _validate_backbone(cfg: DictConfig) -> None:
@@ -267,14 +595,6 @@ def _validate_views(cfg: DictConfig) -> None:
     )
 
 
-def _validate_optim(cfg: DictConfig) -> None:
-    optim = cfg.optim
-    _require(optim.name in OPTIMIZERS, f"optim.name: unknown optimizer {optim.name!r}; valid names are {list(OPTIMIZERS)}")
-    _require(optim.base_lr is not None and optim.base_lr > 0, f"optim.base_lr: must be positive, got {optim.base_lr}")
-    _require(optim.weight_decay is not None and optim.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {optim.weight_decay}")
-    _require(optim.warmup_epochs >= 0, f"optim.warmup_epochs: must be >= 0, got {optim.warmup_epochs}")
-
-
 def _validate_data(cfg: DictConfig) -> None:
     from mtssl.data.image_folder import DataError, class_balanced_subset, list_image_folder
 
@@ -283,7 +603,15 @@ def _validate_data(cfg: DictConfig) -> None:
     if not Path(data.root).exists() and data.get("download"):
         from mtssl.data.cifar10 import download_cifar10
 
-        download_cifar10(data.root)
+        try:
+            download_cifar10(data.root)
+        except (OSError, RuntimeError) as error:  # URLError (no network), a bad archive, an unwritable folder
+            raise ConfigError(
+                f"data.root: {data.root} does not exist and downloading CIFAR-10 there failed ({error}). "
+                f"Point data.root (or the MTSSL_DATA_ROOT environment variable) at a CIFAR-10 folder in the "
+                f"ImageFolder layout (<root>/train/<class>/*.jpg, <root>/val/<class>/*.jpg), or run once where "
+                f"there is network; data.download=false turns the download off"
+            ) from error
     try:
         train_samples, classes = list_image_folder(data.root, data.train_split)
         list_image_folder(data.root, data.val_split)

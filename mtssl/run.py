@@ -5,8 +5,8 @@
 
 Writes ``out_dir/config.yaml`` (resolved config) at the start and ``out_dir/results.json`` at
 the end. Runs as one of N ranks under torchrun or submitit. Exit codes: 0 done (completed or
-diverged, see results.json), 2 bad config, 3 stopped on a signal after a checkpoint (rerun the
-same command to resume), 1 failed.
+diverged, see results.json), 2 bad config, or an out_dir holding results or checkpoints of another
+training config, 3 stopped on a signal after a checkpoint (rerun the same command to resume), 1 failed.
 """
 
 from __future__ import annotations
@@ -16,14 +16,17 @@ import logging
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mtssl.distributed.checkpoint import CheckpointMismatch, write_json_atomic
-from mtssl.config import ConfigError, resolve_config, validate_config
+from mtssl.config import (ConfigError, changes_from_file, check_out_dir, config_hash, describe_changes, resolve_config,
+                          validate_config)
+from mtssl.distributed.checkpoint import TRAINER_STATE, CheckpointManager, CheckpointMismatch, write_json_atomic
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
 from mtssl.train.trainer import PretrainOutcome, StopRequest, Trainer, TrainingInterrupted, configure_determinism
 
@@ -69,6 +72,45 @@ def read_results(out_dir: Path) -> dict | None:
         return None
 
 
+@dataclass
+class OutDirConflict:
+    """An out_dir holding final results or a checkpoint of a different training config."""
+
+    out_dir: Path
+    holds: str  # what is there, e.g. "final results (results.json status completed)"
+    fields: str  # the changed fields, "train.seed: 0 → 5, ..." (mtssl.config.describe_changes)
+
+    def message(self) -> str:
+        return (f"{self.out_dir} holds {self.holds} of a different training config: {self.fields}. "
+                f"Use a new out_dir (out_dir=...), or delete {self.out_dir} to run this config from scratch.")
+
+
+def out_dir_conflict(cfg: DictConfig, out_dir: Path | str) -> OutDirConflict | None:
+    """What ``out_dir`` holds that ``cfg`` must not reuse: final results or a checkpoint of another training config.
+
+    Only training fields count (``mtssl.config.NON_TRAINING_FIELDS`` may differ). Recorded configs are compared by
+    hash (results.json, the checkpoint's trainer state); results.json of older versions, without a hash, by the
+    fields of the out_dir's config.yaml. A failed job without a checkpoint holds nothing to reuse.
+    """
+    out_dir = Path(out_dir)
+    results = read_results(out_dir)
+    if results and results.get("status") in FINAL_STATUSES:
+        holds, recorded_hash = f"final results (results.json status {results['status']})", results.get("config_hash")
+        recorded = out_dir / "config.yaml"
+    else:
+        found = CheckpointManager(out_dir / "checkpoints", 2).checkpoints()
+        if not found:
+            return None
+        holds, recorded = f"a checkpoint ({found[0]})", found[0] / "config.yaml"
+        recorded_hash = json.loads((found[0] / TRAINER_STATE).read_text()).get("config_hash")
+    if recorded_hash == config_hash(cfg):
+        return None
+    changes = changes_from_file(recorded, cfg)
+    if recorded_hash is None and changes == []:
+        return None  # results.json of an older version: same training fields
+    return OutDirConflict(out_dir, holds, describe_changes(recorded, cfg, changes))
+
+
 def base_results(cfg: DictConfig, env: DistEnv) -> dict:
     return {
         "method": cfg.method.name,
@@ -78,8 +120,13 @@ def base_results(cfg: DictConfig, env: DistEnv) -> dict:
         "data": cfg.data.name,
         "seed": cfg.train.seed,
         "epochs": cfg.train.epochs,
+        "max_steps": cfg.train.max_steps,
         "world_size": env.world_size,
         "git_revision": git_revision(),
+        # Which training config produced these results (reruns compare it; the seeds of one table cell share
+        # config_hash_without_seed).
+        "config_hash": config_hash(cfg),
+        "config_hash_without_seed": config_hash(cfg, ignore=("train.seed",)),
     }
 
 
@@ -91,6 +138,11 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     """
     env = init_distributed(OmegaConf.select(cfg, "train.device") or "auto")
     out_dir = Path(cfg.out_dir)
+    try:
+        check_out_dir(out_dir)  # before the log file is opened in it
+    except ConfigError as error:
+        print(f"invalid config: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     setup_logging(out_dir, env)
     log.info("job started: %d rank(s), pid %d, SLURM job %s", env.world_size, os.getpid(),
              os.environ.get("SLURM_JOB_ID", "none"))
@@ -100,9 +152,18 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     except ConfigError as error:
         log.error("invalid config: %s", error)
         return EXIT_BAD_CONFIG
+    conflict = out_dir_conflict(cfg, out_dir)
+    if conflict is not None:
+        log.error("%s", conflict.message())
+        return EXIT_BAD_CONFIG
     previous = read_results(out_dir)
-    if previous and previous.get("status") in FINAL_STATUSES:
-        log.info("%s already holds final results (status %s): nothing to do", out_dir, previous["status"])
+    if previous and previous.get("status") in FINAL_STATUSES and _more_steps_asked(previous, cfg):
+        log.info("%s holds results of a run cut short at train.max_steps=%s; training on from its last checkpoint",
+                 out_dir, previous["max_steps"])
+    elif previous and previous.get("status") in FINAL_STATUSES:
+        log.info("%s already holds final results of this training config (status %s): nothing to do. Changed "
+                 "fields outside the training config (eval.*) are not applied to them; re-evaluate with "
+                 "python -m mtssl.eval %s eval.<key>=...", out_dir, previous["status"], out_dir)
         return EXIT_OK
     if env.is_main:
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -123,11 +184,14 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         if outcome.status == "completed":
             from mtssl.eval.job import EvaluationInterrupted, evaluate_backbones  # noqa: deferred, heavy
 
+            eval_start = time.monotonic()
             try:
                 results.update(evaluate_backbones(cfg, env, outcome, out_dir, writer, stop))
             except EvaluationInterrupted as interrupt:  # finished phases are in eval_state.json
                 log.warning("%s; rerun the same command to resume", interrupt)
                 return EXIT_INTERRUPTED
+            results["eval_time_s"] = time.monotonic() - eval_start
+            results["wall_time_s"] = results["train_time_s"] + results["eval_time_s"]
     except TrainingInterrupted as interrupt:
         log.warning("%s; rerun the same command to resume", interrupt)
         return EXIT_INTERRUPTED
@@ -146,8 +210,20 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
             writer.close()
     if env.is_main:
         write_json_atomic(out_dir / "results.json", results)
+        if results["status"] == "completed" and cfg.train.final_checkpoint_only:
+            deleted = trainer.checkpoints.keep_only_newest()
+            if deleted:
+                log.info("train.final_checkpoint_only: deleted %d earlier checkpoint(s)", len(deleted))
         log.info("results: %s", json.dumps({k: results.get(k) for k in ("status", "knn_top1", "linear_top1", "weights_sha256")}))
     return EXIT_OK
+
+
+def _more_steps_asked(previous: dict, cfg: DictConfig) -> bool:
+    """Whether completed results stopped at ``train.max_steps`` and this run allows more steps (train.max_steps
+    is not a training field, so the config hashes agree)."""
+    limit = previous.get("max_steps")
+    return (previous.get("status") == "completed" and limit is not None and previous.get("steps") == limit
+            and (cfg.train.max_steps is None or cfg.train.max_steps > limit))
 
 
 def _latest_step(out_dir: Path) -> int | None:
@@ -162,7 +238,8 @@ def _outcome_fields(outcome: PretrainOutcome, cfg: DictConfig) -> dict:
         "status": outcome.status,
         "steps": outcome.steps,
         "final_losses": outcome.final_losses,
-        "wall_time_s": outcome.wall_time_s,
+        "wall_time_s": outcome.wall_time_s,  # training, plus evaluation once it ran (eval_time_s)
+        "train_time_s": outcome.wall_time_s,
         "images_per_s": outcome.images_per_s,
         "skipped_images": outcome.skipped_images,
     }

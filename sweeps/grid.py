@@ -100,7 +100,8 @@ def expand_grid(axes: Mapping[str, Sequence[Any]], seeds: Sequence[int] = (0,), 
         axes[SEED_AXIS] = seeds
     clashing = sorted({override_key(o) for o in job_overrides} & set(axes))
     if clashing:
-        raise ConfigError(f"job_overrides sets {clashing}, which this ablation sweeps as axes; "
+        raise ConfigError(f"job_overrides sets {clashing}, which this ablation sweeps as axes (job keys given on "
+                          f"the command line count as job_overrides); "
                           f"change the axis values instead (ablation.axes.<axis>=[...])")
     one_seed = [f"{SEED_AXIS}={seeds[0]}"] if len(seeds) == 1 else []
     base = merge_overrides(profile_overrides, fixed, job_overrides, one_seed)

@@ -2,19 +2,24 @@
 """Launch one ablation sweep of mtssl jobs, on this machine or on a SLURM cluster.
 
     python sweeps/launch.py ablation=predictor_sharing                      # this machine, profile=cpu_quick
+    python sweeps/launch.py ablation=predictor_sharing data.subset=500 train.epochs=1  # job keys go to every job
     python sweeps/launch.py ablation=predictor_sharing launcher=slurm       # SLURM, cluster=local profile
     python sweeps/launch.py ablation=backbone profile=imagenet_200ep launcher=slurm cluster=example_gpu \
         profile.data_root=/data/imagenet --dry-run
 
 A Hydra app (config: sweeps/conf/) composing an ablation (the grid), a scale profile, a launcher and a
 cluster profile (slurm/profiles/). Every job's config is composed and validated before anything is
-submitted: one bad override fails the whole launch, nothing submitted. ``--dry-run`` prints the job grid,
+submitted: one bad override fails the whole launch, nothing submitted. An override whose key belongs to the
+job config (mtssl/conf: ``train.epochs=1``, ``method=simsiam``) is forwarded to every job, as if listed in
+``job_overrides`` (sweeps/overrides.py); a key of neither config is refused with the nearest valid key. ``--dry-run`` prints the job grid,
 the GPU-hours estimate and the output directories, and stops there.
 
 Each job writes to ``<sweep_dir>/<job name>/``; ``<sweep_dir>/sweep.json`` lists the grid. Launching again
 skips jobs with final results, follows jobs still queued, and resubmits the others (they resume from
-their checkpoints). The launcher reports each job's id, state and log as they change and, once every job
-has ended, writes the result tables (analysis/make_tables.py). Exit status: 0 when every job completed
+their checkpoints). A relaunch whose jobs' training configs differ from those that jobs in ``sweep_dir``
+finished, checkpointed or are queued with is refused before anything is submitted or written (exit 2),
+naming the jobs and the fields: use a new ``sweep_dir``. The launcher reports each job's id, state and log
+as they change and, once every job has ended, writes the result tables (analysis/make_tables.py). Exit status: 0 when every job completed
 (or diverged), 1 when some failed or did not finish, 2 on a bad config.
 """
 
@@ -37,10 +42,13 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from submitit.core.utils import FailedSubmissionError, UncompletedJobError  # noqa: E402
 
-from mtssl.config import ConfigError, compose_config, resolve_config, validate_config  # noqa: E402
+from mtssl.config import (ConfigError, compose_config, config_changes, config_hash, format_changes,  # noqa: E402
+                          resolve_config, validate_config)
+from mtssl.run import OutDirConflict, out_dir_conflict  # noqa: E402
 from sweeps.grid import SweepJob, expand_grid, quote_value  # noqa: E402
-from sweeps.launchers import (SweepLauncher, TrackedJob, is_final, read_submissions,  # noqa: E402
-                              record_submissions, register_configs, scheduler_state)
+from sweeps.launchers import (Submission, SweepLauncher, TrackedJob, is_final, read_submissions,  # noqa: E402
+                              record_submissions, register_configs, scheduler_states, submitted_overrides)
+from sweeps.overrides import split_overrides  # noqa: E402
 from sweeps.status import FINAL_STATUSES, job_state  # noqa: E402
 
 DRY_RUN_FLAG = "--dry-run"
@@ -56,6 +64,8 @@ class PlannedJob:
     out_dir: Path
     state: str
     backbone: str
+    config: DictConfig | None = None  # resolved
+    conflict: OutDirConflict | None = None  # out_dir holds results or a checkpoint of another training config
 
     @property
     def overrides(self) -> list[str]:
@@ -135,6 +145,7 @@ def plan_sweep(cfg: DictConfig, sweep_dir: Path, resources: Resources) -> list[P
                 message = "bad override: " + message.split("]: ", 1)[-1]
             raise ConfigError(f"job {job.name!r}: {message}") from error
         candidate.backbone = str(job_cfg.backbone.name)
+        candidate.config, candidate.conflict = job_cfg, out_dir_conflict(job_cfg, out_dir)
         planned.append(candidate)
     return planned
 
@@ -151,6 +162,8 @@ def print_plan(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob], reso
           f"{resources.ranks} rank(s) each ({resources.nodes} node(s) x {resources.tasks_per_node} task(s)"
           f"{', 1 GPU per task' if resources.gpus else ', CPU'})")
     print(f"Sweep directory: {sweep_dir}")
+    if cfg.job_overrides:
+        print(f"Job overrides (every job): {' '.join(map(str, cfg.job_overrides))}")
     width = max(len(p.job.name) for p in planned)
     for p in planned:
         print(f"  {p.job.name.ljust(width)}  {action[p.state]:<12} {p.out_dir}")
@@ -187,6 +200,34 @@ def write_tables(cfg: DictConfig, sweep_dir: Path) -> None:
         report(f"no tables: {error}")
 
 
+def queued_config_change(planned: PlannedJob, submission: Submission) -> str | None:
+    """The training fields in which a queued or running submission differs from the planned job; None if the same
+    (or if its submission pickle cannot be read, reported)."""
+    overrides = submitted_overrides(submission)
+    if overrides is None:
+        report(f"{planned.job.name}: cannot read the overrides of job {submission.job_id} from {submission.folder}; "
+               f"following it without checking its config")
+        return None
+    try:
+        queued = resolve_config(compose_job(overrides))
+    except ConfigError as error:
+        return f"its overrides no longer compose ({error})"
+    if config_hash(queued) == config_hash(planned.config):
+        return None
+    return format_changes(config_changes(queued, planned.config)) or "the config hashes differ"
+
+
+def refuse_relaunch(sweep_dir: Path, stale: list[str], queued: bool = False) -> int:
+    """Print why the jobs of ``sweep_dir`` cannot be relaunched with this config; return exit status 2."""
+    print(f"sweeps/launch.py: {len(stale)} job(s) in {sweep_dir} hold results, checkpoints or queued runs of a "
+          f"different training config than this launch composes:\n"
+          + "".join(f"  {line}\n" for line in stale)
+          + "Relaunching them here would mix two configs in one sweep. Launch into a new sweep_dir (sweep_dir=...), "
+          + ("or cancel those jobs (scancel) and " if queued else "or ")
+          + "delete their job directories to rerun them with this config.\nNothing was submitted.", file=sys.stderr)
+    return 2
+
+
 def launch(cfg: DictConfig) -> int:
     """Plan, validate, then submit and follow the sweep; return the exit status."""
     sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
@@ -200,26 +241,40 @@ def launch(cfg: DictConfig) -> int:
     except ConfigError as error:
         print(f"sweeps/launch.py: {error}\nNothing was submitted.", file=sys.stderr)
         return 2
+    stale = [f"{p.job.name}: {p.conflict.holds}: {p.conflict.fields}" for p in planned if p.conflict]
+    if stale:
+        return refuse_relaunch(sweep_dir, stale)
     print_plan(cfg, sweep_dir, planned, resources, launcher.kind)
     if cfg.dry_run:
         print("Dry run: nothing submitted.")
         return 0
 
-    write_sweep_json(cfg, sweep_dir, planned)
     submissions = read_submissions(sweep_dir)
     to_submit: list[tuple[str, list[str]]] = []
     attached: list[TrackedJob] = []
+    latest_of = {p.job.name: submissions[p.job.name][-1] for p in planned
+                 if p.state not in FINAL_STATUSES and submissions.get(p.job.name)}
+    states = scheduler_states(list(latest_of.values()))  # one sacct call for the whole sweep
     for p in planned:
         if p.state in FINAL_STATUSES:
             continue
-        latest = submissions.get(p.job.name, [None])[-1]
+        latest = latest_of.get(p.job.name)
         if latest is not None:
-            state = scheduler_state(latest)
+            state = states[latest.job_id]
             if state != "UNKNOWN" and not is_final(latest.cluster, state):
-                report(f"{p.job.name}: job {latest.job_id} already {state}, following it")
+                changed = queued_config_change(p, latest)
+                if changed:
+                    stale.append(f"{p.job.name}: job {latest.job_id} ({state}) runs another training config: {changed}")
+                    continue
                 attached.append(TrackedJob(p.job.name, latest))
+                attached[-1].state = state
                 continue
         to_submit.append((p.job.name, p.overrides))
+    if stale:
+        return refuse_relaunch(sweep_dir, stale, queued=True)
+    write_sweep_json(cfg, sweep_dir, planned)  # only now: it must describe the results beside it
+    for t in attached:
+        report(f"{t.name}: job {t.submission.job_id} already {t.state}, following it")
     done = sum(p.state in FINAL_STATUSES for p in planned)
     report(f"{len(to_submit)} job(s) to submit, {len(attached)} already queued or running, {done} finished")
 
@@ -246,8 +301,13 @@ def submit_and_follow(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob
         try:
             launcher.follow(sweep_dir, executor if to_submit else None, to_submit, attached, float(cfg.poll_s), report)
         except KeyboardInterrupt:
-            report(f"stopped following the sweep; submitted SLURM jobs keep running. Follow them with "
-                   f"`python sweeps/status.py {sweep_dir}`, or launch again to follow them and write the tables")
+            if launcher.kind == "local":
+                # Ctrl-C reached the local jobs too (one process group); submitit's local controller then ends them.
+                report(f"stopped the sweep; its local jobs were stopped as well. Launch again to resume them from "
+                       f"their last checkpoints")
+            else:
+                report(f"stopped following the sweep; submitted SLURM jobs keep running. Follow them with "
+                       f"`python sweeps/status.py {sweep_dir}`, or launch again to follow them and write the tables")
             return 130
 
     states = {p.job.name: job_state(p.out_dir) for p in planned}
@@ -262,12 +322,37 @@ def submit_and_follow(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob
     return 0
 
 
+# Job overrides given bare on the command line; taken out of sys.argv before Hydra parses it.
+BARE_JOB_OVERRIDES: list[str] = []
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    if BARE_JOB_OVERRIDES:  # after the quoted job_overrides: a bare key given last wins, as on Hydra's command line
+        cfg.job_overrides = [*cfg.job_overrides, *BARE_JOB_OVERRIDES]
     sys.exit(launch(cfg))
 
 
+def take_job_overrides(argv: list[str]) -> list[str]:
+    """argv without its job-config overrides, which go to BARE_JOB_OVERRIDES; exits 2 on an unknown key."""
+    from hydra._internal.utils import get_args_parser
+
+    if DRY_RUN_FLAG in argv:  # a plain flag for `dry_run=true`
+        argv = [arg for arg in argv if arg != DRY_RUN_FLAG] + ["dry_run=true"]
+    try:
+        args, _ = get_args_parser().parse_known_args(argv[1:])  # the parser hydra.main uses
+    except SystemExit:
+        return argv  # let hydra.main report its own usage error
+    try:
+        _, job = split_overrides(args.overrides)
+    except ConfigError as error:
+        print(f"sweeps/launch.py: {error}\nNothing was submitted.", file=sys.stderr)
+        sys.exit(2)
+    BARE_JOB_OVERRIDES.extend(job)
+    taken = set(job)
+    return [argv[0]] + [arg for arg in argv[1:] if arg not in taken]
+
+
 if __name__ == "__main__":
-    if DRY_RUN_FLAG in sys.argv:  # a plain flag for `dry_run=true`
-        sys.argv = [arg for arg in sys.argv if arg != DRY_RUN_FLAG] + ["dry_run=true"]
+    sys.argv = take_job_overrides(sys.argv)
     main()

@@ -10,7 +10,8 @@ results. A sweep needs more than that, so ``launch()`` is replaced by ``submit()
     before submitit requeues it, and a sensible ``max_num_timeout`` replaces the plugin's default of 0;
   * the local executor starts every submitted job at once, so local jobs are submitted ``max_parallel``
     at a time.
-Every submission is recorded in ``<sweep_dir>/.submitit/submissions.json`` (job id, log paths), which
+States are polled for all jobs at once: one ``sacct`` call per poll, whatever the number of jobs
+(``scheduler_states``). Every submission is recorded in ``<sweep_dir>/.submitit/submissions.json`` (job id, log paths), which
 ``sweeps/status.py`` and later launches read.
 """
 
@@ -29,7 +30,9 @@ from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 from omegaconf import OmegaConf
+from submitit.slurm.slurm import SlurmInfoWatcher
 
+from mtssl.distributed.progress import Progress
 from mtssl.submitit_job import MtsslJob
 
 SUBMISSIONS_FILE = Path(".submitit") / "submissions.json"
@@ -76,12 +79,35 @@ def record_submissions(sweep_dir: Path, submissions: Sequence[Submission]) -> No
     os.replace(tmp, path)
 
 
-def scheduler_state(submission: Submission) -> str:
-    """What the scheduler says about a recorded submission now: a SLURM state, RUNNING/FINISHED, or UNKNOWN."""
-    if submission.cluster == "slurm":
-        job = submitit.SlurmJob(folder=submission.folder, job_id=submission.job_id)
-        return _first_word(job.get_info(mode="force").get("State"))
-    return "RUNNING" if _pid_runs_submitit(int(submission.job_id)) else "FINISHED"
+def scheduler_states(submissions: Sequence[Submission]) -> dict[str, str]:
+    """What the scheduler says about each submission now, by job id: a SLURM state, RUNNING/FINISHED, or UNKNOWN.
+
+    All SLURM job ids go to one ``sacct`` call (submitit's info watcher, which batches ids; a fresh one so
+    that no state is served from another poll's cache).
+    """
+    states: dict[str, str] = {}
+    slurm = [s.job_id for s in submissions if s.cluster == "slurm"]
+    if slurm:
+        watcher = SlurmInfoWatcher(delay_s=0)
+        for job_id in slurm:
+            watcher.register_job(job_id)
+        watcher.update()
+        states.update({job_id: _first_word(watcher.get_info(job_id, mode="cache").get("State")) for job_id in slurm})
+    for s in submissions:
+        if s.cluster != "slurm":
+            states[s.job_id] = "RUNNING" if _pid_runs_submitit(int(s.job_id)) else "FINISHED"
+    return states
+
+
+def submitted_overrides(submission: Submission) -> list[str] | None:
+    """The mtssl overrides a recorded submission runs with, read from submitit's submission pickle (what a
+    requeue runs again); None when it cannot be read."""
+    job_class = submitit.SlurmJob if submission.cluster == "slurm" else submitit.LocalJob
+    try:
+        delayed = job_class(folder=submission.folder, job_id=submission.job_id).submission()
+        return [str(o) for o in delayed.args[0]]
+    except Exception:  # noqa: BLE001 - a missing, partial or foreign pickle: the caller says it could not check
+        return None
 
 
 def is_final(cluster: str, state: str) -> bool:
@@ -112,13 +138,12 @@ class TrackedJob:
     def cluster(self) -> str:
         return self.submission.cluster
 
-    def refresh(self) -> str:
-        if self.job is None:  # attached from submissions.json
-            state = scheduler_state(self.submission)
-        elif self.cluster == "slurm":
-            state = _first_word(self.job.get_info(mode="force").get("State"))
+    def refresh(self, polled: dict[str, str]) -> str:
+        """Take this job's state from one poll of all jobs (``scheduler_states``); return it."""
+        if self.job is not None and self.cluster == "local":
+            state = self.job.get_info().get("jobState", "UNKNOWN")  # submitted by this process: ask submitit
         else:
-            state = self.job.get_info().get("jobState", "UNKNOWN")
+            state = polled.get(self.submission.job_id, "UNKNOWN")
         if state == "UNKNOWN":
             return self.state  # not in accounting yet (slurmdbd lags sbatch by ~1 s): keep the last state
         self._preempted_since = (self._preempted_since or time.monotonic()) if state == "PREEMPTED" else None
@@ -187,6 +212,7 @@ class SweepLauncher:
         active = list(attached)
         done: list[TrackedJob] = []
         last_seen: dict[str, tuple[str, str]] = {}
+        progress = Progress("jobs finished", total=len(waiting) + len(active), unit="job")
         while waiting or active:
             room = len(waiting) if self.max_parallel is None else max(0, self.max_parallel - len(active))
             if room and waiting:
@@ -194,17 +220,22 @@ class SweepLauncher:
                 new = self.submit(executor, batch)
                 record_submissions(sweep_dir, [t.submission for t in new])
                 active += new
+            polled = scheduler_states([job.submission for job in active
+                                       if job.job is None or job.cluster == "slurm"])  # one sacct per poll
             for job in list(active):
-                job.refresh()
+                job.refresh(polled)
                 seen = (job.submission.job_id, job.state)
                 if last_seen.get(job.name) != seen:
                     last_seen[job.name] = seen
-                    report(f"{job.name}: job {job.submission.job_id} {job.state}  log {job.submission.stdout}")
+                    with progress.external_write():
+                        report(f"{job.name}: job {job.submission.job_id} {job.state}  log {job.submission.stdout}")
                 if job.final:
                     active.remove(job)
                     done.append(job)
+                    progress.update()
             if waiting or active:
                 time.sleep(poll_s)
+        progress.close()
         return done
 
 

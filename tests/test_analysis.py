@@ -325,6 +325,42 @@ def test_sweeps_of_the_same_ablation_pool_their_seeds(tmp_path: Path) -> None:
     assert table_rows((out / "method.md").read_text())[1] == ["byol", "20.0 ± 10.0 (n=3)"]
 
 
+def test_jobs_of_different_training_configs_never_share_a_cell(tmp_path: Path) -> None:
+    """Two sweeps of one ablation and profile, run with different job_overrides (train.epochs 1 vs 2, which no axis
+    names): their seeds pool only within one training config; results.json of older versions (no hash) fall back to
+    the job's config.yaml."""
+    from omegaconf import OmegaConf
+
+    from mtssl.config import config_hash
+
+    short, long = tmp_path / "short", tmp_path / "long"
+    write_sweep(short, "method", [{"method": "byol", "seed": 0}, {"method": "byol", "seed": 1}])
+    write_sweep(long, "method", [{"method": "byol", "seed": 2}, {"method": "byol", "seed": 3}])
+    hash_short, hash_long = "a" * 64, "b" * 64
+    write_result(short, {"method": "byol", "seed": 0}, knn=10.0, config_hash_without_seed=hash_short)
+    write_result(short, {"method": "byol", "seed": 1}, knn=20.0, config_hash_without_seed=hash_short)
+    write_result(long, {"method": "byol", "seed": 2}, knn=40.0, config_hash_without_seed=hash_long)
+    # An older results.json without the hash: read from config.yaml (seed 3 vs 2 must not matter).
+    legacy = write_result(long, {"method": "byol", "seed": 3}, knn=50.0)
+    config = {"method": {"name": "byol"}, "train": {"seed": 3, "epochs": 2}, "eval": {"knn_k": [20]}}
+    (legacy / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    legacy_hash = config_hash(OmegaConf.create(config), ignore=("train.seed",))
+    assert legacy_hash == config_hash({**config, "train": {"seed": 2, "epochs": 2}}, ignore=("train.seed",))
+
+    frame = gather_sweeps([short, long]).frame
+    assert list(frame["config_hash_without_seed"]) == [hash_short, hash_short, hash_long, legacy_hash]
+    tables, messages = build_tables(frame)
+    [table] = tables
+    # Three configs: 10, 20 -> 15.0 ± 7.1 (n=2); 40 alone; 50 alone. Never 30.0 ± 17.3 (n=4).
+    assert table_rows(to_markdown(table))[1:] == [
+        ["byol", "aaaaaaaa", "15.0 ± 7.1 (n=2)"],
+        ["byol", "bbbbbbbb", "40.0 (n=1)"],
+        ["byol", legacy_hash[:8], "**50.0 (n=1)**"],
+    ]
+    [note] = [m for m in messages if "different training configs" in m]
+    assert str(short / "method=byol,seed=0") in note and str(long / "method=byol,seed=2") in note
+
+
 def test_mixed_ablations_get_separate_tables_and_a_note(predictor_sweep: Path, view_sweep: Path,
                                                          tmp_path: Path) -> None:
     out = make_tables([predictor_sweep, view_sweep], tmp_path / "out", plots=False)
@@ -361,8 +397,8 @@ def test_make_tables_writes_plots_and_index(predictor_sweep: Path) -> None:
     out = make_tables([predictor_sweep])
     assert out == predictor_sweep / "tables"
     plots = sorted(p.name for p in (out / "plots").iterdir())
-    assert plots == ["predictor_sharing_embedding_std.png", "predictor_sharing_knn.png",
-                     "predictor_sharing_loss.png"]
+    assert plots == ["predictor_sharing_cells.png", "predictor_sharing_embedding_std.png",
+                     "predictor_sharing_knn.png", "predictor_sharing_loss.png"]
     for name in plots:
         data = (out / "plots" / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5000
@@ -380,9 +416,9 @@ def test_make_tables_writes_plots_and_index(predictor_sweep: Path) -> None:
     assert len(pd.read_csv(out / "results.csv")) == 12
 
 
-def test_no_event_files_means_no_plots_and_a_note(view_sweep: Path) -> None:
+def test_no_event_files_means_no_curve_plots_and_a_note(view_sweep: Path) -> None:
     out = make_tables([view_sweep])
-    assert not (out / "plots").exists()
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["view_combination_cells.png"]  # from the table
     assert "no TensorBoard scalars found" in (out / "README.md").read_text()
 
 
@@ -406,3 +442,88 @@ def test_script_runs_from_the_repository_root(view_sweep: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == f"wrote {view_sweep / 'tables' / 'README.md'}"
     assert table_rows((view_sweep / "tables" / "view_combination.md").read_text())[3] == ["global_cutout", "failed"]
+
+
+def test_caption_mentions_delta_only_for_tables_with_a_delta_column(predictor_sweep: Path, view_sweep: Path) -> None:
+    view_out = make_tables([view_sweep], plots=False)
+    assert "Δ" not in (view_out / "view_combination.md").read_text()
+    assert "Δ" not in (view_out / "README.md").read_text()
+    predictor_out = make_tables([predictor_sweep], plots=False)
+    assert "Δ is the difference of the means." in (predictor_out / "predictor_sharing.md").read_text()
+
+
+# ------------------------------------------------------------------------------------- bounded reading of curves
+
+def write_long_events(tb_dir: Path, steps: range, tags: list[str], purge_step: int | None = None,
+                      offset: float = 0.0) -> None:
+    """A SummaryWriter log with value = offset + step + tag index at each step (a known value everywhere)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tb_dir), purge_step=purge_step)
+    for step in steps:
+        for k, tag in enumerate(tags):
+            writer.add_scalar(tag, offset + step + k, global_step=step)
+    writer.close()
+
+
+def test_large_event_files_are_sampled_with_exact_values_first_last_and_purge(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import analysis.events as events
+
+    tags = ["train/loss", "train/loss_global", "train/lr"]
+    tb = tmp_path / "job" / "tb"
+    write_long_events(tb, range(1, 1501), tags)
+    # Resumed at step 1200: the new file rewrites steps >= 1200 (value + 10000), then the final eval.
+    write_long_events(tb, range(1200, 1601), tags, purge_step=1200, offset=10000.0)
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(log_dir=str(tb))
+    writer.add_scalar("eval/knn_top1", 42.5, global_step=1600)
+    writer.close()
+    monkeypatch.setattr(events, "FULL_READ_BYTES", 4096)  # sample anything larger
+    curves = events.read_scalars(tb, max_points=40)
+    assert set(curves) == set(tags) | {"eval/knn_top1"}
+    assert curves["eval/knn_top1"].values.tolist() == [[1600, 42.5]]
+    for k, tag in enumerate(tags):
+        steps, values = curves[tag]["step"].tolist(), curves[tag]["value"].tolist()
+        assert len(steps) <= 3 * 40 + 2 * 200  # bounded: sampled steps plus the fully read edges of 2 files
+        assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == 1600
+        expected = [(10000.0 if s >= 1200 else 0.0) + s + k for s in steps]  # purged steps come from the new file
+        assert values == expected
+        assert any(200 < s < 1100 for s in steps) and any(1250 < s < 1550 for s in steps)  # sampled inside
+    # Fully read, the same function returns every step.
+    monkeypatch.setattr(events, "FULL_READ_BYTES", 1 << 30)
+    assert events.read_scalars(tb)["train/lr"]["step"].tolist() == list(range(1, 1601))
+
+
+def test_cells_of_many_jobs_are_averaged_over_seeds_with_their_range() -> None:
+    from collections import namedtuple
+
+    from analysis.plots import Curves, _cell_means
+
+    Job = namedtuple("Job", "job axes method seed")
+    line = lambda slope: {"train/loss": pd.DataFrame({"step": [0, 100], "value": [10.0, 10.0 + slope * 100]})}
+    per_job = [(Job("method=byol,seed=0", "method,seed", "byol", 0), Curves("a", line(-0.05), True)),
+               (Job("method=byol,seed=1", "method,seed", "byol", 1), Curves("b", line(-0.03), True)),
+               (Job("method=simsiam,seed=0", "method,seed", "simsiam", 0), Curves("c", line(0.0), False))]
+    cells = {c.label: c for c in _cell_means(per_job)}
+    assert set(cells) == {"method=byol (n=2)", "method=simsiam (n=1)"}
+    byol = cells["method=byol (n=2)"].scalars["train/loss"].set_index("step")
+    assert byol.loc[100, "value"] == pytest.approx(6.0)  # mean of 5 and 7
+    assert (byol.loc[100, "low"], byol.loc[100, "high"]) == pytest.approx((5.0, 7.0))
+    # On the common grid (interpolated): the mean slope -0.04, the range between slopes -0.05 and -0.03.
+    assert len(byol) > 10
+    for step, row in byol.iterrows():
+        assert (row["value"], row["low"], row["high"]) == pytest.approx((10 - 0.04 * step, 10 - 0.05 * step,
+                                                                          10 - 0.03 * step))
+    assert not cells["method=simsiam (n=1)"].completed
+
+
+def test_bar_chart_data_is_the_tables_cells(predictor_sweep: Path) -> None:
+    from analysis.plots import cell_bars
+
+    table = only_table(gather_sweep(predictor_sweep).frame)
+    bars = {b["cell"]: b for b in cell_bars(table, "kNN")}
+    assert (bars["byol / shared"]["mean"], bars["byol / shared"]["std"], bars["byol / shared"]["n"]) == (71.0, 1.0, 3)
+    assert sorted(bars["simsiam / shared"]["values"]) == [60.0, 62.0]  # the diverged seed is not averaged in
+    assert bars["simsiam / shared"]["std"] == pytest.approx(2 ** 0.5)
+    assert len(bars) == 4  # no bar for the Δ column

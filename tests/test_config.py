@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf, open_dict
 
-from mtssl.config import ConfigError, compose_config, resolve_config, validate_config
-from tests.conftest import make_image_folder
+from mtssl.config import (FIELD_CHECKS, OPEN_SECTIONS, ConfigError, available, check_fields, compose_config,
+                          field_check, resolve_config, validate_config)
+from tests.conftest import REPO, make_image_folder
 
 
 def check(overrides, world_size=1):
@@ -21,7 +24,7 @@ def check(overrides, world_size=1):
     (["backbone.name=resnet_typo"], "backbone.name", "timm"),
     (["views.types.global.count=1"], "views.types.global.count", "at least 2 global"),
     (["views.types.local.count=0"], "views.types.local.count", ">= 1"),
-    (["views.types.local.size=0"], "views.types.local.size", "positive"),
+    (["views.types.local.size=0"], "views.types.local.size", ">= 1"),
     (["views.types.local.scale=[0.0,0.25]"], "views.types.local.scale", "0 < min"),
     (["views.types.global.scale=[0.25,1.5]"], "views.types.global.scale", "<= 1"),
     (["views.types.cutout.weight=-1"], "views.types.cutout.weight", ">= 0"),
@@ -31,6 +34,28 @@ def check(overrides, world_size=1):
     (["data.pipeline=dali"], "data.pipeline", "fast"),
     (["train.batch_size=6"], "train.batch_size", "multiple of 4"),
     (["train.channels_last=yes please"], "train.channels_last", "true or false"),
+    # Every field's type and range, eval.* included, before anything runs.
+    (["train.epochs=two"], "train.epochs", "must be an integer >= 0, got 'two' (str)"),
+    (["train.epochs=2.5"], "train.epochs", "must be an integer"),
+    (["eval.knn_k=5"], "eval.knn_k", "must be a list"),
+    (["eval.knn_k=[0]"], "eval.knn_k", "element 0: must be >= 1"),
+    (["eval.linear_lrs=[]"], "eval.linear_lrs", "at least 1"),
+    (["eval.linear_holdout=1"], "eval.linear_holdout", "in (0, 1)"),
+    (["eval.linear_epochs=0"], "eval.linear_epochs", ">= 1"),
+    (["eval.knn_temperature=0"], "eval.knn_temperature", "positive"),
+    (["eval.val_subset=many"], "eval.val_subset", "integer >= 1 or null"),
+    (["eval.batch_size=true"], "eval.batch_size", "got True (bool)"),
+    (["optim.betas=[0.9]"], "optim.betas", "must hold 2 values"),
+    (["optim.base_lr=-1"], "optim.base_lr", "positive"),
+    (["data.mean=0.5"], "data.mean", "must be a list of 3"),
+    (["data.num_workers=-1"], "data.num_workers", ">= 0"),
+    (["train.grouped_views=maybe"], "train.grouped_views", "'ghost'"),
+    (["train.keep_checkpoints=1"], "train.keep_checkpoints", ">= 2"),
+    (["views.types.local.blur_p=0.5"], "views.types.local.blur_p", "must be a list"),
+    # A key that does not exist, added with + as Hydra's error suggests: refused, with the nearest field.
+    (["+train.epoch=2"], "train.epoch", "not a field of the job config; did you mean train.epochs?"),
+    (["+eval.knn=[5]"], "eval.knn", "did you mean eval.knn_k?"),
+    (["~train.epochs"], "train.epochs", "missing from the config"),
 ])
 def test_bad_config_names_field(tiny_folder, overrides, field, hint):
     with pytest.raises(ConfigError) as info:
@@ -40,6 +65,78 @@ def test_bad_config_names_field(tiny_folder, overrides, field, hint):
 
 def test_valid_config_passes(tiny_folder):
     check([f"data.root={tiny_folder}", "train.batch_size=4", "data.subset=null"])
+    check([f"data.root={tiny_folder}", "train.batch_size=4", "data.subset=null", "+backbone.kwargs.drop_rate=0.1",
+           "train.grouped_views=ghost", "eval.val_subset=8"])
+
+
+def preset_configs():
+    """The default config with each preset of each group in turn (every field any preset defines)."""
+    yield compose_config([])
+    for group in ("method", "views", "predictor", "backbone", "data"):
+        for name in available(group):
+            yield compose_config([f"{group}={name}"] + (["data.root=/x"] if name == "imagefolder" else []))
+
+
+def leaf_paths(node, path=""):
+    if isinstance(node, dict) and node and path not in OPEN_SECTIONS:
+        for key, value in node.items():
+            yield from leaf_paths(value, f"{path}.{key}" if path else key)
+    else:
+        yield path
+
+
+def test_every_field_of_every_preset_has_a_check_and_every_check_a_field():
+    seen_patterns = set()
+    for cfg in preset_configs():
+        cfg = resolve_config(cfg)
+        check_fields(cfg)  # raises on any field without a check
+        data = OmegaConf.to_container(cfg, resolve=True)
+        for path in leaf_paths(data):
+            assert field_check(path) is not None, path
+            seen_patterns |= {p for p in FIELD_CHECKS if field_check(path) is FIELD_CHECKS[p]}
+    # No stale check: each leaf pattern matches some field of some preset (sections are seen through their leaves).
+    leaf_patterns = {p for p in FIELD_CHECKS if not any(q.startswith(p + ".") for q in FIELD_CHECKS)}
+    assert leaf_patterns - seen_patterns - set(OPEN_SECTIONS) == set()
+
+
+def test_a_new_field_without_a_check_is_refused():
+    cfg = resolve_config(compose_config([]))
+    with open_dict(cfg):
+        cfg.train.new_option = 1  # as a new field in mtssl/conf/config.yaml would appear
+    with pytest.raises(ConfigError, match=r"train.new_option: not a field of the job config"):
+        check_fields(cfg)
+
+
+def test_out_dir_that_cannot_be_created(tiny_folder, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"out_dir: .* cannot be created: .*a_file is a file"):
+        check([f"data.root={tiny_folder}", "train.batch_size=4", "data.subset=null", f"out_dir={blocker / 'run'}"])
+    assert not (blocker.parent / "run").exists()
+
+
+def test_missing_default_root_without_network_says_what_to_do(tmp_path, monkeypatch):
+    import urllib.error
+
+    import mtssl.data.cifar10
+
+    def offline(root):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(mtssl.data.cifar10, "download_cifar10", offline)
+    with pytest.raises(ConfigError) as info:
+        check([f"data.root={tmp_path / 'cifar10'}"])
+    message = str(info.value)
+    assert "data.root:" in message and "downloading CIFAR-10 there failed" in message
+    assert "MTSSL_DATA_ROOT" in message and "data.download=false" in message
+
+
+def test_default_data_root_does_not_depend_on_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.delenv("MTSSL_DATA_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    root = resolve_config(compose_config([])).data.root
+    assert root == str((REPO.parent / "shared" / "data" / "cifar10").resolve()) or \
+        root == os.path.abspath(str(REPO / ".." / "shared" / "data" / "cifar10"))
 
 
 def test_missing_root_and_split(tmp_path):
@@ -83,3 +180,44 @@ def test_cli_bad_input_exits_2_with_one_message(tmp_path):
     assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
     proc = subprocess.run([sys.executable, "-m", "mtssl.run", "method=dino"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "byol" in proc.stderr  # Hydra lists the available methods
+
+
+def test_cli_out_dir_that_cannot_be_created_exits_2_before_writing(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "mtssl.run", f"out_dir={blocker / 'run'}", "train.epochs=0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "out_dir:" in proc.stderr and "is a file" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+
+def test_config_changes_name_training_fields_only():
+    from mtssl.config import ABSENT, config_changes, config_hash, format_changes
+
+    old = {"method": {"name": "byol", "projector": {"hidden_dims": [64]}}, "train": {"seed": 0, "epochs": 3,
+           "log_every_steps": 1}, "eval": {"knn_k": [3, 5]}, "out_dir": "a", "hydra": {"x": 1}}
+    new = {"method": {"name": "simsiam", "projector": {"hidden_dims": [64, 64]}, "extra": True},
+           "train": {"seed": 0, "log_every_steps": 10}, "eval": {"knn_k": [3]}, "out_dir": "b"}
+    changes = config_changes(old, new)
+    assert changes == [("method.name", "byol", "simsiam"), ("method.projector.hidden_dims", [64], [64, 64]),
+                       ("method.extra", ABSENT, True), ("train.epochs", 3, ABSENT)]
+    assert format_changes(changes, limit=2) == "method.name: byol → simsiam, method.projector.hidden_dims: [64] → [64, 64], ... and 2 more"
+    assert config_changes(old, {**old, "eval": {}, "out_dir": "c"}) == []
+    assert old["hydra"] == {"x": 1} and "log_every_steps" in old["train"]  # inputs are not modified
+    # The seed-free hash ignores the seed and nothing else.
+    reseeded = {**old, "train": {**old["train"], "seed": 1}}
+    assert config_hash(old) != config_hash(reseeded)
+    assert config_hash(old, ignore=("train.seed",)) == config_hash(reseeded, ignore=("train.seed",))
+    assert config_hash(old, ignore=("train.seed",)) != config_hash(new, ignore=("train.seed",))
+
+
+def test_config_hash_survives_the_config_yaml_round_trip(tiny_folder, tmp_path):
+    """Reruns compare with out_dir/config.yaml: reading it back gives the hash of the config that wrote it."""
+    from omegaconf import OmegaConf
+
+    from mtssl.config import changes_from_file, config_hash
+
+    cfg = resolve_config(compose_config([f"data.root={tiny_folder}", "method=mocov3", "optim.weight_decay=1e-6"]))
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    assert config_hash(OmegaConf.load(tmp_path / "config.yaml")) == config_hash(cfg)
+    assert changes_from_file(tmp_path / "config.yaml", cfg) == []
+    assert changes_from_file(tmp_path / "missing.yaml", cfg) is None

@@ -26,6 +26,9 @@ import yaml
 
 from mtssl.config import ConfigError
 from sweeps.grid import expand_grid, job_name
+from sweeps.launchers import Submission, SweepLauncher, TrackedJob, record_submissions, scheduler_states
+from sweeps.overrides import split_overrides
+from sweeps.status import format_rows, sweep_rows
 from tests.conftest import make_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +81,190 @@ def test_job_names_are_filesystem_safe():
 def test_bad_grids_are_refused_with_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=re.escape(field)):
         expand_grid(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line: bare job overrides
+
+
+def test_bare_overrides_split_between_launcher_and_jobs_in_order():
+    launcher, jobs = split_overrides([
+        "ablation=method", "data.subset=500", "profile.data_root=/d", "train.epochs=1", "sweep_dir=/s",
+        "method=simsiam", "+backbone.kwargs.layers=[1,1,1,1]", "tables.plots=false", "hydra.verbose=true",
+        "~train.max_steps", "data.root='/a b/c'", "cluster=local", "launcher.max_parallel=2",
+    ])
+    assert launcher == ["ablation=method", "profile.data_root=/d", "sweep_dir=/s", "tables.plots=false",
+                        "hydra.verbose=true", "cluster=local", "launcher.max_parallel=2"]
+    assert jobs == ["data.subset=500", "train.epochs=1", "method=simsiam", "+backbone.kwargs.layers=[1,1,1,1]",
+                    "~train.max_steps", "data.root='/a b/c'"]
+
+
+@pytest.mark.parametrize("override, key, nearest", [
+    ("train.epoch=2", "train.epoch", "train.epochs"),
+    ("eval.knn=[5]", "eval.knn", "eval.knn_k"),
+    ("tables.plot=false", "tables.plot", "tables.plots"),
+    ("dryrun=true", "dryrun", "dry_run"),
+])
+def test_unknown_key_names_both_configs_and_the_nearest_key(override, key, nearest):
+    with pytest.raises(ConfigError) as info:
+        split_overrides(["ablation=method", override])
+    message = str(info.value)
+    assert f"unknown key {key!r}" in message and f"did you mean {nearest}?" in message
+    assert "sweeps/conf/config.yaml" in message and "mtssl/conf/config.yaml" in message
+
+
+def test_help_lists_dry_run_and_job_keys():
+    out = launch("--help", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--dry-run" in out.stdout and "job key=value" in out.stdout and "ablation: " in out.stdout
+
+
+@pytest.mark.slow
+def test_bare_job_overrides_reach_every_job_after_job_overrides(config_dir, tmp_path):
+    sweep_dir = tmp_path / "bare"
+    # Forwarded: a bare job key is validated per job like a job_overrides entry (2 ranks per job).
+    out = launch(*tiny_sweep_args(config_dir, sweep_dir, "train.batch_size=7", "--dry-run"), timeout=120)
+    assert out.returncode == 2 and "train.batch_size: 7 does not divide across 2 ranks" in out.stderr, out.stderr
+    # The bare key comes after the quoted form: it wins.
+    out = launch(*tiny_sweep_args(config_dir, sweep_dir, 'job_overrides=["train.batch_size=7"]', "train.batch_size=4",
+                                  "--dry-run"), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Job overrides (every job): train.batch_size=7 train.batch_size=4" in out.stdout
+    out = launch(*tiny_sweep_args(config_dir, sweep_dir, "train.epoch=1"), timeout=120)
+    assert out.returncode == 2 and "did you mean train.epochs?" in out.stderr and "Nothing was submitted." in out.stderr
+    assert "Traceback" not in out.stderr and not sweep_dir.exists()
+
+
+@pytest.mark.slow
+def test_bare_form_runs_end_to_end_on_the_local_launcher(config_dir, tmp_path):
+    sweep_dir = tmp_path / "local"
+    # One job of the pair; the profile trains 3 epochs, the bare override 1: 2 classes x 16 images / batch 8 steps.
+    out = launch(*tiny_sweep_args(config_dir, sweep_dir, "ablation.axes.predictor=[shared]", "train.epochs=1",
+                                  "eval.knn_k=[2]"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = results(sweep_dir / "predictor=shared")
+    assert result["status"] == "completed" and result["epochs"] == 1 and result["steps"] == 2 * 16 // 8
+    assert set(result["knn"]) == {"k2"}
+    assert yaml.safe_load((sweep_dir / "predictor=shared" / "config.yaml").read_text())["train"]["epochs"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Polling the scheduler: one sacct call per poll
+
+FAKE_SACCT = """#!/bin/sh
+# Counts its calls; reports every -j id RUNNING on the first call, COMPLETED afterwards.
+echo call >> "$SACCT_CALLS"
+calls=$(wc -l < "$SACCT_CALLS")
+state=RUNNING
+[ "$calls" -gt 1 ] && state=COMPLETED
+echo "JobID|State|NodeList"
+while [ $# -gt 0 ]; do
+  if [ "$1" = "-j" ]; then echo "$2|$state|node1"; echo "$2.batch|$state|node1"; shift; fi
+  shift
+done
+"""
+
+
+@pytest.fixture
+def fake_sacct(tmp_path, monkeypatch) -> Path:
+    """A stand-in `sacct` first on PATH; returns the file that gets one line per call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text(FAKE_SACCT)
+    (bin_dir / "sacct").chmod(0o755)
+    calls = tmp_path / "sacct_calls"
+    calls.write_text("")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SACCT_CALLS", str(calls))
+    return calls
+
+
+def fake_submissions(n: int, folder: Path) -> list[Submission]:
+    return [Submission(f"job{i}", str(1000 + i), "slurm", str(folder), str(folder / f"{i}.out"),
+                       str(folder / f"{i}.err"), "2026-01-01T00:00:00") for i in range(n)]
+
+
+def calls(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+@pytest.mark.parametrize("n", [1, 300])
+def test_scheduler_states_of_any_number_of_jobs_take_one_sacct_call(fake_sacct, tmp_path, n):
+    states = scheduler_states(fake_submissions(n, tmp_path))
+    assert calls(fake_sacct) == 1
+    assert states == {str(1000 + i): "RUNNING" for i in range(n)}
+
+
+def test_following_attached_jobs_calls_sacct_once_per_poll(fake_sacct, tmp_path):
+    attached = [TrackedJob(s.name, s) for s in fake_submissions(50, tmp_path)]
+    polls = []
+    done = SweepLauncher().follow(tmp_path, None, [], attached, poll_s=0, report=polls.append)
+    # Poll 1: all RUNNING (50 reports), poll 2: all COMPLETED (50 reports), then every job is final.
+    assert len(done) == 50 and len(polls) == 100
+    assert calls(fake_sacct) == 2
+
+
+def test_status_table_reads_progress_and_queries_sacct_once(fake_sacct, tmp_path):
+    sweep = tmp_path / "sweep"
+    names = ["a", "b", "c", "d"]
+    (sweep / ".submitit").mkdir(parents=True)
+    (sweep / "sweep.json").write_text(json.dumps({"jobs": [{"name": n, "overrides": [], "axes": {}} for n in names]}))
+    subs = fake_submissions(3, sweep)  # "d" was never submitted
+    record_submissions(sweep, [Submission(n, s.job_id, *list(vars(s).values())[2:]) for n, s in zip(names, subs)])
+    (sweep / "a").mkdir()
+    (sweep / "a" / "results.json").write_text(json.dumps(
+        {"status": "completed", "steps": 40, "final_losses": {"loss": 0.25}, "images_per_s": 80.0}))
+    (sweep / "b").mkdir()
+    (sweep / "b" / "train.log").write_text(
+        "2026-01-01 00:00:00.000 [rank 0] INFO mtssl.run: job started: 1 rank(s), pid 1, SLURM job 1001\n"
+        "2026-01-01 00:00:01.000 [rank 0] INFO mtssl.train.trainer: pretraining byol: 40 steps (8/epoch), ...\n"
+        "2026-01-01 00:00:02.000 [rank 0] INFO mtssl.train.trainer: step 10/40 epoch 1 loss 1.5000 (global=1.5) "
+        "lr 0.1 tau 0.99 grad 1 std 0.1 12.5 img/s\n"
+        "2026-01-01 00:01:00.000 [rank 0] INFO mtssl.run: job started: 1 rank(s), pid 2, SLURM job 1001\n"
+        "2026-01-01 00:01:02.000 [rank 0] INFO mtssl.train.trainer: step 20/40 epoch 2 loss 1.2500 (global=1.25) "
+        "lr 0.1 tau 0.99 grad 1 std 0.1 20.0 img/s\n")
+    rows = {r["name"]: r for r in sweep_rows(sweep)}
+    assert calls(fake_sacct) == 1
+    assert (rows["a"]["state"], rows["a"]["step"], rows["a"]["total"], rows["a"]["loss"]) == ("completed", 40, 40, 0.25)
+    assert (rows["b"]["state"], rows["b"]["step"], rows["b"]["total"]) == ("running", 20, 40)
+    assert (rows["b"]["loss"], rows["b"]["images_per_s"], rows["b"]["requeues"]) == (1.25, 20.0, 1)
+    assert rows["c"]["state"] == "running"  # submitted, nothing written yet: the scheduler says RUNNING
+    assert rows["d"]["state"] == "pending" and rows["d"]["job_id"] is None
+    text = format_rows(list(rows.values()))
+    assert re.search(r"^b\s+running\s+20/40\s+1\.2500\s+20\.0\s+1\s+1001\s+\S+1\.out$", text, re.M), text
+    assert text.splitlines()[-1] == "2 running, 1 completed, 1 pending (4 jobs)"
+
+
+# The job's stop signals
+
+
+def test_sigint_stops_a_submitit_job_without_requeueing_it(tmp_path):
+    """After the stop checkpoint, SIGUSR2 (time limit, preemption) hands over to submitit's requeue handler; SIGINT
+    (a person's Ctrl-C, submitit's local cancel) ends the job without one."""
+    from submitit.core.utils import UncompletedJobError
+
+    from mtssl.submitit_job import MtsslJob
+    from mtssl.train.trainer import StopRequest
+
+    requeued: list[int] = []
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGINT)}
+    signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))  # where submitit's handler sits
+    try:
+        for sent, requeues in ((signal.SIGUSR2, True), (signal.SIGINT, False)):
+            stop = StopRequest()
+            try:
+                os.kill(os.getpid(), sent)
+                assert stop.received == [sent]
+                with pytest.raises(UncompletedJobError) as stopped:
+                    MtsslJob._requeue(stop, tmp_path, rank=0)
+            finally:
+                stop.restore()
+            assert requeued == ([signal.SIGUSR2] if requeues else []), sent
+            assert requeues or "stopped on SIGINT" in str(stopped.value) and "not requeued" in str(stopped.value)
+            requeued.clear()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,6 +338,43 @@ def test_bad_override_fails_the_launch_before_anything_is_submitted(config_dir, 
     assert expected in out.stderr and "Nothing was submitted." in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     assert not sweep_dir.exists()
+
+
+@pytest.mark.slow
+def test_default_sweep_dirs_differ_by_launcher(config_dir):
+    """So a SLURM launch after a local one (as the README runs them) neither skips nor reuses the local jobs."""
+    dirs = {}
+    for kind, extra in (("local", []), ("slurm", ["launcher=slurm", "cluster=local"])):
+        out = launch("--config-dir", str(config_dir), "ablation=pair", "profile=tiny", *extra, "--dry-run", timeout=120)
+        assert out.returncode == 0, out.stderr
+        dirs[kind] = re.search(r"^Sweep directory: (.+)$", out.stdout, re.M).group(1)
+    assert dirs == {kind: str(REPO / "sweeps" / "outputs" / kind / "pair-tiny") for kind in ("local", "slurm")}
+
+
+@pytest.mark.slow
+def test_relaunch_with_changed_job_overrides_is_refused_before_submitting(config_dir, tmp_path):
+    sweep_dir = tmp_path / "relaunch"
+    one_job = ["ablation.axes.predictor=[separate]", "profile.resources.ranks_per_job=1"]
+    out = launch(*tiny_sweep_args(config_dir, sweep_dir, *one_job))
+    assert out.returncode == 0, out.stdout + out.stderr
+    job = sweep_dir / "predictor=separate"
+    kept = [sweep_dir / "sweep.json", sweep_dir / ".submitit" / "submissions.json", job / "results.json",
+            job / "config.yaml", sweep_dir / "tables" / "results.csv"]
+    before = [p.read_bytes() for p in kept]
+
+    out = launch(*tiny_sweep_args(config_dir, sweep_dir, *one_job, 'job_overrides=["train.epochs=2"]'), timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "1 job(s) in" in out.stderr and "different training config" in out.stderr
+    assert "predictor=separate: final results (results.json status completed): train.epochs: 3 → 2" in out.stderr
+    assert "new sweep_dir" in out.stderr and "Nothing was submitted." in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert [p.read_bytes() for p in kept] == before  # sweep.json still describes the results beside it
+
+    # A field outside the training config (the evaluation) is the same run: skipped, as before.
+    out = launch(*tiny_sweep_args(config_dir, sweep_dir, *one_job, 'job_overrides=["eval.knn_k=[3]"]'), timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 job(s) to submit, 0 already queued or running, 1 finished" in out.stdout
+    assert (job / "results.json").read_bytes() == before[2]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,7 +458,10 @@ def test_two_job_sweep_runs_to_completion_with_results_and_tables(finished_sweep
     status = subprocess.run([sys.executable, str(REPO / "sweeps/status.py"), str(sweep_dir)], capture_output=True,
                             text=True, check=True).stdout
     for job in JOB_NAMES:
-        assert re.search(rf"^{re.escape(job)}\s+completed\s+{STEPS_PER_JOB}\s+\S+\s+COMPLETED", status, re.M), status
+        job_id = records[job][0]["job_id"]
+        assert re.search(rf"^{re.escape(job)}\s+completed\s+{STEPS_PER_JOB}/{STEPS_PER_JOB}\s+\d+\.\d{{4}}\s+[\d.]+\s+0\s+"
+                         rf"{job_id}\s", status, re.M), status
+    assert status.rstrip().splitlines()[-1] == f"{len(JOB_NAMES)} completed ({len(JOB_NAMES)} jobs)"
 
 
 @pytest.mark.slurm
@@ -398,6 +625,49 @@ def test_job_hitting_its_time_limit_requeues_and_ends_with_the_uninterrupted_wei
         "cluster.timeout_min=2", "cluster.signal_delay_s=60", "cluster.max_num_timeout=3"))
     assert_resumed_to_reference(sweep_dir, record, reference, "timed-out")
     assert "remaining timeouts" in Path(record["stdout"]).read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_bare_form_runs_end_to_end_on_slurm(slurm_cluster, config_dir, tmp_path):
+    sweep_dir = tmp_path / "bare_slurm"
+    args, name = slurm_args(config_dir, sweep_dir, "ablation.axes.predictor=[separate]", "train.epochs=1")
+    out = launch(*args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = results(sweep_dir / "predictor=separate")
+    assert result["status"] == "completed" and result["epochs"] == 1 and result["steps"] == 2 * 16 // 8
+    assert result["world_size"] == 2 and len(slurm_jobs_named(name)) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_relaunch_while_a_job_is_queued_with_another_config_is_refused(slurm_cluster, config_dir, tmp_path):
+    """A queued job runs the overrides it was submitted with: a relaunch that changed them must not follow it."""
+    sweep_dir = tmp_path / "queued"
+    held = ["ablation.axes.predictor=[separate]", "wait=false", "+cluster.additional_parameters.begin='now+3600'"]
+    args, _ = slurm_args(config_dir, sweep_dir, *held)
+    out = launch(*args, timeout=120)
+    try:
+        assert out.returncode == 0, out.stdout + out.stderr
+        [record] = submissions(sweep_dir)["predictor=separate"]
+        spec = (sweep_dir / "sweep.json").read_bytes()
+        args, name = slurm_args(config_dir, sweep_dir, *held, 'job_overrides=["train.epochs=2"]')
+        out = launch(*args, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert (f"predictor=separate: job {record['job_id']} (PENDING) runs another training config: "
+                f"train.epochs: 3 → 2") in out.stderr
+        assert "scancel" in out.stderr and "Nothing was submitted." in out.stderr
+        assert slurm_jobs_named(name) == [] and len(submissions(sweep_dir)["predictor=separate"]) == 1
+        assert (sweep_dir / "sweep.json").read_bytes() == spec
+        # The same config follows it.
+        args, _ = slurm_args(config_dir, sweep_dir, *held)
+        out = launch(*args, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"predictor=separate: job {record['job_id']} already PENDING, following it" in out.stdout
+    finally:
+        ids = [r["job_id"] for records in submissions(sweep_dir).values() for r in records]
+        if ids:
+            subprocess.run(["scancel", *ids], check=False)
 
 
 @pytest.mark.slurm

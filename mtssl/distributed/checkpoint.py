@@ -14,6 +14,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -114,6 +115,16 @@ class CheckpointManager:
                 log.warning("ignoring incomplete checkpoint %s (no .metadata or %s)", path, TRAINER_STATE)
         return found
 
+    def keep_only_newest(self) -> list[Path]:
+        """Delete every checkpoint but the newest complete one (rank 0; e.g. once a job has completed);
+        returns the deleted paths."""
+        if not self.is_main:
+            return []
+        found = self.checkpoints()
+        for old in found[1:]:
+            shutil.rmtree(old, ignore_errors=True)
+        return found[1:]
+
     def save(self, state: TrainerState, model_and_optimizer: ModelAndOptimizer, config_yaml: str) -> Path:
         """Write a complete checkpoint atomically (all ranks must call)."""
         final = _step_dir(self.root, state.step)
@@ -140,19 +151,22 @@ class CheckpointManager:
         host_barrier()
         return final
 
-    def load_latest(self, model_and_optimizer: ModelAndOptimizer, config_hash: str) -> TrainerState | None:
+    def load_latest(self, model_and_optimizer: ModelAndOptimizer, config_hash: str,
+                    changed_fields: Callable[[Path], str] | None = None) -> TrainerState | None:
         """Load the newest loadable checkpoint into place; None when there is none.
 
-        Refuses (CheckpointMismatch) a checkpoint written by a different config. A corrupted
-        newest checkpoint is skipped with a warning and the one before it is used.
+        Refuses (CheckpointMismatch) a checkpoint written by a different config; ``changed_fields(saved
+        config.yaml)`` names the fields that differ in the message. A corrupted newest checkpoint is skipped
+        with a warning and the one before it is used.
         """
         for path in self.checkpoints():
             state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
             if state.config_hash != config_hash:
+                fields = (changed_fields(path / "config.yaml") if changed_fields is not None
+                          else f"hash {state.config_hash[:12]} vs {config_hash[:12]}, see {path / 'config.yaml'}")
                 raise CheckpointMismatch(
-                    f"{path} was written by a different config (hash {state.config_hash[:12]} vs "
-                    f"{config_hash[:12]}; its config is {path / 'config.yaml'}). Use a new out_dir, or delete "
-                    f"{self.root} to start this config from scratch."
+                    f"{self.root.parent} holds a checkpoint ({path}) of a different training config: {fields}. "
+                    f"Use a new out_dir (out_dir=...), or delete {self.root.parent} to run this config from scratch."
                 )
             try:
                 dcp.load({"app": model_and_optimizer}, checkpoint_id=str(path), process_group=host_group())

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from omegaconf import OmegaConf
 
-from mtssl.config import ConfigError, config_hash, validate_config
+from mtssl.config import ConfigError, config_changes, format_changes, validate_config
 from mtssl.distributed.checkpoint import write_json_atomic
 from mtssl.distributed.process_group import destroy_distributed, init_distributed
 from mtssl.eval.job import evaluate_states
@@ -48,10 +48,10 @@ def load_job(out_dir: Path, overrides: Sequence[str]):
         cfg = OmegaConf.merge(trained, OmegaConf.from_dotlist(list(overrides)))
     except Exception as error:  # omegaconf raises several types for a malformed dotlist
         raise ConfigError(f"bad override in {list(overrides)}: {error}") from error
-    if config_hash(cfg) != config_hash(trained):
-        changed = [o for o in overrides if not o.split("=", 1)[0].lstrip("+").startswith(("eval.", "data.root", "data.num_workers", "train.device", "out_dir"))]
-        raise ConfigError(f"overrides {changed or list(overrides)} change the training config of {out_dir}; "
-                          f"re-evaluation only takes eval.*, data.root, data.num_workers and train.device")
+    changes = config_changes(trained, cfg)
+    if changes:
+        raise ConfigError(f"{format_changes(changes)}: these overrides change the training config of {out_dir}; "
+                          f"re-evaluation only takes fields outside it (eval.*, data.root, data.num_workers, train.device)")
     cfg.out_dir = str(out_dir)
     return cfg, results
 

@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 from mtssl.distributed.collectives import collective_device, device_sum_, rank, world_size
 from mtssl.eval.accuracy import topk_correct
 from mtssl.eval.features import FeatureShard
-from mtssl.eval.progress import progress
+from mtssl.distributed.progress import progress_bar
 
 
 def augmented_train_transform(mean, std, size: int) -> v2.Compose:
@@ -78,7 +78,7 @@ def augmented_linear_probe(
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank(), shuffle=True, seed=seed)
     val_rows = val.valid.nonzero().flatten()
     history = []
-    for epoch in progress(range(epochs), "augmented linear probe"):
+    for epoch in progress_bar(range(epochs), desc="augmented linear probe", unit="epoch"):
         sampler.set_epoch(epoch)
         torch.manual_seed(_epoch_seed(seed, epoch, rank()))  # the crops and flips (main process)
         loader = DataLoader(train_set, batch_size=batch_size // world, sampler=sampler, num_workers=num_workers,

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from mtssl.config import FEATURE_DTYPE_NAMES
 from mtssl.distributed.collectives import collective_device, device_all_gather_stack, rank as current_rank, world_size as current_world_size
-from mtssl.eval.progress import progress
+from mtssl.distributed.progress import progress_bar
 
 FEATURE_DTYPES = dict(zip(FEATURE_DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))  # eval.feature_dtype
 
@@ -80,7 +80,7 @@ def extract_feature_shard(
 
     feature_chunks: list[Tensor] = []
     label_chunks: list[Tensor] = []
-    for images, labels in progress(loader, description):
+    for images, labels in progress_bar(loader, desc=description, unit="batch"):
         features = forward_fn(images.to(device, non_blocking=True))
         labels = torch.as_tensor(labels, dtype=torch.int64)
         if features.ndim != 2 or features.shape[0] != labels.shape[0]:

@@ -12,7 +12,7 @@ from torch import Tensor
 from mtssl.eval.accuracy import topk_correct
 from mtssl.distributed.collectives import collective_device, device_all_gather_cat, device_all_gather_stack, world_size
 from mtssl.eval.features import FeatureShard, check_feature_pair
-from mtssl.eval.progress import progress
+from mtssl.distributed.progress import progress_bar
 
 
 def knn_classify(
@@ -137,7 +137,7 @@ def knn_classify_sharded(
     gather = collective_device(device) if world_size() > 1 else device
     correct = {k: {1: 0, 5: 0} for k in ks}
     per_rank = val.features.shape[0]
-    for start in progress(range(0, per_rank, chunk_size), description, total=math.ceil(per_rank / chunk_size)):
+    for start in progress_bar(range(0, per_rank, chunk_size), desc=description, unit="chunk"):
         rows = slice(start, start + chunk_size)
         queries = device_all_gather_cat(val.features[rows].to(gather)).to(device)
         query_labels = device_all_gather_cat(val.labels[rows].to(gather)).to(device)

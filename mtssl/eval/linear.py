@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from mtssl.distributed.collectives import collective_device, device_all_gather_cat, device_sum_, world_size
 from mtssl.eval.accuracy import topk_correct
 from mtssl.eval.features import FeatureShard, check_feature_pair
-from mtssl.eval.progress import progress
+from mtssl.distributed.progress import progress_bar
 
 BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # nn.BatchNorm1d's defaults
 
@@ -116,7 +116,7 @@ def train_linear_heads(
     rows_of = _ShardRows(shard)
     members = members.to(device)
 
-    for _ in progress(range(epochs), description):
+    for _ in progress_bar(range(epochs), desc=description, unit="epoch"):
         order = members[torch.randperm(num_samples, generator=generator).to(device)]
         for batch in order.split(batch_size)[:batches_per_epoch]:
             rows = rows_of(batch)

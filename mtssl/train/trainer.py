@@ -4,10 +4,10 @@ Per step: the online network sees every view, the target network (EMA copy, or t
 under stop-gradient for SimSiam) sees only the global views, the multi-task loss is built from
 the method's pair loss, one backward, the optimiser step, then the EMA update.
 
-Runs survive the cluster: SIGUSR2/SIGTERM only set a flag; at the next step boundary all ranks
-agree on it, write a synchronous checkpoint and stop (``TrainingInterrupted``). Randomness is a
-function of (seed, rank, step) and of (seed, epoch, sample), so a resumed run is bitwise equal
-to an uninterrupted one on CPU.
+Runs survive the cluster: SIGUSR2, SIGTERM and a first SIGINT only set a flag; at the next step
+boundary all ranks agree on it, write a synchronous checkpoint and stop (``TrainingInterrupted``).
+Randomness is a function of (seed, rank, step) and of (seed, epoch, sample), so a resumed run is
+bitwise equal to an uninterrupted one on CPU.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from mtssl.distributed.checkpoint import CheckpointManager, ModelAndOptimizer, TrainerState
-from mtssl.config import ConfigError, config_hash
+from mtssl.config import ConfigError, config_hash, describe_changes
 from mtssl.data.image_folder import AugmentedImageFolder, GlobalBatchSampler, class_balanced_subset, collate_views, list_image_folder
 from mtssl.distributed.collectives import device_mean_, host_any, host_sum
 from mtssl.distributed.process_group import DistEnv
@@ -43,7 +43,9 @@ from mtssl.data.views import ViewLayout, build_view_layout
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+SIGINT_NOTICE = (b"mtssl: SIGINT: stopping at the next step boundary after a checkpoint (exit 3, rerun to resume); "
+                 b"press Ctrl-C again to abort at once, losing the steps since the last checkpoint\n")
 
 
 class TrainingInterrupted(Exception):
@@ -59,10 +61,15 @@ class TrainingInterrupted(Exception):
 
 
 class StopRequest:
-    """Signal handler that only records the signal; the loop acts on it between steps."""
+    """Signal handler that only records the signal; the loop acts on it between steps.
+
+    The first SIGINT (Ctrl-C) counts like SIGTERM and gives SIGINT back its default action, so a second one ends
+    the process at once, even inside a long C call (Python runs handlers only between bytecodes).
+    """
 
     def __init__(self, signals=STOP_SIGNALS):
-        self.signum: int | None = None
+        self.signum: int | None = None  # the latest signal
+        self.received: list[int] = []  # every signal, in order
         self.received_at: float | None = None  # time.monotonic() of the first signal
         self.previous_handlers = {s: signal.signal(s, self._record) for s in signals}
 
@@ -70,6 +77,10 @@ class StopRequest:
         if self.received_at is None:
             self.received_at = time.monotonic()
         self.signum = signum
+        self.received.append(signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.write(2, SIGINT_NOTICE)  # no logging in a handler: it may interrupt a log call holding its lock
 
     def age_s(self) -> float | None:
         """Seconds since the first signal arrived (None without one)."""
@@ -82,6 +93,13 @@ class StopRequest:
     def restore(self) -> None:
         for s, handler in self.previous_handlers.items():
             signal.signal(s, handler)
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT, which a terminal's Ctrl-C sends to the whole process
+    group; torch's worker loop would otherwise end on the KeyboardInterrupt, and the main process then fails with
+    "DataLoader worker exited unexpectedly" before its stop checkpoint. The main process decides when to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StepOutput(NamedTuple):
@@ -285,7 +303,8 @@ class Trainer:
 
     def fit(self, stop: StopRequest, writer=None) -> PretrainOutcome:
         cfg, env = self.cfg, self.env
-        state = self.checkpoints.load_latest(ModelAndOptimizer(self.model, self.optimizer), self.config_hash)
+        state = self.checkpoints.load_latest(ModelAndOptimizer(self.model, self.optimizer), self.config_hash,
+                                             lambda saved: describe_changes(saved, cfg))
         state = state or TrainerState(config_hash=self.config_hash, world_size=env.world_size)
         last_step = self.total_steps if cfg.train.max_steps is None else min(self.total_steps, cfg.train.max_steps)
         step = state.step
@@ -314,6 +333,8 @@ class Trainer:
                 num_workers=cfg.data.num_workers,
                 collate_fn=collate_views,
                 pin_memory=env.device.type == "cuda",
+                # Forked workers inherit StopRequest's handler until then, so no SIGINT ends one.
+                worker_init_fn=ignore_interrupts,
             )
             for views, _, skipped in loader:
                 # Agree before the forward pass: it updates BN running statistics, which a
