@@ -71,19 +71,25 @@ def knn_classify(
 def _top_k_by_index(similarity: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Column positions of the k largest similarities per row, ties broken by the smaller global index.
 
-    `similarity` [Q, M] and `index` [Q, M] or [M] (int64). Returns (similarity [Q, k], position [Q, k])
+    `similarity` [Q, M] and `index` [M] or [Q, M] (int64). Returns (similarity [Q, k], position [Q, k])
     sorted by similarity descending then index ascending: a total order, so the selection does not
-    depend on how the columns were split over ranks.
+    depend on how the columns were split over ranks. Only rows with a tie at the k-th value (rare on
+    real features) pay for more than one ``topk``.
     """
     index = index.expand_as(similarity)
-    kth = similarity.topk(k, dim=1).values[:, -1:]
-    # Everything above the k-th value is in; among values equal to it the smallest indices fill the rest.
-    big = index.max() + 2 if index.numel() else 2
-    key = torch.where(similarity > kth, 2 * big, torch.where(similarity == kth, 2 * big - 1 - index, 0))
-    position = key.topk(k, dim=1).indices
-    chosen_sim, chosen_index = similarity.gather(1, position), index.gather(1, position)
+    values, position = similarity.topk(k, dim=1)
+    kth = values[:, -1:]
+    tied = ((similarity >= kth).sum(dim=1) > k).nonzero().flatten()
+    if tied.numel():
+        # Everything above the k-th value is in; among values equal to it the smallest indices fill the rest.
+        sub, sub_index, sub_kth = similarity[tied], index[tied], kth[tied]
+        big = sub_index.max() + 2
+        key = torch.where(sub > sub_kth, 2 * big, torch.where(sub == sub_kth, 2 * big - 1 - sub_index, 0))
+        position[tied] = key.topk(k, dim=1).indices
+    chosen_index = index.gather(1, position)
     order = chosen_index.argsort(dim=1, stable=True)
-    order = order.gather(1, chosen_sim.gather(1, order).argsort(dim=1, descending=True, stable=True))
+    position = position.gather(1, order)
+    order = similarity.gather(1, position).argsort(dim=1, descending=True, stable=True)
     position = position.gather(1, order)
     return similarity.gather(1, position), position
 
@@ -111,8 +117,9 @@ def knn_classify_sharded(
 ) -> dict[str, dict[str, float]]:
     """Weighted kNN (as ``knn_classify``) on feature shards spread over the ranks; a collective.
 
-    Val queries are all-gathered `chunk_size` rows per rank at a time; each rank scores them against its
-    train shard and keeps its top-k (ties to the smaller global train index); the per-rank top-k
+    Val queries are all-gathered in blocks of about `chunk_size` queries (chunk_size / W per rank), so a
+    block's similarities [chunk_size, shard] take chunk_size * N / W floats per rank; each rank scores them
+    against its train shard and keeps its top-k (ties to the smaller global train index); the per-rank top-k
     similarities, labels and global indices are all-gathered and reduced to the global top-k by the same
     rule. The merge is exact, so any number of ranks gives the result of one rank. Every rank returns the
     same accuracies.
@@ -130,22 +137,24 @@ def knn_classify_sharded(
     bank = F.normalize(train.features.float(), dim=1)
     max_k = max(ks)
     # Padded duplicates never win; a shard smaller than k is padded with -inf entries after every real index.
-    far = torch.full((1,), float("-inf"), device=device)
+    invalid_columns = (~train.valid).nonzero().flatten()
     pad = max(0, max_k - bank.shape[0])
     bank_index = torch.cat([train.indices, train.num_items + torch.arange(pad, device=device)])
     bank_labels = torch.cat([train.labels, torch.zeros(pad, dtype=torch.int64, device=device)])
     gather = collective_device(device) if world_size() > 1 else device
     correct = {k: {1: 0, 5: 0} for k in ks}
     per_rank = val.features.shape[0]
-    for start in progress_bar(range(0, per_rank, chunk_size), desc=description, unit="chunk"):
-        rows = slice(start, start + chunk_size)
+    # chunk_size queries per block in all: the block's similarities [chunk_size, shard] shrink with the ranks.
+    rows_per_rank = max(1, math.ceil(chunk_size / world_size()))
+    for start in progress_bar(range(0, per_rank, rows_per_rank), desc=description, unit="chunk"):
+        rows = slice(start, start + rows_per_rank)
         queries = device_all_gather_cat(val.features[rows].to(gather)).to(device)
         query_labels = device_all_gather_cat(val.labels[rows].to(gather)).to(device)
         query_valid = device_all_gather_cat(val.valid[rows].to(gather)).to(device)
         similarity = F.normalize(queries.float(), dim=1) @ bank.T
-        similarity = torch.where(train.valid, similarity, far)
+        similarity[:, invalid_columns] = float("-inf")
         if pad:
-            similarity = torch.cat([similarity, far.expand(similarity.shape[0], pad)], dim=1)
+            similarity = torch.cat([similarity, similarity.new_full((similarity.shape[0], pad), float("-inf"))], dim=1)
         local_sim, position = _top_k_by_index(similarity, bank_index, max_k)
         local_index, local_labels = bank_index[position], bank_labels[position]
         if world_size() > 1:  # [W * Q, k] -> [Q, W * k]
