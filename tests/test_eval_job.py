@@ -84,3 +84,21 @@ def test_reevaluate_a_finished_job_keeps_training_fields(tmp_path):
     assert after["knn_target"]["k5"] == before["knn_target"]["k5"]
     assert after["linear"]["frozen_features"]["lr"] == after["linear_lr"] == 0.1
     assert after["eval_config"]["knn_k"] == [1, 5]
+
+
+def test_each_linear_protocol_under_its_own_key(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=10)
+    frozen_only = resolve_config(compose_config([f"data.root={root}", *TINY]))
+    both = resolve_config(compose_config([f"data.root={root}", *TINY, "eval.linear_protocols=[frozen_features,augmented]",
+                                          "eval.augmented_epochs=2", "eval.augmented_batch_size=8"]))
+    online, target = _states(frozen_only)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first = evaluate_states(frozen_only, ENV, online, target, None, tmp_path / "a")
+    second = evaluate_states(both, ENV, online, target, None, tmp_path / "b")
+    assert set(first["linear"]) == {"frozen_features"} and set(second["linear"]) == {"frozen_features", "augmented"}
+    assert second["linear"]["frozen_features"] == first["linear"]["frozen_features"]  # the protocols are independent
+    assert second["linear_top1"] == first["linear_top1"]  # the headline stays frozen_features
+    augmented = second["linear"]["augmented"]
+    assert augmented["epochs"] == 2 and augmented["best_epoch"] in (1, 2) and augmented["best_top1"] >= augmented["top1"]
+    assert augmented["lr"] == pytest.approx(0.005 * 8 / 512)

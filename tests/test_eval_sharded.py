@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mtssl.eval.augmented import augmented_linear_probe
 from mtssl.eval.features import FeatureShard
 from mtssl.eval.knn import knn_classify, knn_classify_sharded
 from mtssl.eval.linear import linear_probe, linear_probe_sharded
@@ -60,7 +61,8 @@ def _worker(rank, world_size, init_file, out_dir):
         x, y, vx, vy = _probe_data()
         probe = linear_probe_sharded(shard_of(x, y, world_size, rank), shard_of(vx, vy, world_size, rank), 4,
                                      epochs=3, lr_grid=(0.01, 0.3), batch_size=32, seed=3)
-        torch.save({"knn": knn, "tie": tie, "probe": probe}, f"{out_dir}/{rank}.pt")
+        augmented = _augmented(world_size, rank)
+        torch.save({"knn": knn, "tie": tie, "probe": probe, "augmented": augmented}, f"{out_dir}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -91,3 +93,73 @@ def test_two_ranks_match_one_rank(tmp_path):
         assert probe["lr"] == expected_probe["lr"]
         assert probe["holdout_top1"] == pytest.approx(expected_probe["holdout_top1"], abs=100 / 16 + 1e-6)  # <= 1 holdout sample
         assert probe["top1"] == pytest.approx(expected_probe["top1"], abs=100 / 52 + 1e-6)  # <= 1 val sample
+        assert result["augmented"]["history"] == pytest.approx(_augmented_reference()["history"], abs=1e-9)
+        torch.testing.assert_close(result["augmented"]["weight"], _augmented_reference()["weight"], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- augmented protocol
+class Items(torch.utils.data.Dataset):
+    """(x_i, y_i) pairs: with an identity backbone the augmented probe is SGD on a Linear over these rows."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+AUG = dict(epochs=4, batch_size=16, base_lr=2.0, seed=3)  # lr 2.0 * 16 / 512 = 0.0625
+
+
+def _augmented(world_size=1, rank=0):
+    x, y, vx, vy = _probe_data()
+    x, y = x[:160], y[:160]  # 10 global batches of 16, 8 per rank on 2 ranks
+    history, heads = [], []
+
+    def record(epoch, top1, head):
+        history.append(top1)
+        heads.append(head.weight.detach().clone())
+
+    result = augmented_linear_probe(torch.nn.Identity(), Items(x, y), shard_of(vx, vy, world_size, rank), 4,
+                                    torch.device("cpu"), **AUG, on_epoch=record)
+    return {"history": history, "weight": heads[-1], **result}
+
+
+def _augmented_reference():
+    """The protocol written out: same init draw, DistributedSampler's permutation (seed + epoch), batches of 16,
+    lr 0.005-style linear scaling, SGD momentum 0.9, per-epoch cosine; val top-1 after every epoch."""
+    x, y, vx, vy = _probe_data()
+    x, y = x[:160], y[:160]
+    g = torch.Generator().manual_seed(AUG["seed"])
+    head = torch.nn.Linear(16, 4)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(4, 16, generator=g) * 0.01)
+        head.bias.zero_()
+    lr0 = AUG["base_lr"] * AUG["batch_size"] / 512
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr0, momentum=0.9)
+    history = []
+    for epoch in range(AUG["epochs"]):
+        for group in optimizer.param_groups:
+            group["lr"] = lr0 * (1 + math.cos(math.pi * epoch / AUG["epochs"])) / 2
+        order = torch.randperm(160, generator=torch.Generator().manual_seed(AUG["seed"] + epoch))
+        for batch in order.split(AUG["batch_size"]):
+            loss = torch.nn.functional.cross_entropy(head(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            history.append(100.0 * (head(vx).argmax(1) == vy).double().mean().item())
+    return {"history": history, "weight": head.weight.detach()}
+
+
+def test_augmented_probe_matches_the_written_out_protocol():
+    got, expected = _augmented(), _augmented_reference()
+    assert got["history"] == pytest.approx(expected["history"], abs=1e-9)
+    torch.testing.assert_close(got["weight"], expected["weight"], rtol=1e-4, atol=1e-6)
+    assert got["top1"] == expected["history"][-1]
+    best = max(range(AUG["epochs"]), key=lambda e: expected["history"][e])
+    assert got["best_top1"] == expected["history"][best] and got["best_epoch"] == best + 1
+    assert got["lr"] == pytest.approx(2.0 * 16 / 512)

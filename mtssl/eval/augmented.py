@@ -56,13 +56,14 @@ def augmented_linear_probe(
     seed: int = 0,
     num_workers: int = 0,
     autocast_dtype: torch.dtype | None = None,
+    on_epoch=None,
 ) -> dict:
     """Train the ``augmented`` protocol's head (see the module docstring); a collective.
 
     `train_set` yields augmented (image, label); `batch_size` is the global batch (split over the ranks);
     `val` holds this rank's val features of the same backbone. Returns {"top1", "top5" (last epoch),
     "best_top1", "best_top5", "best_epoch" (1-based; chosen on val, so it is an optimistic number),
-    "lr", "epochs"}.
+    "lr", "epochs"}. ``on_epoch(epoch, val_top1, head)``, when given, is called after every epoch.
     """
     world = world_size()
     if batch_size % world:
@@ -100,6 +101,8 @@ def augmented_linear_probe(
             hits = topk_correct(head(val.features[val_rows].float()), val.labels[val_rows], (1, 5))
         counts = _sum_over_ranks(torch.tensor([hits[1], hits[5]], device=device)).tolist()
         history.append((100.0 * counts[0] / val.num_items, 100.0 * counts[1] / val.num_items))
+        if on_epoch is not None:
+            on_epoch(epoch, history[-1][0], head)
     best = max(range(epochs), key=lambda e: history[e][0])  # the first of equal values
     return {"top1": history[-1][0], "top5": history[-1][1], "best_top1": history[best][0], "best_top5": history[best][1],
             "best_epoch": best + 1, "lr": lr, "epochs": epochs}
