@@ -102,3 +102,19 @@ def test_each_linear_protocol_under_its_own_key(tmp_path):
     augmented = second["linear"]["augmented"]
     assert augmented["epochs"] == 2 and augmented["best_epoch"] in (1, 2) and augmented["best_top1"] >= augmented["top1"]
     assert augmented["lr"] == pytest.approx(0.005 * 8 / 512)
+
+
+@pytest.mark.parametrize(("override", "world_size", "field"), [
+    ("eval.feature_dtype=fp8", 1, "eval.feature_dtype"),
+    ("eval.linear_protocols=[frozen_features,augmnted]", 1, "eval.linear_protocols"),
+    ("eval.augmented_epochs=0", 1, "eval.augmented_epochs"),
+    ("eval.augmented_lr=0", 1, "eval.augmented_lr"),
+    ("eval.augmented_batch_size=512", 3, "eval.augmented_batch_size"),
+    ("eval.linear_batch_size=1", 1, "eval.linear_batch_size"),
+])
+def test_new_eval_fields_are_validated(tmp_path, override, world_size, field):
+    from mtssl.config import ConfigError, validate_config
+
+    cfg = resolve_config(compose_config([f"out_dir={tmp_path / 'job'}", "train.batch_size=12", override]))
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate_config(cfg, check_data=False, world_size=world_size)
