@@ -163,3 +163,27 @@ def test_augmented_probe_matches_the_written_out_protocol():
     best = max(range(AUG["epochs"]), key=lambda e: expected["history"][e])
     assert got["best_top1"] == expected["history"][best] and got["best_epoch"] == best + 1
     assert got["lr"] == pytest.approx(2.0 * 16 / 512)
+
+
+def test_augmented_probe_stopped_after_an_epoch_resumes_bitwise(tmp_path):
+    from mtssl.eval.augmented import ProbeStopped
+
+    x, y, vx, vy = _probe_data()
+    train, val = Items(x[:160], y[:160]), shard_of(vx, vy, 1, 0)
+    heads = {}
+
+    def run(name, **kwargs):
+        record = lambda epoch, top1, head: heads.setdefault(name, []).append((top1, head.weight.detach().clone()))
+        return augmented_linear_probe(torch.nn.Identity(), train, val, 4, torch.device("cpu"), **AUG, on_epoch=record, **kwargs)
+
+    uninterrupted = run("whole")
+    state = tmp_path / "probe.pt"
+    calls = []
+    with pytest.raises(ProbeStopped):
+        run("first", state_path=state, state_key="k", should_stop=lambda: calls.append(1) or len(calls) == 2)
+    assert len(heads["first"]) == 2  # stopped after the second epoch
+    assert run("other key", state_path=state, state_key="other") == uninterrupted  # a foreign state is not resumed
+    resumed = run("rest", state_path=state, state_key="k")
+    assert len(heads["rest"]) == AUG["epochs"] - 2
+    assert resumed == uninterrupted
+    assert torch.equal(heads["rest"][-1][1], heads["whole"][-1][1])

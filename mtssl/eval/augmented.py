@@ -11,7 +11,9 @@ gradients are averaged with a device all-reduce.
 from __future__ import annotations
 
 import hashlib
-import math
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,14 @@ from mtssl.distributed.collectives import collective_device, device_sum_, rank, 
 from mtssl.eval.accuracy import topk_correct
 from mtssl.eval.features import FeatureShard
 from mtssl.distributed.progress import progress_bar
+
+
+class ProbeStopped(Exception):
+    """The augmented probe stopped on request after an epoch; its state is in ``state_path``."""
+
+    def __init__(self, epochs_done: int, state_path: Path):
+        super().__init__(f"augmented linear probe stopped after epoch {epochs_done}; state in {state_path}")
+        self.epochs_done = epochs_done
 
 
 def augmented_train_transform(mean, std, size: int) -> v2.Compose:
@@ -57,6 +67,9 @@ def augmented_linear_probe(
     num_workers: int = 0,
     autocast_dtype: torch.dtype | None = None,
     on_epoch=None,
+    state_path: Path | None = None,
+    state_key: str = "",
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Train the ``augmented`` protocol's head (see the module docstring); a collective.
 
@@ -64,6 +77,10 @@ def augmented_linear_probe(
     `val` holds this rank's val features of the same backbone. Returns {"top1", "top5" (last epoch),
     "best_top1", "best_top5", "best_epoch" (1-based; chosen on val, so it is an optimistic number),
     "lr", "epochs"}. ``on_epoch(epoch, val_top1, head)``, when given, is called after every epoch.
+
+    Preemptible: after an epoch, when ``should_stop()`` (a collective) says so, rank 0 saves the head, optimiser,
+    schedule and val history to ``state_path`` and ``ProbeStopped`` is raised; a later call with the same
+    ``state_key`` resumes after that epoch (per-epoch seeds: on CPU the result is bitwise the uninterrupted one).
     """
     world = world_size()
     if batch_size % world:
@@ -78,8 +95,16 @@ def augmented_linear_probe(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank(), shuffle=True, seed=seed)
     val_rows = val.valid.nonzero().flatten()
-    history = []
-    for epoch in progress_bar(range(epochs), desc="augmented linear probe", unit="epoch"):
+    history: list = []
+    start = 0
+    if state_path is not None and Path(state_path).exists():
+        saved = torch.load(state_path, map_location=device, weights_only=True)
+        if saved.get("key") == state_key:
+            head.load_state_dict(saved["head"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            history, start = [tuple(h) for h in saved["history"]], int(saved["epoch"])
+    for epoch in progress_bar(range(start, epochs), desc="augmented linear probe", unit="epoch"):
         sampler.set_epoch(epoch)
         torch.manual_seed(_epoch_seed(seed, epoch, rank()))  # the crops and flips (main process)
         loader = DataLoader(train_set, batch_size=batch_size // world, sampler=sampler, num_workers=num_workers,
@@ -103,6 +128,13 @@ def augmented_linear_probe(
         history.append((100.0 * counts[0] / val.num_items, 100.0 * counts[1] / val.num_items))
         if on_epoch is not None:
             on_epoch(epoch, history[-1][0], head)
+        if should_stop is not None and epoch + 1 < epochs and should_stop():
+            if state_path is not None and rank() == 0:
+                tmp = Path(f"{state_path}.tmp")
+                torch.save({"key": state_key, "epoch": epoch + 1, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "history": history}, tmp)
+                os.replace(tmp, state_path)
+            raise ProbeStopped(epoch + 1, state_path)
     best = max(range(epochs), key=lambda e: history[e][0])  # the first of equal values
     return {"top1": history[-1][0], "top5": history[-1][1], "best_top1": history[best][0], "best_top5": history[best][1],
             "best_epoch": best + 1, "lr": lr, "epochs": epochs}

@@ -12,6 +12,7 @@ with ``EvaluationInterrupted``, and the rerun (requeue) skips the finished phase
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -25,7 +26,7 @@ from mtssl.distributed.checkpoint import write_json_atomic
 from mtssl.distributed.collectives import average_buffers_over_ranks_, host_any, host_barrier
 from mtssl.distributed.fsdp import full_state_dict, state_sha256
 from mtssl.distributed.process_group import DistEnv
-from mtssl.eval.augmented import augmented_linear_probe, augmented_train_transform
+from mtssl.eval.augmented import ProbeStopped, augmented_linear_probe, augmented_train_transform
 from mtssl.eval.features import FEATURE_DTYPES, FeatureShard, extract_feature_shard
 from mtssl.eval.knn import knn_classify_sharded
 from mtssl.eval.linear import linear_probe_sharded
@@ -34,6 +35,7 @@ from mtssl.model.siamese import build_backbone
 log = logging.getLogger(__name__)
 
 EVAL_STATE = "eval_state.json"
+AUGMENTED_STATE = "eval_augmented.pt"  # the augmented probe's head and optimiser after its last finished epoch
 # Online kNN, the online probes, target kNN: one bank alive at a time.
 PHASES = ("knn", "linear", "linear_augmented", "knn_target")
 
@@ -100,6 +102,10 @@ def _eval_settings(cfg: DictConfig) -> dict:
             "data": {k: cfg.data.get(k) for k in ("train_split", "val_split", "subset", "subset_seed", "eval_resize", "eval_crop")}}
 
 
+def _state_key(weights: str, settings: dict) -> str:
+    return hashlib.sha256(json.dumps({"weights": weights, "settings": settings}, sort_keys=True).encode()).hexdigest()
+
+
 def _load_eval_state(out_dir: Path, weights: str, settings: dict) -> dict:
     try:
         state = json.loads((out_dir / EVAL_STATE).read_text())
@@ -146,12 +152,14 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
     planned = [p for p in PHASES if p not in ("linear", "linear_augmented")
                or {"linear": "frozen_features", "linear_augmented": "augmented"}[p] in protocols]
 
+    def stop_requested() -> bool:
+        return host_any([bool(stop is not None and stop.requested)])[0]
+
     def finished(phase: str, result) -> None:
         phases[phase] = result
         if env.is_main:
             write_json_atomic(out_dir / EVAL_STATE, {"weights_sha256": weights, "settings": settings, "phases": phases})
-        (stop_now,) = host_any([bool(stop is not None and stop.requested)])
-        if stop_now and any(p not in phases for p in planned):
+        if stop_requested() and any(p not in phases for p in planned):
             raise EvaluationInterrupted(getattr(stop, "signum", None), out_dir / EVAL_STATE, list(phases))
 
     if any(p not in phases for p in ("knn", "linear", "linear_augmented") if p in planned):
@@ -168,12 +176,16 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
         if "linear_augmented" in planned and "linear_augmented" not in phases:
             augmented_set = EvalImageFolder(train_samples, augmented_train_transform(
                 cfg.data.mean, cfg.data.std, cfg.views.types["global"].size))
-            result = augmented_linear_probe(
-                _frozen_backbone(cfg, online_state, env.device), augmented_set, val, num_classes, env.device,
-                epochs=cfg.eval.augmented_epochs, batch_size=cfg.eval.augmented_batch_size, base_lr=cfg.eval.augmented_lr,
-                seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                autocast_dtype=torch.bfloat16 if cfg.train.get("precision") == "bf16" and env.device.type == "cuda" else None,
-            )
+            try:
+                result = augmented_linear_probe(
+                    _frozen_backbone(cfg, online_state, env.device), augmented_set, val, num_classes, env.device,
+                    epochs=cfg.eval.augmented_epochs, batch_size=cfg.eval.augmented_batch_size, base_lr=cfg.eval.augmented_lr,
+                    seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                    autocast_dtype=torch.bfloat16 if cfg.train.get("precision") == "bf16" and env.device.type == "cuda" else None,
+                    state_path=out_dir / AUGMENTED_STATE, state_key=_state_key(weights, settings), should_stop=stop_requested,
+                )
+            except ProbeStopped as stopped:
+                raise EvaluationInterrupted(getattr(stop, "signum", None), out_dir / AUGMENTED_STATE, list(phases)) from stopped
             finished("linear_augmented", result)
         del val
     if "knn_target" not in phases:
