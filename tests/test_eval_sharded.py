@@ -24,8 +24,8 @@ def shard_of(features, labels, world_size, rank):
 def random_bank(seed, ties=False, n_train=61, n_val=23, dim=8, classes=6):
     g = torch.Generator().manual_seed(seed)
     train, val = torch.randn(n_train, dim, generator=g), torch.randn(n_val, dim, generator=g)
-    if ties:  # exact cosine ties between rows of different indices (and labels), at the top for 5 queries
-        train[40:50] = train[30:40] * 2.0
+    if ties:  # exact cosine ties between rows of different indices, parities (ranks) and labels, at the top for 5 queries
+        train[41:51] = train[30:40] * 2.0
         val[:5] = train[30:35]
     return train, torch.randint(0, classes, (n_train,), generator=g), val, torch.randint(0, classes, (n_val,), generator=g)
 
@@ -40,11 +40,15 @@ def test_knn_sharded_on_one_rank_is_bitwise_knn_classify():
     assert got == expected
 
 
+# Index 1 (label 1) and index 2 (label 0) point the same way as the query: k=1 must take index 1. On 2 ranks
+# index 2 lives on rank 0 and index 1 on rank 1, so the merge, not the order of the ranks, must decide.
+TIE_TRAIN, TIE_LABELS = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 1, 0])
+TIE_QUERY, TIE_QUERY_LABEL = torch.tensor([[3.0, 0.0]]), torch.tensor([1])
+
+
 def test_knn_ties_go_to_the_smaller_global_index():
-    # Two train points in the same direction, index 0 labelled 0 and index 1 labelled 1: k=1 must take index 0.
-    train = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
-    shard = shard_of(train, torch.tensor([0, 1, 1]), 1, 0)
-    query = shard_of(torch.tensor([[3.0, 0.0]]), torch.tensor([0]), 1, 0)
+    shard = shard_of(TIE_TRAIN, TIE_LABELS, 1, 0)
+    query = shard_of(TIE_QUERY, TIE_QUERY_LABEL, 1, 0)
     assert knn_classify_sharded(shard, query, 2, ks=(1,))["k1"]["top1"] == 100.0
 
 
@@ -56,8 +60,8 @@ def _worker(rank, world_size, init_file, out_dir):
             train, train_y, val, val_y = random_bank(0, ties)
             knn[ties] = knn_classify_sharded(shard_of(train, train_y, world_size, rank),
                                              shard_of(val, val_y, world_size, rank), **KNN_ARGS, chunk_size=3)
-        tie = knn_classify_sharded(shard_of(torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1, 1]), world_size, rank),
-                                   shard_of(torch.tensor([[3.0, 0.0]]), torch.tensor([0]), world_size, rank), 2, ks=(1,))
+        tie = knn_classify_sharded(shard_of(TIE_TRAIN, TIE_LABELS, world_size, rank),
+                                   shard_of(TIE_QUERY, TIE_QUERY_LABEL, world_size, rank), 2, ks=(1,))
         x, y, vx, vy = _probe_data()
         probe = linear_probe_sharded(shard_of(x, y, world_size, rank), shard_of(vx, vy, world_size, rank), 4,
                                      epochs=3, lr_grid=(0.01, 0.3), batch_size=32, seed=3)
