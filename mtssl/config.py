@@ -27,6 +27,8 @@ if not OmegaConf.has_resolver("mtssl.repo"):
 PREDICTOR_MODES = ("separate", "shared")
 OPTIMIZERS = ("lars", "sgd", "adamw")
 SCHEDULE_PER = ("step", "epoch")
+LINEAR_PROTOCOLS = ("frozen_features", "augmented")  # eval.linear_protocols
+FEATURE_DTYPE_NAMES = ("fp32", "bf16", "fp16")  # eval.feature_dtype; mtssl.eval.features maps them to torch dtypes
 
 # Fields that do not change what is trained: they may differ when a run is resumed.
 NON_TRAINING_FIELDS = (
@@ -286,8 +288,13 @@ FIELD_CHECKS: dict[str, Check] = {
     "eval.val_subset": integer(1, null=True),
     "eval.linear_epochs": integer(1),
     "eval.linear_lrs": listing(number(0, low_open=True)),
-    "eval.linear_batch_size": integer(1),
+    "eval.linear_batch_size": integer(2),  # BatchNorm needs two samples
     "eval.linear_holdout": number(0, 1, low_open=True, high_open=True),
+    "eval.feature_dtype": choice(FEATURE_DTYPE_NAMES, " (fp32 keeps results bitwise; bf16/fp16 halve the banks' memory)"),
+    "eval.linear_protocols": listing(choice(LINEAR_PROTOCOLS)),
+    "eval.augmented_epochs": integer(1),
+    "eval.augmented_batch_size": integer(1),
+    "eval.augmented_lr": number(0, low_open=True),
 }
 # Sections passed on as keyword arguments (to timm, to the objective): their keys are not ours to check.
 OPEN_SECTIONS = ("method.objective_kwargs", "backbone.kwargs")
@@ -559,6 +566,11 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
     _require(
         train.batch_size % world_size == 0,
         f"train.batch_size: {train.batch_size} does not divide across {world_size} ranks; use a multiple of {world_size}",
+    )
+    _require(
+        cfg.eval.augmented_batch_size % world_size == 0,
+        f"eval.augmented_batch_size: {cfg.eval.augmented_batch_size} does not divide across {world_size} ranks; "
+        f"use a multiple of {world_size}",
     )
     check_out_dir(cfg.out_dir)
     if check_data:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtssl.config import (ConfigError, changes_from_file, check_out_dir, config_hash, describe_changes, resolve_config,
                           validate_config)
-from mtssl.distributed.checkpoint import TRAINER_STATE, CheckpointManager, CheckpointMismatch
+from mtssl.distributed.checkpoint import TRAINER_STATE, CheckpointManager, CheckpointMismatch, write_json_atomic
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
 from mtssl.train.trainer import PretrainOutcome, StopRequest, Trainer, TrainingInterrupted, configure_determinism
 
@@ -63,12 +63,6 @@ def setup_logging(out_dir: Path, env: DistEnv) -> None:
         file_handler = logging.FileHandler(out_dir / "train.log")
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def read_results(out_dir: Path) -> dict | None:
@@ -168,8 +162,8 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
                  out_dir, previous["max_steps"])
     elif previous and previous.get("status") in FINAL_STATUSES:
         log.info("%s already holds final results of this training config (status %s): nothing to do. Changed "
-                 "fields outside the training config (eval.*) are not applied to them; delete results.json to "
-                 "evaluate again", out_dir, previous["status"])
+                 "fields outside the training config (eval.*) are not applied to them; re-evaluate with "
+                 "python -m mtssl.eval %s eval.<key>=...", out_dir, previous["status"], out_dir)
         return EXIT_OK
     if env.is_main:
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -188,10 +182,14 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         outcome = trainer.fit(stop, writer)
         results.update(_outcome_fields(outcome, cfg))
         if outcome.status == "completed":
-            from mtssl.eval.job import evaluate_backbones  # noqa: deferred, heavy
+            from mtssl.eval.job import EvaluationInterrupted, evaluate_backbones  # noqa: deferred, heavy
 
             eval_start = time.monotonic()
-            results.update(evaluate_backbones(cfg, env, outcome, out_dir, writer))
+            try:
+                results.update(evaluate_backbones(cfg, env, outcome, out_dir, writer, stop))
+            except EvaluationInterrupted as interrupt:  # finished phases are in eval_state.json
+                log.warning("%s; rerun the same command to resume", interrupt)
+                return EXIT_INTERRUPTED
             results["eval_time_s"] = time.monotonic() - eval_start
             results["wall_time_s"] = results["train_time_s"] + results["eval_time_s"]
     except TrainingInterrupted as interrupt:

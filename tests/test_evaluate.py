@@ -6,11 +6,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from mtssl.eval.accuracy import topk_accuracy
 from mtssl.eval.features import extract_features
 from mtssl.eval.knn import knn_classify
-from mtssl.eval.linear import _train_linear, linear_probe
+from mtssl.eval.linear import linear_probe
 
 # --------------------------------------------------------------------------------------------------
 # topk_accuracy
@@ -188,6 +190,46 @@ def _separable_split(seed):
     return train, train_labels, val, val_labels
 
 
+def _train_linear(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    weight_decay: float,
+    seed: int,
+) -> nn.Module:
+    """The one-head-at-a-time probe mtssl used before the heads were trained together: the independent
+    reference for ``train_linear_heads``. BatchNorm1d(affine=False) + Linear, SGD momentum 0.9, per-step cosine lr."""
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(features.shape[1], num_classes)
+    with torch.no_grad():
+        nn.init.normal_(linear.weight, std=0.01, generator=generator)
+        linear.bias.zero_()
+    model = nn.Sequential(nn.BatchNorm1d(features.shape[1], affine=False), linear).to(features.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+    num_samples = features.shape[0]
+    batches_per_epoch = math.ceil(num_samples / batch_size)
+    # A trailing batch of one sample cannot be batch-normalised; it is skipped (it changes every epoch).
+    if batches_per_epoch > 1 and num_samples % batch_size == 1:
+        batches_per_epoch -= 1
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * batches_per_epoch)
+
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(num_samples, generator=generator).to(features.device)
+        for batch in order.split(batch_size)[:batches_per_epoch]:
+            loss = F.cross_entropy(model(features[batch]), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return model.eval()
+
+
+
 def test_linear_probe_separable_clusters():
     train, train_labels, val, val_labels = _separable_split(0)
     result = linear_probe(train, train_labels, val, val_labels, 4, epochs=10, lr_grid=(0.01, 0.1, 1.0), batch_size=64)
@@ -228,11 +270,14 @@ def test_linear_probe_is_bitwise_deterministic():
     assert linear_probe(train, train_labels, val, val_labels, **kwargs) == linear_probe(
         train, train_labels, val, val_labels, **kwargs
     )
-    first = _train_linear(train, train_labels, 4, 0.3, 3, 32, 0.0, seed=7).state_dict()
-    second = _train_linear(train, train_labels, 4, 0.3, 3, 32, 0.0, seed=7).state_dict()
-    other_seed = _train_linear(train, train_labels, 4, 0.3, 3, 32, 0.0, seed=8).state_dict()
-    assert all(torch.equal(first[name], second[name]) for name in first)
-    assert not torch.equal(first["1.weight"], other_seed["1.weight"])
+    from mtssl.eval.features import FeatureShard
+    from mtssl.eval.linear import train_linear_heads
+
+    n = train.shape[0]
+    shard = FeatureShard(train, train_labels, torch.arange(n), torch.ones(n, dtype=torch.bool), n)
+    first, second, other_seed = (train_linear_heads(shard, torch.arange(n), 4, (0.3,), 3, 32, seed=s).weights[0] for s in (7, 7, 8))
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other_seed)
 
 
 def test_linear_probe_rejects_bad_labels():
@@ -312,3 +357,32 @@ def test_extract_features_distributed_gathers_in_order_without_duplicates(tmp_pa
         assert torch.equal(result["features"], expected_features)
         assert torch.equal(result["labels"], expected_labels)
         assert result["batch_sizes"] == expected_batch_sizes  # same forward calls on every rank
+
+
+def test_lr_grid_heads_match_one_head_at_a_time_reference():
+    """Every head of train_linear_heads is the model the one-head-at-a-time reference trains with its lr
+    (same init, batches and seed), and linear_probe's holdout scores are the reference's."""
+    from mtssl.eval.linear import _stratified_holdout, train_linear_heads
+    from mtssl.eval.features import FeatureShard
+
+    train, train_labels, val, val_labels = _separable_split(6)
+    train = train + 3.0 * torch.randn(train.shape, generator=torch.Generator().manual_seed(2))  # overlap classes
+    lrs, epochs, batch, seed = (0.01, 0.1, 1.0), 4, 48, 11
+    n = train.shape[0]
+    shard = FeatureShard(train, train_labels, torch.arange(n), torch.ones(n, dtype=torch.bool), n)
+    heads = train_linear_heads(shard, torch.arange(n), 4, lrs, epochs, batch, 0.0, seed)
+    for lr, weight, bias in zip(lrs, heads.weights, heads.biases):
+        reference = _train_linear(train, train_labels, 4, lr, epochs, batch, 0.0, seed)
+        torch.testing.assert_close(weight, reference[1].weight.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bias, reference[1].bias.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(heads.running_mean, reference[0].running_mean)
+        torch.testing.assert_close(heads.running_var, reference[0].running_var)
+
+    result = linear_probe(train, train_labels, val, val_labels, 4, epochs=epochs, lr_grid=lrs, batch_size=batch, seed=seed)
+    holdout = _stratified_holdout(train_labels, 4, 0.1, torch.Generator().manual_seed(seed))
+    for lr in lrs:
+        reference = _train_linear(train[~holdout], train_labels[~holdout], 4, lr, epochs, batch, 0.0, seed)
+        with torch.no_grad():
+            predicted = reference(train[holdout]).argmax(1)
+        expected = 100.0 * (predicted == train_labels[holdout]).float().mean().item()
+        assert result["holdout_top1"][lr] == pytest.approx(expected, abs=1e-9)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from mtssl.config import FEATURE_DTYPE_NAMES
 from mtssl.distributed.collectives import collective_device, device_all_gather_stack, rank as current_rank, world_size as current_world_size
 from mtssl.distributed.progress import progress_bar
+
+FEATURE_DTYPES = dict(zip(FEATURE_DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))  # eval.feature_dtype
 
 
 def _padded_rank_indices(num_items: int, world_size: int, rank: int) -> list[int]:
@@ -24,37 +28,43 @@ def _padded_rank_indices(num_items: int, world_size: int, rank: int) -> list[int
     return padded[rank::world_size]
 
 
-def _all_gather_rows(tensor: Tensor, device: torch.device) -> Tensor:
-    """All-gather equally shaped tensors from every rank; returns [W, *tensor.shape] on the CPU."""
-    return device_all_gather_stack(tensor.to(device)).cpu()
+@dataclass
+class FeatureShard:
+    """One rank's share of a dataset's features, kept on the device.
+
+    Row j of rank r is padded position j * W + r of the dataset; positions >= num_items repeat the
+    first items and are marked invalid (every rank holds the same number of rows, so chunked
+    collectives over shards line up). ``indices`` are global dataset indices, used for exact,
+    rank-independent tie-breaks.
+    """
+
+    features: Tensor  # [n, D], feature dtype, on the device
+    labels: Tensor  # [n] int64
+    indices: Tensor  # [n] int64 global dataset index
+    valid: Tensor  # [n] bool, False for padded duplicates
+    num_items: int  # size of the whole dataset
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
 
 
 @torch.no_grad()  # not inference_mode: FSDP2 forwards are not reliably supported under inference_mode
-def extract_features(
+def extract_feature_shard(
     forward_fn: Callable[[Tensor], Tensor],
     dataset: Dataset,
     batch_size: int,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
-) -> tuple[Tensor, Tensor]:
-    """Compute features and labels for every item of `dataset`, in dataset order.
+    dtype: torch.dtype = torch.float32,
+    description: str = "features",
+) -> FeatureShard:
+    """This rank's share of the features and labels of `dataset`, kept on `device` in `dtype`.
 
-    Args:
-        forward_fn: maps an image batch (already on `device`) to features [B, D]. Pass a frozen backbone
-            in eval mode; this function only disables gradients.
-        dataset: `dataset[i]` returns `(image_tensor, label)`.
-        batch_size: images per forward call (per rank).
-        num_workers: DataLoader workers.
-        device: where the images are sent before `forward_fn`.
-
-    Returns:
-        (features [N, D] float32 on CPU, labels [N] int64 on CPU) with N = len(dataset), row i = dataset[i].
-
-    When torch.distributed is initialised with world size W, rank r processes items r, r + W, ... of the
-    index list padded (by repeating the first items) to a multiple of W. Every rank therefore runs the same
-    number of forward calls on equally sized batches, which FSDP-sharded backbones require. Each batch is
-    all-gathered right away (bounded accelerator memory), then the original order is restored and the padded
-    duplicates are dropped, so every rank returns the same full result.
+    Rank r of W processes items r, r + W, ... of the index list padded (by repeating the first items)
+    to a multiple of W, so every rank runs the same number of equally sized forward calls (FSDP-sharded
+    backbones require it). Nothing is gathered: host and device memory per rank is about the bank / W.
+    Progress (elapsed, ETA) is shown on rank 0.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}; pass e.g. batch_size=256")
@@ -62,46 +72,56 @@ def extract_features(
     if num_items == 0:
         raise ValueError("dataset is empty: extract_features needs at least one (image, label) item")
     device = torch.device(device)
-    world_size = current_world_size()
-    distributed = world_size > 1
-    rank = current_rank()
+    world_size, rank = current_world_size(), current_rank()
+    positions = torch.arange(rank, math.ceil(num_items / world_size) * world_size, world_size)
+    subset = Subset(dataset, _padded_rank_indices(num_items, world_size, rank)) if world_size > 1 else dataset
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", drop_last=False)
 
-    subset = Subset(dataset, _padded_rank_indices(num_items, world_size, rank)) if distributed else dataset
-    loader = DataLoader(
-        subset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=False,
-    )
-    gather_device = collective_device(device) if distributed else None
-
-    feature_chunks: list[Tensor] = []  # per batch: [W, b, D] when distributed, [b, D] otherwise
+    feature_chunks: list[Tensor] = []
     label_chunks: list[Tensor] = []
-    for images, labels in progress_bar(loader, desc="extracting features", unit="batch"):
-        features = forward_fn(images.to(device, non_blocking=True)).float()
+    for images, labels in progress_bar(loader, desc=description, unit="batch"):
+        features = forward_fn(images.to(device, non_blocking=True))
         labels = torch.as_tensor(labels, dtype=torch.int64)
         if features.ndim != 2 or features.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"forward_fn must return features of shape [batch, dim], got {tuple(features.shape)} "
                 f"for a batch of {labels.shape[0]} images; flatten or pool the backbone output"
             )
-        if distributed:
-            feature_chunks.append(_all_gather_rows(features, gather_device))
-            label_chunks.append(_all_gather_rows(labels, gather_device))
-        else:
-            feature_chunks.append(features.cpu())
-            label_chunks.append(labels.cpu())
+        feature_chunks.append(features.float().to(device=device, dtype=dtype))
+        label_chunks.append(labels.to(device))
+    return FeatureShard(
+        features=torch.cat(feature_chunks),
+        labels=torch.cat(label_chunks),
+        indices=(positions % num_items).to(device),
+        valid=(positions < num_items).to(device),
+        num_items=num_items,
+    )
 
-    if not distributed:
-        return torch.cat(feature_chunks), torch.cat(label_chunks)
 
-    # [W, per_rank, ...]: entry (r, j) holds padded index j * W + r, so moving the rank axis inside
-    # and flattening gives padded order; the first num_items rows are the dataset, the rest duplicates.
-    features = torch.cat(feature_chunks, dim=1).transpose(0, 1).reshape(-1, feature_chunks[0].shape[-1])
-    labels = torch.cat(label_chunks, dim=1).transpose(0, 1).reshape(-1)
-    return features[:num_items].contiguous(), labels[:num_items].contiguous()
+def extract_features(
+    forward_fn: Callable[[Tensor], Tensor],
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """Features and labels of every item of `dataset`, in dataset order, on every rank (small datasets only).
+
+    Returns (features [N, D] float32 on CPU, labels [N] int64 on CPU). Built on ``extract_feature_shard``;
+    with W ranks the shards are all-gathered, so every rank holds the whole bank: the end-of-job
+    evaluation never calls this, it works on shards.
+    """
+    shard = extract_feature_shard(forward_fn, dataset, batch_size, num_workers, device)
+    if current_world_size() == 1:
+        return shard.features.cpu(), shard.labels.cpu()
+    gather_device = collective_device(torch.device(device))
+    features = device_all_gather_stack(shard.features.to(gather_device)).cpu()
+    labels = device_all_gather_stack(shard.labels.to(gather_device)).cpu()
+    # [W, per_rank, ...]: entry (r, j) holds padded position j * W + r; rank axis inside gives padded order.
+    features = features.transpose(0, 1).reshape(-1, shard.dim)[: shard.num_items]
+    labels = labels.transpose(0, 1).reshape(-1)[: shard.num_items]
+    return features.contiguous(), labels.contiguous()
 
 
 def check_feature_pair(names: tuple[str, str], first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor],

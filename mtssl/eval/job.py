@@ -1,29 +1,51 @@
-"""End-of-job evaluation: kNN (online and target backbones) and a linear probe, plus exports.
+"""End-of-job evaluation: kNN (online and target backbones) and the frozen-feature linear probe, plus exports.
 
-Both evaluations use frozen backbone features (pre-projector; the CLS token for ViTs) in eval
-mode with the validation transform. The backbones are gathered unsharded onto every rank, which
-then extract their share of the features (see ``mtssl.eval.features.extract_features``).
+kNN and the ``frozen_features`` probe use frozen backbone features (pre-projector; the CLS token for ViTs) in eval mode
+with the validation transform. The backbones are gathered unsharded onto every rank; each rank then
+extracts its share of train and val and keeps it on its device (``FeatureShard``): no rank holds the
+whole bank, and kNN and the probe run on every rank over the shards (no single-rank phase).
+
+Evaluation runs in phases (``PHASES``). After each one, rank 0 writes the finished phases' results
+to ``out_dir/eval_state.json``, and all ranks agree whether a stop signal arrived: if so they stop
+with ``EvaluationInterrupted``, and the rerun (requeue) skips the finished phases.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mtssl.data.image_folder import EvalImageFolder, class_balanced_subset, list_image_folder
-from mtssl.distributed.collectives import average_buffers_over_ranks_
-from mtssl.distributed.process_group import DistEnv
-from mtssl.eval.features import extract_features
-from mtssl.eval.knn import knn_classify
-from mtssl.eval.linear import linear_probe
-from mtssl.distributed.fsdp import full_state_dict, state_sha256
-from mtssl.model.siamese import backbone_kwargs, build_backbone
 from mtssl.data.views import build_eval_transform
+from mtssl.distributed.checkpoint import write_json_atomic
+from mtssl.distributed.collectives import average_buffers_over_ranks_, host_any, host_barrier
+from mtssl.distributed.fsdp import full_state_dict, state_sha256
+from mtssl.distributed.process_group import DistEnv
+from mtssl.eval.augmented import ProbeStopped, augmented_linear_probe, augmented_train_transform
+from mtssl.eval.features import FEATURE_DTYPES, FeatureShard, extract_feature_shard
+from mtssl.eval.knn import knn_classify_sharded
+from mtssl.eval.linear import linear_probe_sharded
+from mtssl.model.siamese import backbone_kwargs, build_backbone
 
 log = logging.getLogger(__name__)
+
+EVAL_STATE = "eval_state.json"
+AUGMENTED_STATE = "eval_augmented.pt"  # the augmented probe's head and optimiser after its last finished epoch
+# Online kNN, the online probes, target kNN: one bank alive at a time.
+PHASES = ("knn", "linear", "linear_augmented", "knn_target")
+
+
+class EvaluationInterrupted(Exception):
+    """Evaluation stopped on a signal after a phase; its results are in eval_state.json. Rerun to resume."""
+
+    def __init__(self, signum: int | None, state_path: Path, finished: list[str]):
+        super().__init__(f"evaluation stopped on signal {signum} after phases {finished}; state in {state_path}")
+        self.signum = signum
 
 
 def _frozen_backbone(cfg: DictConfig, state: dict, device: torch.device) -> torch.nn.Module:
@@ -32,19 +54,28 @@ def _frozen_backbone(cfg: DictConfig, state: dict, device: torch.device) -> torc
     return backbone.to(device).eval().requires_grad_(False)
 
 
-def evaluation_samples(cfg: DictConfig, train_samples: list) -> tuple[list, list]:
-    """(train, val) samples: the pretraining images (or eval.train_subset) and val (or eval.val_subset)."""
-    if cfg.eval.train_subset is not None:
+def evaluation_samples(cfg: DictConfig, train_samples: list | None) -> tuple[list, list]:
+    """(train, val) samples: the pretraining images (or eval.train_subset) and val (or eval.val_subset).
+
+    ``train_samples=None`` lists the pretraining images again from ``data.*`` (re-evaluation)."""
+    if cfg.eval.train_subset is not None or train_samples is None:
         all_train, _ = list_image_folder(cfg.data.root, cfg.data.train_split)
-        train_samples = class_balanced_subset(all_train, cfg.eval.train_subset, cfg.data.subset_seed)
+        if cfg.eval.train_subset is not None:
+            train_samples = class_balanced_subset(all_train, cfg.eval.train_subset, cfg.data.subset_seed)
+        else:
+            train_samples = all_train if cfg.data.subset is None else class_balanced_subset(all_train, cfg.data.subset, cfg.data.subset_seed)
     val_samples, _ = list_image_folder(cfg.data.root, cfg.data.val_split)
     if cfg.eval.val_subset is not None:
         val_samples = class_balanced_subset(val_samples, cfg.eval.val_subset, cfg.data.subset_seed)
     return train_samples, val_samples
 
 
-def evaluate_backbones(cfg: DictConfig, env: DistEnv, outcome, out_dir: Path, writer=None) -> dict:
-    """Return the results.json evaluation fields; rank 0 also writes ``backbone.pth``."""
+def evaluate_backbones(cfg: DictConfig, env: DistEnv, outcome, out_dir: Path, writer=None, stop=None) -> dict:
+    """Return the results.json evaluation fields; rank 0 also writes ``backbone.pth``.
+
+    ``stop``: an object with ``requested`` and ``signum`` (the job's stop-signal handler), checked after
+    every phase; None never stops.
+    """
     model = outcome.model
     # Each rank's BatchNorm statistics saw only its own batches: average them so that every rank
     # extracts features with one network, the one backbone.pth and weights_sha256 describe.
@@ -53,44 +84,130 @@ def evaluate_backbones(cfg: DictConfig, env: DistEnv, outcome, out_dir: Path, wr
             average_buffers_over_ranks_(encoder.backbone)
     online_state = full_state_dict(model.online.backbone)
     target_state = full_state_dict(model.target.backbone) if model.target is not None else None
-    fields: dict = {"weights_sha256": state_sha256(online_state)}
     if env.is_main:
-        torch.save({"backbone": cfg.backbone.timm_name, "state_dict": online_state}, out_dir / "backbone.pth")
+        export = {"backbone": cfg.backbone.timm_name, "state_dict": online_state}
+        if target_state is not None:
+            export["target_state_dict"] = target_state
+        torch.save(export, out_dir / "backbone.pth")
+    fields = evaluate_states(cfg, env, online_state, target_state, outcome.train_samples, out_dir, stop)
+    if writer is not None and env.is_main:
+        for key in ("knn_top1", "knn_top1_target", "linear_top1"):
+            writer.add_scalar(f"eval/{key}", fields[key], outcome.steps)
+    return fields
+
+
+def _eval_settings(cfg: DictConfig) -> dict:
+    """What the phases' results depend on besides the weights (a changed setting redoes every phase)."""
+    return {"eval": OmegaConf.to_container(cfg.eval, resolve=True), "seed": cfg.train.seed,
+            "data": {k: cfg.data.get(k) for k in ("train_split", "val_split", "subset", "subset_seed", "eval_resize", "eval_crop")}}
+
+
+def _state_key(weights: str, settings: dict) -> str:
+    return hashlib.sha256(json.dumps({"weights": weights, "settings": settings}, sort_keys=True).encode()).hexdigest()
+
+
+def _load_eval_state(out_dir: Path, weights: str, settings: dict) -> dict:
+    try:
+        state = json.loads((out_dir / EVAL_STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if state.get("weights_sha256") != weights or state.get("settings") != settings:
+        return {}
+    return dict(state.get("phases") or {})
+
+
+def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_state: dict | None,
+                    train_samples: list | None, out_dir: Path, stop=None) -> dict:
+    """Evaluate the online (and target) backbone state dicts, phase by phase (a collective, all ranks).
+
+    Returns the results.json evaluation fields: ``knn``/``knn_target`` per k, the headline
+    ``knn_top1``/``knn_top5`` (largest k), ``linear`` per protocol and the headline ``linear_top1``/``linear_top5``
+    (``frozen_features``). Finished phases recorded in ``out_dir/eval_state.json`` for the same weights and
+    eval settings are not redone.
+    """
+    out_dir = Path(out_dir)
+    weights = state_sha256(online_state)
+    settings = _eval_settings(cfg)
+    phases = _load_eval_state(out_dir, weights, settings)
+    if phases:
+        log.info("evaluation resumes: phases %s already finished", sorted(phases))
+    # All ranks read the file; agree before anyone overwrites it.
+    host_barrier()
 
     transform = build_eval_transform(cfg.data.mean, cfg.data.std, cfg.data.eval_resize, cfg.data.eval_crop, cfg.data.eval_interpolation)
-    train_samples, val_samples = evaluation_samples(cfg, outcome.train_samples)
+    train_samples, val_samples = evaluation_samples(cfg, train_samples)
     train_set, val_set = EvalImageFolder(train_samples, transform), EvalImageFolder(val_samples, transform)
     num_classes = 1 + max(label for _, label in train_samples + val_samples)
-    batch, workers = cfg.eval.batch_size, cfg.data.num_workers
+    dtype = FEATURE_DTYPES[cfg.eval.feature_dtype]
+    knn_args = dict(num_classes=num_classes, ks=tuple(cfg.eval.knn_k), temperature=cfg.eval.knn_temperature)
 
-    def features(state: dict):
+    def shards(state: dict, name: str) -> tuple[FeatureShard, FeatureShard]:
         backbone = _frozen_backbone(cfg, state, env.device)
-        train = extract_features(backbone, train_set, batch, workers, env.device)
-        val = extract_features(backbone, val_set, batch, workers, env.device)
+        args = (cfg.eval.batch_size, cfg.data.num_workers, env.device, dtype)
+        train = extract_feature_shard(backbone, train_set, *args, description=f"{name} train features")
+        val = extract_feature_shard(backbone, val_set, *args, description=f"{name} val features")
         return train, val
 
-    (train_x, train_y), (val_x, val_y) = features(online_state)
-    knn_args = dict(num_classes=num_classes, ks=tuple(cfg.eval.knn_k), temperature=cfg.eval.knn_temperature)
-    headline = f"k{max(cfg.eval.knn_k)}"
-    knn = knn_classify(train_x, train_y, val_x, val_y, **knn_args)
-    fields.update(knn=knn, knn_top1=knn[headline]["top1"], knn_top5=knn[headline]["top5"])
-    if target_state is not None:
-        (t_train_x, t_train_y), (t_val_x, t_val_y) = features(target_state)
-        knn_target = knn_classify(t_train_x, t_train_y, t_val_x, t_val_y, **knn_args)
-    else:  # SimSiam: the target is the online network
-        knn_target = knn
-    fields.update(knn_target=knn_target, knn_top1_target=knn_target[headline]["top1"], knn_top5_target=knn_target[headline]["top5"])
-    log.info("kNN (k=%s) top-1 online %.2f target %.2f", headline[1:], fields["knn_top1"], fields["knn_top1_target"])
+    protocols = list(cfg.eval.linear_protocols)
+    planned = [p for p in PHASES if p not in ("linear", "linear_augmented")
+               or {"linear": "frozen_features", "linear_augmented": "augmented"}[p] in protocols]
 
-    if env.is_main:  # deterministic and cheap on precomputed features: one rank is enough
-        probe = linear_probe(
-            train_x.to(env.device), train_y, val_x.to(env.device), val_y, num_classes,
-            epochs=cfg.eval.linear_epochs, lr_grid=tuple(cfg.eval.linear_lrs), batch_size=cfg.eval.linear_batch_size,
-            holdout_fraction=cfg.eval.linear_holdout, seed=cfg.train.seed,
-        )
-        fields.update(linear_top1=probe["top1"], linear_top5=probe["top5"], linear_lr=probe["lr"])
-        log.info("linear probe top-1 %.2f (lr %g chosen on a held-out train split)", probe["top1"], probe["lr"])
-        if writer is not None:
-            for key in ("knn_top1", "knn_top1_target", "linear_top1"):
-                writer.add_scalar(f"eval/{key}", fields[key], outcome.steps)
+    def stop_requested() -> bool:
+        return host_any([bool(stop is not None and stop.requested)])[0]
+
+    def finished(phase: str, result) -> None:
+        phases[phase] = result
+        if env.is_main:
+            write_json_atomic(out_dir / EVAL_STATE, {"weights_sha256": weights, "settings": settings, "phases": phases})
+        if stop_requested() and any(p not in phases for p in planned):
+            raise EvaluationInterrupted(getattr(stop, "signum", None), out_dir / EVAL_STATE, list(phases))
+
+    if any(p not in phases for p in ("knn", "linear", "linear_augmented") if p in planned):
+        train, val = shards(online_state, "online")
+        if "knn" not in phases:
+            finished("knn", knn_classify_sharded(train, val, **knn_args, description="online kNN"))
+        if "linear" in planned and "linear" not in phases:
+            probe = linear_probe_sharded(
+                train, val, num_classes, epochs=cfg.eval.linear_epochs, lr_grid=tuple(cfg.eval.linear_lrs),
+                batch_size=cfg.eval.linear_batch_size, holdout_fraction=cfg.eval.linear_holdout, seed=cfg.train.seed,
+            )
+            finished("linear", {**probe, "holdout_top1": {str(k): v for k, v in probe["holdout_top1"].items()}})
+        del train  # the train bank goes before the augmented probe and the target's bank
+        if "linear_augmented" in planned and "linear_augmented" not in phases:
+            augmented_set = EvalImageFolder(train_samples, augmented_train_transform(
+                cfg.data.mean, cfg.data.std, cfg.views.types["global"].size))
+            try:
+                result = augmented_linear_probe(
+                    _frozen_backbone(cfg, online_state, env.device), augmented_set, val, num_classes, env.device,
+                    epochs=cfg.eval.augmented_epochs, batch_size=cfg.eval.augmented_batch_size, base_lr=cfg.eval.augmented_lr,
+                    seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                    autocast_dtype=torch.bfloat16 if cfg.train.get("precision") == "bf16" and env.device.type == "cuda" else None,
+                    state_path=out_dir / AUGMENTED_STATE, state_key=_state_key(weights, settings), should_stop=stop_requested,
+                )
+            except ProbeStopped as stopped:
+                raise EvaluationInterrupted(getattr(stop, "signum", None), out_dir / AUGMENTED_STATE, list(phases)) from stopped
+            finished("linear_augmented", result)
+        del val
+    if "knn_target" not in phases:
+        if target_state is not None:
+            train, val = shards(target_state, "target")
+            finished("knn_target", knn_classify_sharded(train, val, **knn_args, description="target kNN"))
+            del train, val
+        else:  # SimSiam: the target is the online network
+            finished("knn_target", phases["knn"])
+
+    headline = f"k{max(cfg.eval.knn_k)}"
+    knn, knn_target = phases["knn"], phases["knn_target"]
+    linear = {name: phases[phase] for name, phase in (("frozen_features", "linear"), ("augmented", "linear_augmented"))
+              if phase in planned}
+    main_linear = linear.get("frozen_features") or linear["augmented"]  # the headline: the first protocol run
+    fields = {
+        "weights_sha256": weights,
+        "knn": knn, "knn_top1": knn[headline]["top1"], "knn_top5": knn[headline]["top5"],
+        "knn_target": knn_target, "knn_top1_target": knn_target[headline]["top1"], "knn_top5_target": knn_target[headline]["top5"],
+        "linear": linear, "linear_top1": main_linear["top1"], "linear_top5": main_linear["top5"], "linear_lr": main_linear["lr"],
+    }
+    log.info("kNN (k=%s) top-1 online %.2f target %.2f", headline[1:], fields["knn_top1"], fields["knn_top1_target"])
+    for name, result in linear.items():
+        log.info("linear probe (%s) top-1 %.2f, lr %g", name, result["top1"], result["lr"])
     return fields

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -9,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtssl.eval.accuracy import topk_correct
-from mtssl.eval.features import check_feature_pair
+from mtssl.distributed.collectives import collective_device, device_all_gather_cat, device_all_gather_stack, world_size
+from mtssl.eval.features import FeatureShard, check_feature_pair
+from mtssl.distributed.progress import progress_bar
 
 
 def knn_classify(
@@ -63,3 +66,107 @@ def knn_classify(
     return {
         f"k{k}": {"top1": 100.0 * correct[k][1] / num_test, "top5": 100.0 * correct[k][5] / num_test} for k in ks
     }
+
+
+def _top_k_by_index(similarity: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Column positions of the k largest similarities per row, ties broken by the smaller global index.
+
+    `similarity` [Q, M] and `index` [M] or [Q, M] (int64). Returns (similarity [Q, k], position [Q, k])
+    sorted by similarity descending then index ascending: a total order, so the selection does not
+    depend on how the columns were split over ranks. Only rows with a tie at the k-th value (rare on
+    real features) pay for more than one ``topk``.
+    """
+    index = index.expand_as(similarity)
+    values, position = similarity.topk(k, dim=1)
+    kth = values[:, -1:]
+    tied = ((similarity >= kth).sum(dim=1) > k).nonzero().flatten()
+    if tied.numel():
+        # Everything above the k-th value is in; among values equal to it the smallest indices fill the rest.
+        sub, sub_index, sub_kth = similarity[tied], index[tied], kth[tied]
+        big = sub_index.max() + 2
+        key = torch.where(sub > sub_kth, 2 * big, torch.where(sub == sub_kth, 2 * big - 1 - sub_index, 0))
+        position[tied] = key.topk(k, dim=1).indices
+    chosen_index = index.gather(1, position)
+    order = chosen_index.argsort(dim=1, stable=True)
+    position = position.gather(1, order)
+    order = similarity.gather(1, position).argsort(dim=1, descending=True, stable=True)
+    position = position.gather(1, order)
+    return similarity.gather(1, position), position
+
+
+def _votes_correct(similarity: Tensor, neighbour_labels: Tensor, labels: Tensor, valid: Tensor, num_classes: int,
+                   ks: Sequence[int], temperature: float) -> dict[int, dict[int, int]]:
+    weights = (similarity / temperature).exp()
+    correct = {}
+    for k in ks:
+        votes = torch.zeros(similarity.shape[0], num_classes, device=similarity.device)
+        votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
+        correct[k] = topk_correct(votes[valid], labels[valid], (1, 5), require_positive=True)
+    return correct
+
+
+@torch.no_grad()
+def knn_classify_sharded(
+    train: FeatureShard,
+    val: FeatureShard,
+    num_classes: int,
+    ks: Sequence[int] = (10, 20),
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+    description: str = "kNN",
+) -> dict[str, dict[str, float]]:
+    """Weighted kNN (as ``knn_classify``) on feature shards spread over the ranks; a collective.
+
+    Val queries are all-gathered in blocks of about `chunk_size` queries (chunk_size / W per rank), so a
+    block's similarities [chunk_size, shard] take chunk_size * N / W floats per rank; each rank scores them
+    against its train shard and keeps its top-k (ties to the smaller global train index); the per-rank top-k
+    similarities, labels and global indices are all-gathered and reduced to the global top-k by the same
+    rule. The merge is exact, so any number of ranks gives the result of one rank. Every rank returns the
+    same accuracies.
+    """
+    if not ks or min(ks) < 1 or max(ks) > train.num_items:
+        raise ValueError(
+            f"knn ks must be positive and at most the number of training samples ({train.num_items}), "
+            f"got {tuple(ks)}; lower eval.knn_k or use more training data"
+        )
+    if temperature <= 0:
+        raise ValueError(f"knn temperature must be > 0, got {temperature}; the standard value is 0.07")
+    if train.dim != val.dim:
+        raise ValueError(f"train and val features must have the same dim, got {train.dim} and {val.dim}")
+    device = train.features.device
+    bank = F.normalize(train.features.float(), dim=1)
+    max_k = max(ks)
+    # Padded duplicates never win; a shard smaller than k is padded with -inf entries after every real index.
+    invalid_columns = (~train.valid).nonzero().flatten()
+    pad = max(0, max_k - bank.shape[0])
+    bank_index = torch.cat([train.indices, train.num_items + torch.arange(pad, device=device)])
+    bank_labels = torch.cat([train.labels, torch.zeros(pad, dtype=torch.int64, device=device)])
+    gather = collective_device(device) if world_size() > 1 else device
+    correct = {k: {1: 0, 5: 0} for k in ks}
+    per_rank = val.features.shape[0]
+    # chunk_size queries per block in all: the block's similarities [chunk_size, shard] shrink with the ranks.
+    rows_per_rank = max(1, math.ceil(chunk_size / world_size()))
+    for start in progress_bar(range(0, per_rank, rows_per_rank), desc=description, unit="chunk"):
+        rows = slice(start, start + rows_per_rank)
+        queries = device_all_gather_cat(val.features[rows].to(gather)).to(device)
+        query_labels = device_all_gather_cat(val.labels[rows].to(gather)).to(device)
+        query_valid = device_all_gather_cat(val.valid[rows].to(gather)).to(device)
+        similarity = F.normalize(queries.float(), dim=1) @ bank.T
+        similarity[:, invalid_columns] = float("-inf")
+        if pad:
+            similarity = torch.cat([similarity, similarity.new_full((similarity.shape[0], pad), float("-inf"))], dim=1)
+        local_sim, position = _top_k_by_index(similarity, bank_index, max_k)
+        local_index, local_labels = bank_index[position], bank_labels[position]
+        if world_size() > 1:  # [W * Q, k] -> [Q, W * k]
+            def merged(t: Tensor) -> Tensor:
+                stacked = device_all_gather_stack(t.to(gather)).to(device)
+                return stacked.permute(1, 0, 2).reshape(t.shape[0], -1)
+
+            all_sim, all_index, all_labels = merged(local_sim), merged(local_index), merged(local_labels)
+            local_sim, position = _top_k_by_index(all_sim, all_index, max_k)
+            local_labels = all_labels.gather(1, position)
+        for k, hits in _votes_correct(local_sim, local_labels, query_labels, query_valid, num_classes, ks, temperature).items():
+            for top, count in hits.items():
+                correct[k][top] += count
+    return {f"k{k}": {"top1": 100.0 * correct[k][1] / val.num_items, "top5": 100.0 * correct[k][5] / val.num_items}
+            for k in ks}

@@ -1,0 +1,102 @@
+"""Re-evaluate a finished job with other eval settings, without retraining.
+
+    python -m mtssl.eval runs/byol-... eval.knn_k=[10,20,50] eval.linear_epochs=100
+    torchrun --nproc-per-node 8 -m mtssl.eval runs/byol-... eval.feature_dtype=bf16
+
+Reads ``out_dir/config.yaml`` and the exported ``out_dir/backbone.pth`` (online and target backbones,
+written at the end of training), applies the overrides, evaluates on every rank and merges the
+evaluation fields into ``results.json``; training fields are left as they are. Overrides that would
+change what was trained are refused (the fields outside ``NON_TRAINING_FIELDS`` of ``mtssl.config``).
+Finished phases are kept in ``eval_state.json``, so an interrupted re-evaluation resumes when rerun.
+Under submitit, submit ``reevaluate(out_dir, overrides)``. Exit codes: 0 done, 2 bad arguments, 1 failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from mtssl.config import ConfigError, config_changes, format_changes, validate_config
+from mtssl.distributed.checkpoint import write_json_atomic
+from mtssl.distributed.process_group import destroy_distributed, init_distributed
+from mtssl.eval.job import evaluate_states
+
+log = logging.getLogger("mtssl")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_ARGS = 0, 1, 2
+
+
+def load_job(out_dir: Path, overrides: Sequence[str]):
+    """(config with the overrides applied, results.json) of a finished job; ConfigError when it cannot be re-evaluated."""
+    out_dir = Path(out_dir)
+    try:
+        trained = OmegaConf.load(out_dir / "config.yaml")
+        results = json.loads((out_dir / "results.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{out_dir} is not a finished mtssl job (config.yaml and results.json are needed): {error}") from error
+    if results.get("status") != "completed":
+        raise ConfigError(f"{out_dir}: results.json has status {results.get('status')!r}; only completed jobs are re-evaluated")
+    if not (out_dir / "backbone.pth").exists():
+        raise ConfigError(f"{out_dir}/backbone.pth is missing; rerun the job (python -m mtssl.run) to export it")
+    try:
+        cfg = OmegaConf.merge(trained, OmegaConf.from_dotlist(list(overrides)))
+    except Exception as error:  # omegaconf raises several types for a malformed dotlist
+        raise ConfigError(f"bad override in {list(overrides)}: {error}") from error
+    changes = config_changes(trained, cfg)
+    if changes:
+        raise ConfigError(f"{format_changes(changes)}: these overrides change the training config of {out_dir}; "
+                          f"re-evaluation only takes fields outside it (eval.*, data.root, data.num_workers, train.device)")
+    cfg.out_dir = str(out_dir)
+    return cfg, results
+
+
+def reevaluate(out_dir: str | Path, overrides: Sequence[str] = ()) -> int:
+    """Re-evaluate the job in ``out_dir`` on this process's rank; returns the exit code (a collective)."""
+    out_dir = Path(out_dir)
+    try:
+        cfg, results = load_job(out_dir, overrides)
+    except ConfigError as error:
+        log.error("%s", error)
+        return EXIT_BAD_ARGS
+    env = init_distributed(cfg.train.get("device", "auto"))
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING, force=True,
+                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
+    code = EXIT_FAILED
+    try:
+        validate_config(cfg, world_size=env.world_size)
+        export = torch.load(out_dir / "backbone.pth", map_location="cpu", weights_only=True)
+        fields = evaluate_states(cfg, env, export["state_dict"], export.get("target_state_dict"), None, out_dir)
+        if fields["weights_sha256"] != results.get("weights_sha256"):
+            raise ConfigError(f"{out_dir}/backbone.pth (sha256 {fields['weights_sha256'][:12]}) is not the network "
+                              f"results.json describes ({str(results.get('weights_sha256'))[:12]})")
+        if env.is_main:
+            fields["eval_config"] = OmegaConf.to_container(cfg.eval, resolve=True)
+            write_json_atomic(out_dir / "results.json", {**results, **fields})
+            log.info("re-evaluated %s: kNN top-1 %.2f, linear top-1 %.2f", out_dir, fields["knn_top1"], fields["linear_top1"])
+        code = EXIT_OK
+    except ConfigError as error:
+        log.error("%s", error)
+        code = EXIT_BAD_ARGS
+    except Exception:
+        log.exception("re-evaluation failed")
+    finally:
+        destroy_distributed(all_ranks_done=code == EXIT_OK)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0].startswith("-") or "=" in args[0]:
+        print("usage: python -m mtssl.eval <job out_dir> [eval.key=value ...]", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    return reevaluate(args[0], args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
