@@ -524,11 +524,28 @@ def describe_changes(recorded: Path | str, cfg: DictConfig | dict,
     return f"the config hashes differ although no field of {recorded} does"
 
 
+# The field naming each preset of a config group: when it changes, the group's other fields are the preset's.
+PRESET_KEYS = {"method": "method.name", "backbone": "backbone.name", "views": "views.name", "data": "data.name",
+               "predictor": "predictor.mode"}
+
+
 def format_changes(changes: Sequence[tuple[str, Any, Any]], limit: int = 24) -> str:
-    """``train.seed: 0 → 5, method.name: byol → simsiam`` (the first ``limit`` changes, then a count)."""
-    shown = [f"{key}: {_show(a)} → {_show(b)}" for key, a, b in changes[:limit]]
-    if len(changes) > limit:
-        shown.append(f"... and {len(changes) - limit} more")
+    """``train.seed: 0 → 5, method.name: byol → simsiam (+17 fields of the preset)`` (the first ``limit``, then a count).
+
+    A changed preset (``method=simsiam``) is one entry with the count of the fields it brings, so the
+    fields set on their own (``train.epochs``) are not crowded out.
+    """
+    swapped = {group for group, key in PRESET_KEYS.items() if any(k == key for k, _, _ in changes)}
+    brought = {group: sum(k.startswith(group + ".") and k != PRESET_KEYS[group] for k, _, _ in changes) for group in swapped}
+    shown = []
+    for key, a, b in changes:
+        group = key.split(".", 1)[0]
+        if group in swapped and key != PRESET_KEYS[group]:
+            continue
+        extra = f" (+{brought[group]} fields of the preset)" if group in swapped and brought[group] else ""
+        shown.append(f"{key}: {_show(a)} → {_show(b)}{extra}")
+    if len(shown) > limit:
+        shown = shown[:limit] + [f"... and {len(shown) - limit} more"]
     return ", ".join(shown)
 
 

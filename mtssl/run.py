@@ -190,6 +190,9 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
             except EvaluationInterrupted as interrupt:  # finished phases are in eval_state.json
                 log.warning("%s; rerun the same command to resume", interrupt)
                 return EXIT_INTERRUPTED
+            # One count of distinct unreadable files over training and evaluation.
+            results["skipped_files"] = sorted(set(results["skipped_files"]) | set(results["eval_skipped_files"]))
+            results["skipped_images"] = len(results["skipped_files"])
             results["eval_time_s"] = time.monotonic() - eval_start
             results["wall_time_s"] = results["train_time_s"] + results["eval_time_s"]
     except TrainingInterrupted as interrupt:

@@ -213,7 +213,10 @@ def test_config_changes_name_training_fields_only():
     changes = config_changes(old, new)
     assert changes == [("method.name", "byol", "simsiam"), ("method.projector.hidden_dims", [64], [64, 64]),
                        ("method.extra", ABSENT, True), ("train.epochs", 3, ABSENT)]
-    assert format_changes(changes, limit=2) == "method.name: byol → simsiam, method.projector.hidden_dims: [64] → [64, 64], ... and 2 more"
+    # A changed preset is one entry with the count of the fields it brings; fields set on their own stay listed.
+    assert format_changes(changes) == "method.name: byol → simsiam (+2 fields of the preset), train.epochs: 3 → (absent)"
+    assert format_changes(changes, limit=1) == "method.name: byol → simsiam (+2 fields of the preset), ... and 1 more"
+    assert format_changes(changes[1:2]) == "method.projector.hidden_dims: [64] → [64, 64]"
     assert config_changes(old, {**old, "eval": {}, "out_dir": "c"}) == []
     assert old["hydra"] == {"x": 1} and "log_every_steps" in old["train"]  # inputs are not modified
     # The seed-free hash ignores the seed and nothing else.

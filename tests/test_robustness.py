@@ -45,12 +45,17 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path, pipeline):
     good = next((root / "train" / "class_1").glob("*.jpg")).read_bytes()
     truncated = root / "train" / "class_1" / "truncated.jpg"
     truncated.write_bytes(good[: len(good) // 2])
-    # 18 images, 3 steps of 6 per epoch: every image is drawn in each of the 3 epochs, so each bad file is met
-    # (at least) 3 times: the count is of distinct files, 2, not of skip events (6 or more).
+    # Met only by the evaluation (val split): counted once more, in the same list.
+    val_broken = root / "val" / "class_0" / "broken.jpg"
+    val_broken.write_bytes(b"not a jpeg either")
+    # 18 images, 3 steps of 6 per epoch: every image is drawn in each of the 3 epochs, so each bad train file is met
+    # (at least) 3 times: the count is of distinct files, not of skip events (6 or more).
     proc = run(root, tmp_path / "run", "train.epochs=3", "train.batch_size=6", f"data.pipeline={pipeline}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "completed"
-    assert results["skipped_images"] == 2
-    assert results["skipped_files"] == sorted([str(broken), str(truncated)])
+    # The train files are met again by the evaluation's feature extraction: still 3 distinct files.
+    assert results["skipped_images"] == 3
+    assert results["skipped_files"] == sorted([str(broken), str(truncated), str(val_broken)])
+    assert results["eval_skipped_files"] == sorted([str(broken), str(truncated), str(val_broken)])
     assert "skipping unreadable image" in (proc.stdout + proc.stderr)

@@ -130,23 +130,31 @@ class AugmentedImageFolder(Dataset):
 
 
 class EvalImageFolder(Dataset):
-    """Deterministic (validation-transform) samples for feature extraction."""
+    """Deterministic (validation-transform) samples for feature extraction.
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable):
+    An unreadable image is replaced by a black one, so rows stay aligned with labels; with
+    ``report_unreadable`` each item also says whether it was replaced (``(image, label, replaced)``).
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable, report_unreadable: bool = False):
         self.samples = samples
         self.transform = transform
+        self.report_unreadable = report_unreadable
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
+        replaced = False
         try:
             image = load_rgb(path)
         except (OSError, ValueError) as error:
             # Keep the row count fixed so features stay aligned with labels.
             log.warning("unreadable image %s replaced by black: %s", path, error)
-            image = Image.new("RGB", (32, 32))
+            image, replaced = Image.new("RGB", (32, 32)), True
+        if self.report_unreadable:
+            return self.transform(image), label, replaced
         return self.transform(image), label
 
 

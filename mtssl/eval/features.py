@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -43,6 +43,7 @@ class FeatureShard:
     indices: Tensor  # [n] int64 global dataset index
     valid: Tensor  # [n] bool, False for padded duplicates
     num_items: int  # size of the whole dataset
+    replaced: list[int] = field(default_factory=list)  # global indices of unreadable items (EvalImageFolder report_unreadable)
 
     @property
     def dim(self) -> int:
@@ -80,7 +81,11 @@ def extract_feature_shard(
 
     feature_chunks: list[Tensor] = []
     label_chunks: list[Tensor] = []
-    for images, labels in progress_bar(loader, desc=description, unit="batch"):
+    replaced: set[int] = set()
+    for batch_start, (images, labels, *flags) in enumerate(progress_bar(loader, desc=description, unit="batch")):
+        if flags:  # the dataset reports which items it replaced
+            rows = positions[batch_start * batch_size: batch_start * batch_size + len(labels)]
+            replaced.update(int(p) % num_items for p, bad in zip(rows, flags[0]) if bad)
         features = forward_fn(images.to(device, non_blocking=True))
         labels = torch.as_tensor(labels, dtype=torch.int64)
         if features.ndim != 2 or features.shape[0] != labels.shape[0]:
@@ -96,6 +101,7 @@ def extract_feature_shard(
         indices=(positions % num_items).to(device),
         valid=(positions < num_items).to(device),
         num_items=num_items,
+        replaced=sorted(replaced),
     )
 
 

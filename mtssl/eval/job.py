@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtssl.data.image_folder import EvalImageFolder, class_balanced_subset, list_image_folder
 from mtssl.data.views import build_eval_transform
 from mtssl.distributed.checkpoint import write_json_atomic
-from mtssl.distributed.collectives import average_buffers_over_ranks_, host_any, host_barrier
+from mtssl.distributed.collectives import average_buffers_over_ranks_, host_any, host_barrier, host_union
 from mtssl.distributed.fsdp import full_state_dict, state_sha256
 from mtssl.distributed.process_group import DistEnv
 from mtssl.eval.augmented import ProbeStopped, augmented_linear_probe, augmented_train_transform
@@ -38,6 +38,7 @@ EVAL_STATE = "eval_state.json"
 AUGMENTED_STATE = "eval_augmented.pt"  # the augmented probe's head and optimiser after its last finished epoch
 # Online kNN, the online probes, target kNN: one bank alive at a time.
 PHASES = ("knn", "linear", "linear_augmented", "knn_target")
+UNREADABLE = "unreadable_files"  # eval_state.json: files replaced by black images so far
 
 
 class EvaluationInterrupted(Exception):
@@ -129,6 +130,8 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
     weights = state_sha256(online_state)
     settings = _eval_settings(cfg)
     phases = _load_eval_state(out_dir, weights, settings)
+    # Unreadable files met by any phase, kept in eval_state.json with the phases (paths, sorted).
+    unreadable = set(phases.pop(UNREADABLE, []))
     if phases:
         log.info("evaluation resumes: phases %s already finished", sorted(phases))
     # All ranks read the file; agree before anyone overwrites it.
@@ -136,7 +139,8 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
 
     transform = build_eval_transform(cfg.data.mean, cfg.data.std, cfg.data.eval_resize, cfg.data.eval_crop, cfg.data.eval_interpolation)
     train_samples, val_samples = evaluation_samples(cfg, train_samples)
-    train_set, val_set = EvalImageFolder(train_samples, transform), EvalImageFolder(val_samples, transform)
+    train_set = EvalImageFolder(train_samples, transform, report_unreadable=True)
+    val_set = EvalImageFolder(val_samples, transform, report_unreadable=True)
     num_classes = 1 + max(label for _, label in train_samples + val_samples)
     dtype = FEATURE_DTYPES[cfg.eval.feature_dtype]
     knn_args = dict(num_classes=num_classes, ks=tuple(cfg.eval.knn_k), temperature=cfg.eval.knn_temperature)
@@ -146,6 +150,8 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
         args = (cfg.eval.batch_size, cfg.data.num_workers, env.device, dtype)
         train = extract_feature_shard(backbone, train_set, *args, description=f"{name} train features")
         val = extract_feature_shard(backbone, val_set, *args, description=f"{name} val features")
+        found = {train_samples[i][0] for i in train.replaced} | {val_samples[i][0] for i in val.replaced}
+        unreadable.update(host_union(found))
         return train, val
 
     protocols = list(cfg.eval.linear_protocols)
@@ -158,7 +164,8 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
     def finished(phase: str, result) -> None:
         phases[phase] = result
         if env.is_main:
-            write_json_atomic(out_dir / EVAL_STATE, {"weights_sha256": weights, "settings": settings, "phases": phases})
+            saved = {**phases, UNREADABLE: sorted(unreadable)}
+            write_json_atomic(out_dir / EVAL_STATE, {"weights_sha256": weights, "settings": settings, "phases": saved})
         if stop_requested() and any(p not in phases for p in planned):
             raise EvaluationInterrupted(getattr(stop, "signum", None), out_dir / EVAL_STATE, list(phases))
 
@@ -206,6 +213,7 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
         "knn": knn, "knn_top1": knn[headline]["top1"], "knn_top5": knn[headline]["top5"],
         "knn_target": knn_target, "knn_top1_target": knn_target[headline]["top1"], "knn_top5_target": knn_target[headline]["top5"],
         "linear": linear, "linear_top1": main_linear["top1"], "linear_top5": main_linear["top5"], "linear_lr": main_linear["lr"],
+        "eval_skipped_files": sorted(unreadable),
     }
     log.info("kNN (k=%s) top-1 online %.2f target %.2f", headline[1:], fields["knn_top1"], fields["knn_top1_target"])
     for name, result in linear.items():
