@@ -38,7 +38,7 @@ EVAL_STATE = "eval_state.json"
 AUGMENTED_STATE = "eval_augmented.pt"  # the augmented probe's head and optimiser after its last finished epoch
 # Online kNN, the online probes, target kNN: one bank alive at a time.
 PHASES = ("knn", "linear", "linear_augmented", "knn_target")
-UNREADABLE = "unreadable_files"  # eval_state.json: files replaced by black images so far
+UNREADABLE = "unreadable_files"  # eval_state.json: the files replaced by black images so far
 
 
 class EvaluationInterrupted(Exception):
@@ -107,14 +107,15 @@ def _state_key(weights: str, settings: dict) -> str:
     return hashlib.sha256(json.dumps({"weights": weights, "settings": settings}, sort_keys=True).encode()).hexdigest()
 
 
-def _load_eval_state(out_dir: Path, weights: str, settings: dict) -> dict:
+def _load_eval_state(out_dir: Path, weights: str, settings: dict) -> tuple[dict, set[str]]:
+    """The finished phases' results and the unreadable files met so far, for these weights and settings."""
     try:
         state = json.loads((out_dir / EVAL_STATE).read_text())
     except (OSError, ValueError):
-        return {}
+        return {}, set()
     if state.get("weights_sha256") != weights or state.get("settings") != settings:
-        return {}
-    return dict(state.get("phases") or {})
+        return {}, set()
+    return dict(state.get("phases") or {}), set(state.get(UNREADABLE) or [])
 
 
 def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_state: dict | None,
@@ -129,9 +130,8 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
     out_dir = Path(out_dir)
     weights = state_sha256(online_state)
     settings = _eval_settings(cfg)
-    phases = _load_eval_state(out_dir, weights, settings)
-    # Unreadable files met by any phase, kept in eval_state.json with the phases (paths, sorted).
-    unreadable = set(phases.pop(UNREADABLE, []))
+    # Finished phases, and the unreadable files (replaced by black images) any phase met.
+    phases, unreadable = _load_eval_state(out_dir, weights, settings)
     if phases:
         log.info("evaluation resumes: phases %s already finished", sorted(phases))
     # All ranks read the file; agree before anyone overwrites it.
@@ -164,8 +164,8 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
     def finished(phase: str, result) -> None:
         phases[phase] = result
         if env.is_main:
-            saved = {**phases, UNREADABLE: sorted(unreadable)}
-            write_json_atomic(out_dir / EVAL_STATE, {"weights_sha256": weights, "settings": settings, "phases": saved})
+            write_json_atomic(out_dir / EVAL_STATE, {"weights_sha256": weights, "settings": settings, "phases": phases,
+                                                      UNREADABLE: sorted(unreadable)})
         if stop_requested() and any(p not in phases for p in planned):
             raise EvaluationInterrupted(getattr(stop, "signum", None), out_dir / EVAL_STATE, list(phases))
 
