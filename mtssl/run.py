@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtssl.config import (ConfigError, changes_from_file, check_out_dir, config_hash, describe_changes, resolve_config,

@@ -89,6 +89,13 @@ def device_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def device_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over ranks, computed on the collective device and returned on ``tensor``'s device."""
+    if world_size() == 1:
+        return tensor
+    return device_sum_(tensor.to(collective_device(tensor.device))).to(tensor.device)
+
+
 def device_mean_(tensor: torch.Tensor) -> torch.Tensor:
     """Average ``tensor`` over ranks in place and return it."""
     if world_size() > 1:

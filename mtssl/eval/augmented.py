@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from mtssl.distributed.collectives import collective_device, device_sum_, rank, world_size
+from mtssl.distributed.collectives import device_sum, rank, world_size
 from mtssl.eval.accuracy import topk_correct
 from mtssl.eval.features import FeatureShard
 from mtssl.distributed.progress import progress_bar
@@ -46,12 +46,6 @@ def augmented_train_transform(mean, std, size: int) -> v2.Compose:
 def _epoch_seed(seed: int, epoch: int, this_rank: int) -> int:
     digest = hashlib.blake2b(f"augmented-probe:{seed}:{epoch}:{this_rank}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def _sum_over_ranks(tensor: Tensor) -> Tensor:
-    if world_size() == 1:
-        return tensor
-    return device_sum_(tensor.to(collective_device(tensor.device))).to(tensor.device)
 
 
 def augmented_linear_probe(
@@ -117,14 +111,14 @@ def augmented_linear_probe(
             loss.backward()
             if world > 1:
                 params = list(head.parameters())
-                flat = _sum_over_ranks(torch.cat([p.grad.reshape(-1) for p in params])) / world
+                flat = device_sum(torch.cat([p.grad.reshape(-1) for p in params])) / world
                 for p, g in zip(params, flat.split([p.numel() for p in params])):
                     p.grad.copy_(g.view_as(p))
             optimizer.step()
         scheduler.step()
         with torch.no_grad():
             hits = topk_correct(head(val.features[val_rows].float()), val.labels[val_rows], (1, 5))
-        counts = _sum_over_ranks(torch.tensor([hits[1], hits[5]], device=device)).tolist()
+        counts = device_sum(torch.tensor([hits[1], hits[5]], device=device)).tolist()
         history.append((100.0 * counts[0] / val.num_items, 100.0 * counts[1] / val.num_items))
         if on_epoch is not None:
             on_epoch(epoch, history[-1][0], head)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtssl.distributed.collectives import collective_device, device_all_gather_cat, device_sum_, world_size
+from mtssl.distributed.collectives import collective_device, device_all_gather_cat, device_sum, world_size
 from mtssl.eval.accuracy import topk_correct
 from mtssl.eval.features import FeatureShard, check_feature_pair
 from mtssl.distributed.progress import progress_bar
@@ -35,13 +35,6 @@ def _stratified_holdout(labels: Tensor, num_classes: int, fraction: float, gener
         num_held = min(max(round(fraction * members.numel()), 1), members.numel() - 1)
         mask[members[torch.randperm(members.numel(), generator=generator)[:num_held]]] = True
     return mask
-
-
-def _sum_over_ranks(tensor: Tensor) -> Tensor:
-    if world_size() == 1:
-        return tensor
-    device = tensor.device
-    return device_sum_(tensor.to(collective_device(device))).to(device)
 
 
 def _gathered(tensor: Tensor) -> Tensor:
@@ -123,8 +116,8 @@ def train_linear_heads(
             x, y = shard.features[rows].float(), shard.labels[rows]
             count = batch.shape[0]
             # Batch statistics over the whole global batch, in two passes (as BatchNorm's own variance).
-            mean = _sum_over_ranks(x.sum(0)) / count
-            var = _sum_over_ranks((x - mean).square().sum(0)) / count
+            mean = device_sum(x.sum(0)) / count
+            var = device_sum((x - mean).square().sum(0)) / count
             with torch.no_grad():
                 running_mean.mul_(1 - BN_MOMENTUM).add_(BN_MOMENTUM * mean)
                 running_var.mul_(1 - BN_MOMENTUM).add_(BN_MOMENTUM * var * count / (count - 1))
@@ -134,7 +127,7 @@ def train_linear_heads(
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
             if world_size() > 1:
-                flat = _sum_over_ranks(torch.cat([p.grad.reshape(-1) for p in params]))
+                flat = device_sum(torch.cat([p.grad.reshape(-1) for p in params]))
                 for p, g in zip(params, flat.split([p.numel() for p in params])):
                     p.grad.copy_(g.view_as(p))
             optimizer.step()
@@ -148,7 +141,7 @@ def _heads_correct(heads: LinearHeads, shard: FeatureShard, select: Tensor, ks: 
     logits = heads.logits(shard.features[rows])
     counts = torch.tensor([[topk_correct(head, shard.labels[rows], ks)[k] for k in ks] for head in logits],
                           dtype=torch.int64, device=shard.features.device)
-    counts = _sum_over_ranks(counts).tolist()
+    counts = device_sum(counts).tolist()
     return [dict(zip(ks, row)) for row in counts]
 
 
