@@ -150,3 +150,28 @@ def test_per_view_backward_through_fsdp_accumulates_every_view(env, tmp_path):
     for name, grad in joint.items():  # bf16 rounds differently per summation order: compare whole tensors' norms
         error = float((per_view[name].float() - grad.float()).norm() / grad.float().norm().clamp_min(1e-12))
         assert error < 0.05, f"{name}: relative error {error:.3g}"
+
+
+def test_saved_tensor_counter_matches_a_hand_count():
+    """benchmarks/activation_memory.py's counter on Linear(8, 16) + ReLU at batch 4 (fp32): Linear saves its
+    input (4 x 8 x 4 B = 128 B; the weight is a parameter, not counted), ReLU its output (4 x 16 x 4 B = 256 B).
+    Checkpointed, only the input is kept; a tensor saved twice counts once."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from activation_memory import SavedTensorBytes
+    from torch.utils.checkpoint import checkpoint
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
+    x = torch.randn(4, 8, requires_grad=True)
+    with SavedTensorBytes(exclude=net.parameters()) as counter:
+        net(x)
+    assert counter.total == 128 + 256
+    with SavedTensorBytes(exclude=net.parameters()) as counter:
+        checkpoint(net, x, use_reentrant=False)
+    assert counter.total == 128
+    with SavedTensorBytes() as counter:  # parameters included now: + weight 16 x 8 x 4 B; x * x saves x twice
+        net(x)
+        x * x
+    assert counter.total == 128 + 256 + 512
