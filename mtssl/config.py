@@ -43,6 +43,7 @@ NON_TRAINING_FIELDS = (
     "train.final_checkpoint_only",
     "train.max_steps",
     "train.device",
+    "train.activation_checkpointing",  # recomputes the same forward: bitwise the same results on CPU (tested)
     "eval",
 )
 
@@ -270,6 +271,8 @@ FIELD_CHECKS: dict[str, Check] = {
     "train.sync_bn": boolean(),
     "train.channels_last": boolean(),
     "train.compile": boolean(),
+    "train.activation_checkpointing": boolean(),
+    "train.backward": choice(["joint", "per_view"]),
     "train.log_every_steps": integer(1),
     "train.checkpoint_every_steps": integer(1),
     "train.checkpoint_every_min": number(0, low_open=True),
@@ -580,6 +583,19 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
     _validate_views(cfg)
     _validate_optim(cfg)
     train = cfg.train
+    _require(
+        not (train.activation_checkpointing and train.compile),
+        "train.activation_checkpointing: not supported with train.compile=true yet (the recomputation's BatchNorm "
+        "handling is eager-only); set one of them to false",
+    )
+    if train.backward == "per_view":
+        from mtssl.loss.objectives import build_objective  # deferred, as in describe_recipe
+
+        _require(build_objective(cfg.method).ema_target, f"train.backward=per_view: {cfg.method.name}'s targets are the "
+                 "online projections of the global views (no EMA target), which one view at a time does not have; "
+                 "use train.backward=joint")
+        _require(not train.grouped_views, f"train.backward=per_view: runs one view per call, so train.grouped_views="
+                 f"{train.grouped_views} cannot group views; use train.grouped_views=false or train.backward=joint")
     _require(
         train.batch_size % world_size == 0,
         f"train.batch_size: {train.batch_size} does not divide across {world_size} ranks; use a multiple of {world_size}",

@@ -38,3 +38,24 @@ def multitask_loss(
     task_losses = {t: sums[t] / counts[t] for t in sums}
     total = sum(weights[t] * task_losses[t] for t in task_losses)
     return total, task_losses
+
+
+def task_pair_counts(view_types: Sequence[str], target_indices: Sequence[int]) -> dict[str, int]:
+    """N_t: the number of pair terms of each task in ``multitask_loss`` (its terms weigh w_t / N_t)."""
+    counts: dict[str, int] = {}
+    for v, view_type in enumerate(view_types):
+        counts[view_type] = counts.get(view_type, 0) + sum(g != v for g in target_indices)
+    return counts
+
+
+def view_pair_loss_sum(
+    v: int,
+    prediction: torch.Tensor,
+    prepared_targets: Sequence[torch.Tensor],
+    target_indices: Sequence[int],
+    pair_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Sum of view v's pair terms (every target view but itself): its share of ``multitask_loss``,
+    so that sum_v w_t / N_t * view_pair_loss_sum(v) over views v of task t is the total (for one backward per view)."""
+    terms = [pair_loss(prediction, target) for g, target in zip(target_indices, prepared_targets) if g != v]
+    return torch.stack(terms).sum()

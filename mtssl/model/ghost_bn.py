@@ -51,6 +51,17 @@ def _uses_batch_statistics(layer: _BatchNorm) -> bool:
     return layer.training or layer.running_mean is None
 
 
+def batch_statistics_chunks(layer: _BatchNorm) -> int:
+    """How many chunks ``layer`` normalises separately right now: 0 when it uses running statistics
+    (eval), the number of views inside a ``GhostBatchNorm.views`` context, else 1."""
+    if not _uses_batch_statistics(layer):
+        return 0
+    forward = layer.__dict__.get("forward")
+    if isinstance(forward, _GhostForward) and forward.ghost.view_ids is not None:
+        return len(forward.ghost.view_ids)
+    return 1
+
+
 class GhostBatchNorm:
     """Context making ``module``'s BatchNorm layers normalise per view chunk.
 

@@ -174,10 +174,20 @@ class MultiTaskSiamese(nn.Module):
             _scatter_chunks(predictions, indices, outputs)
         return outputs  # type: ignore[return-value]
 
-    def forward(self, views: Sequence[torch.Tensor], view_types: Sequence[str], target_indices: Sequence[int]):
-        """Return (predictions per view, target projections per target view, online projections)."""
+    def forward(self, views: Sequence[torch.Tensor], view_types: Sequence[str], target_indices: Sequence[int],
+                branch: str = "both"):
+        """Return (predictions per view, target projections per target view, online projections).
+
+        ``branch``: "online" runs the online network only and "target" the target network only
+        (EMA target only), their other outputs empty; for one backward per view.
+        """
+        if branch == "target":
+            with torch.no_grad():
+                return [], self._encode(self.target, [views[i] for i in target_indices]), []
         projections = self._encode(self.online, views)
         predictions = self._predict(projections, view_types)
+        if branch == "online":
+            return predictions, [], projections
         with torch.no_grad():
             if self.target is None:  # SimSiam: the online network under stop-gradient
                 targets = [projections[i].detach() for i in target_indices]

@@ -35,8 +35,9 @@ from mtssl.distributed.process_group import DistEnv
 from mtssl.train.ema import ema_momentum, ema_update
 from mtssl.data.fast_augment import AUGMENTATION_PIPELINES
 from mtssl.distributed.fsdp import backbone_blocks, shard_model
+from mtssl.model.activation_checkpoint import checkpoint_backbone_blocks
 from mtssl.model.siamese import MultiTaskSiamese, build_model
-from mtssl.loss.multitask import multitask_loss
+from mtssl.loss.multitask import multitask_loss, task_pair_counts, view_pair_loss_sum
 from mtssl.loss.objectives import Objective, build_objective
 from mtssl.train.optim import build_optimizer, lr_at_step, peak_learning_rate, set_learning_rate
 from mtssl.data.views import ViewLayout, build_view_layout
@@ -208,6 +209,8 @@ class Trainer:
         if cfg.train.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(env.device)
+        if cfg.train.activation_checkpointing:  # torchtitan's order: checkpointing, compile, fully_shard
+            checkpoint_backbone_blocks(model.online.backbone)  # the target runs without grad: nothing to save
         if cfg.train.compile:
             compile_backbones(model)
         # One fp32 CPU rank has nothing to shard and no mixed precision: skip FSDP's per-forward parameter
@@ -245,13 +248,17 @@ class Trainer:
         if self.cfg.train.channels_last:  # activations follow the input's layout; parameters stay contiguous (FSDP2)
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         set_learning_rate(self.optimizer, self.learning_rate(step), self.peak_lr)
-        predictions, target_projections, projections = self.model(views, self.view_types, self.target_indices)
-        prepared = [self.objective.prepare_target(z.float()) for z in target_projections]
-        loss, task_losses = multitask_loss(
-            [p.float() for p in predictions], self.view_types, prepared, self.target_indices, self.objective.pair_loss, self.weights
-        )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.cfg.train.backward == "per_view":
+            loss, task_losses, embeddings = self._backward_per_view(views)
+        else:
+            predictions, target_projections, projections = self.model(views, self.view_types, self.target_indices)
+            prepared = [self.objective.prepare_target(z.float()) for z in target_projections]
+            loss, task_losses = multitask_loss(
+                [p.float() for p in predictions], self.view_types, prepared, self.target_indices, self.objective.pair_loss, self.weights
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            embeddings = projections[self.target_indices[0]]
         if self.cfg.optim.clip_grad:  # clipping measures the norm anyway (before clipping)
             total_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.clip_grad, foreach=True)
         elif measure_grad_norm:
@@ -265,9 +272,35 @@ class Trainer:
         return StepOutput(
             loss.detach(),
             {k: v.detach() for k, v in task_losses.items()},
-            projections[self.target_indices[0]].detach(),
+            embeddings.detach(),
             grad_norm,
         )
+
+    def _backward_per_view(self, views: list[torch.Tensor]):
+        """``train.backward=per_view``: target projections first (no grad), then one forward and backward
+        per view, so only one view's activations are alive at a time. The loss is a sum of per-view
+        terms against stop-gradient targets, so the gradients are those of one backward up to
+        summation order. Returns (loss, task losses, embeddings), all detached.
+
+        Under FSDP2 each backward reduce-scatters into the sharded gradients, which accumulate. (Its
+        no-sync mode, ``set_requires_gradient_sync(False)``, fails in torch 2.14 on units a view does
+        not run, such as the other view types' predictors.)"""
+        self.optimizer.zero_grad(set_to_none=True)
+        _, target_projections, _ = self.model(views, self.view_types, self.target_indices, branch="target")
+        prepared = [self.objective.prepare_target(z.float()) for z in target_projections]
+        counts = task_pair_counts(self.view_types, self.target_indices)
+        sums: dict[str, torch.Tensor] = {}
+        embeddings = None
+        for v, (view, view_type) in enumerate(zip(views, self.view_types)):
+            (prediction,), _, (projection,) = self.model([view], [view_type], [], branch="online")
+            view_sum = view_pair_loss_sum(v, prediction.float(), prepared, self.target_indices, self.objective.pair_loss)
+            (self.weights[view_type] / counts[view_type] * view_sum).backward()
+            sums[view_type] = sums[view_type] + view_sum.detach() if view_type in sums else view_sum.detach()
+            if v == self.target_indices[0]:
+                embeddings = projection.detach()
+        task_losses = {t: sums[t] / counts[t] for t in sums}  # the mean pair loss of each task
+        loss = sum(self.weights[t] * task_losses[t] for t in task_losses)
+        return loss, task_losses, embeddings
 
     def tau(self, step: int) -> float:
         return ema_momentum(step, self.total_steps, self.cfg.train.ema_tau)
