@@ -247,6 +247,7 @@ FIELD_CHECKS: dict[str, Check] = {
     "data.eval_crop": integer(1, null=True),
     "data.eval_interpolation": choice(EVAL_INTERPOLATIONS),
     "data.pipeline": choice(_pipelines),
+    "data.gpu_decode": boolean(),
     "data.num_workers": integer(0),
     "data.download": boolean(),
     "optim": section(),
