@@ -313,3 +313,49 @@ def test_device_decode_path_equals_worker_decode(tmp_path):
     got = device.to_views(device.collate([shipped]), CPU)
     for a, b in zip(got, expected):
         assert a.shape == b.shape and (to_pixels(a[0]) - to_pixels(b[0])).abs().mean() < 1.0
+
+
+# ---------------------------------------------------------------------------- training
+@pytest.mark.slow
+def test_gpu_pipeline_trains_and_resumes_exactly(tmp_path, monkeypatch):
+    # data.pipeline=gpu through the Trainer (one DataLoader worker: the pipeline's collate runs there):
+    # 2 steps, then a new Trainer resuming to 4, equals 4 uninterrupted steps; every loss finite.
+    from mtssl.config import compose_config, resolve_config
+    from mtssl.distributed.process_group import destroy_distributed, init_distributed
+    from mtssl.train.trainer import StopRequest, Trainer
+    from tests.conftest import make_image_folder
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    root = make_image_folder(tmp_path / "data", per_class=8, splits=("train",))
+    overrides = [
+        f"data.root={root}", "data.subset=null", "data.pipeline=gpu", "data.num_workers=1", "views=global_local_cutout",
+        "backbone=resnet18", "+backbone.kwargs.layers=[1,1,1,1]", "method.projector.hidden_dims=[32]",
+        "method.predictor.hidden_dims=[32]", "method.projector.out_dim=16", "method.predictor.out_dim=16",
+        "train.batch_size=8", "train.epochs=3", "optim.warmup_epochs=0", "train.log_every_steps=1",
+    ]
+    env = init_distributed("cpu")
+    try:
+        def fit(out, max_steps):
+            trainer = Trainer(resolve_config(compose_config(overrides + [f"train.max_steps={max_steps}"])), env, out)
+            assert isinstance(trainer.transform, GpuMultiViewTransform) and not trainer.transform.decode_on_device
+            initial.update({k: v.clone() for k, v in trainer.model.online.state_dict().items()})
+            stop = StopRequest()
+            try:
+                outcome = trainer.fit(stop)
+            finally:
+                stop.restore()
+            assert outcome.status == "completed" and outcome.steps == max_steps
+            assert outcome.final_losses and all(math.isfinite(v) for v in outcome.final_losses.values())
+            return {k: v.clone() for k, v in trainer.model.online.state_dict().items()}
+
+        initial = {}
+        uninterrupted = fit(tmp_path / "a", 4)
+        fit(tmp_path / "b", 2)
+        resumed = fit(tmp_path / "b", 4)
+    finally:
+        destroy_distributed()
+    assert uninterrupted.keys() == resumed.keys()
+    for key, value in uninterrupted.items():
+        assert torch.equal(value, resumed[key]), key
+    assert any(not torch.equal(v, resumed[k]) for k, v in initial.items())  # training moved the weights
