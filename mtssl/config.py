@@ -170,7 +170,7 @@ def _objectives() -> list[str]:
 
 
 def _pipelines() -> list[str]:
-    from mtssl.data.fast_augment import AUGMENTATION_PIPELINES
+    from mtssl.data.pipelines import AUGMENTATION_PIPELINES
 
     return sorted(AUGMENTATION_PIPELINES)
 

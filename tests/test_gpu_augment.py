@@ -19,7 +19,8 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 import mtssl.data.gpu_augment as G
-from mtssl.data.fast_augment import AUGMENTATION_PIPELINES, FastMultiViewTransform
+from mtssl.data.fast_augment import FastMultiViewTransform
+from mtssl.data.pipelines import AUGMENTATION_PIPELINES
 from mtssl.data.gpu_augment import GpuMultiViewTransform, gaussian_blur, resize_crops
 from mtssl.data.image_folder import AugmentedImageFolder, collate_views
 from mtssl.data.views import VIEW_TYPES, ViewLayout

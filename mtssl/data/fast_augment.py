@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from mtssl.data.views import Cutout, MultiViewTransform, ViewLayout
+from mtssl.data.views import Cutout, ViewLayout
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 JITTER_P = 0.8
@@ -259,13 +259,3 @@ def _scale_box(box, sy: float, sx: float, height: int, width: int) -> tuple[int,
     new_h = max(1, min(height - new_top, round(h * sy)))
     new_w = max(1, min(width - new_left, round(w * sx)))
     return new_top, new_left, new_h, new_w
-
-
-def _gpu_pipeline(layout: ViewLayout, mean: Sequence[float], std: Sequence[float]):
-    from mtssl.data.gpu_augment import GpuMultiViewTransform  # deferred: it builds on this module
-
-    return GpuMultiViewTransform(layout, mean, std)
-
-
-# data.pipeline: three implementations of the same augmentation distributions.
-AUGMENTATION_PIPELINES = {"torchvision": MultiViewTransform, "fast": FastMultiViewTransform, "gpu": _gpu_pipeline}
