@@ -114,13 +114,11 @@ def adjust_hue(image: torch.Tensor, shift: float | torch.Tensor, bound: float = 
         torch.where(maxc == green, (blue - red).mul_(inv).add_(2.0), (red - green).mul_(inv).add_(4.0)),
     )
     hue6.add_(6.0 * shift + 6.0).remainder_(6.0)  # in [0, 6)
-    k = hue6.unsqueeze(-3) + _HUE_OFFSETS.to(image.device)
+    k = torch.stack([hue6 + 5.0, hue6 + 3.0, hue6 + 1.0], dim=-3)  # no constant tensor to copy to the device
     k = torch.where(k >= 6.0, k - 6.0, k)
     k = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return maxc.unsqueeze(-3) - k.mul_(chroma.unsqueeze(-3))
 
-
-_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
 
 
 @dataclass(frozen=True)

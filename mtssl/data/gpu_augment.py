@@ -67,9 +67,17 @@ class GpuMultiViewTransform:
         self.layout = layout
         self.views = view_specs(layout)
         self.decode_on_device = decode_on_device
-        self.mean = torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1)
-        self.std = torch.tensor([float(s) for s in std]).view(1, 3, 1, 1)
+        mean_t = torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1)
+        std_t = torch.tensor([float(s) for s in std]).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std = x * scale + shift; cutout fill = the mean on the 0..255 scale
+        self._constants = {torch.device("cpu"): (1.0 / (255.0 * std_t), -mean_t / std_t, mean_t * 255.0)}
         self.reduced_decodes = 0
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The normalisation and fill constants on ``device``, copied once (a copy from the host waits for it)."""
+        if device not in self._constants:
+            self._constants[device] = tuple(t.to(device) for t in self._constants[torch.device("cpu")])
+        return self._constants[device]
 
     # ------------------------------------------------------------------ worker
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
@@ -128,16 +136,14 @@ class GpuMultiViewTransform:
         params = batch[0].to(device)
         size = params.shape[0]
         payloads = [t.to(device) for t in batch[1:]]
-        if len(payloads) == size * len(self.views):  # crops cut by the workers, HWC
-            crops = [[c.permute(2, 0, 1) for c in payloads[v * size : (v + 1) * size]] for v in range(len(self.views))]
-        else:
+        if self.decode_on_device:
             crops = self._decode_and_crop(params, payloads, device)
-        scale = (1.0 / (255.0 * self.std)).to(device)  # (x / 255 - mean) / std = x * scale + shift
-        shift = (-self.mean / self.std).to(device)
+        else:  # crops cut by the workers, HWC
+            crops = [[c.permute(2, 0, 1) for c in payloads[v * size : (v + 1) * size]] for v in range(len(self.views))]
+        scale, shift, fill = self._on(torch.device(device))
         views = []
         for v, spec in enumerate(self.views):
-            x = resize_crops(crops[v], spec.size)
-            x = augment_batch(x, params[:, v], spec, self.mean.to(device) * 255.0)
+            x = augment_batch(resize_crops(crops[v], spec.size), params[:, v], spec, fill)
             views.append(torch.addcmul(shift, x, scale).contiguous())
         return views
 
@@ -177,8 +183,8 @@ def resize_crops(crops: list[torch.Tensor], size: int, uint8_kernel: bool | None
 
 def luma(x: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] -> [B, 1, H, W] ITU-R 601-2 luma, as torchvision's grayscale."""
-    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    red, green, blue = x.unsqueeze(2).unbind(1)
+    return red * GRAY_WEIGHTS[0] + green * GRAY_WEIGHTS[1] + blue * GRAY_WEIGHTS[2]
 
 
 def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
