@@ -1,8 +1,8 @@
 """The multi-view augmentation on the training device, batched, with per-sample random parameters.
 
-Same augmentation distributions as ``mtssl.data.views`` and ``mtssl.data.fast_augment`` (which it
-draws its parameters exactly as, in the same order, so under one seed both pipelines pick the same
-crops, flips, jitter, ... for a sample). The work is split in two:
+Same augmentation distributions as ``mtssl.data.views`` and ``mtssl.data.fast_augment``; the parameters
+are drawn as ``fast`` draws them, in the same order, so under one seed both pipelines pick the same
+crops, flips, jitter, ... for a sample. The work is split in two:
 
 * Worker (``__call__``, under the per-sample seed): read the file, draw every random parameter of
   every view (crop boxes first, to choose the reduced JPEG decode as ``fast`` does), decode, and
