@@ -18,9 +18,18 @@ Pipelines compared, side by side (interleaved within each repetition):
                          AugmentedImageFolder passes it today)
   mtssl_fast_lazy_jpeg   FastMultiViewTransform on the undecoded JPEG (Image.open only), which
                          lets it decode at 1/2, 1/4 or 1/8 size when every crop allows
+  mtssl_gpu              mtssl.data.gpu_augment.GpuMultiViewTransform's worker part (data.pipeline=gpu):
+                         read, decode (reduced when every crop allows), draw every parameter, cut the
+                         crops; its device part (``to_views``, batches of --batch images) is timed apart:
+                         CPU time per image here for information, and CUDA-event time per image when a
+                         GPU is present
 
-Results: benchmarks/results/data_pipeline.json. Timings never fail; the goal is >= 2x the
-torchvision_v2_float pipeline for mtssl_fast.
+Besides wall-clock images/s, each pipeline's CPU cost: core-milliseconds per source image
+(``time.process_time`` of this one-thread process), what a DataLoader worker spends on it.
+
+Results: benchmarks/results/data_pipeline.json. Timings never fail; the goals are >= 2x the
+torchvision_v2_float pipeline's images/s for mtssl_fast, and <= 1/10 of its CPU cost per image for
+mtssl_gpu's worker part.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from torchvision.transforms import v2
 
 from mtssl.data.image_folder import load_rgb, sample_seed
 from mtssl.data.fast_augment import FastMultiViewTransform
+from mtssl.data.gpu_augment import GpuMultiViewTransform
 from mtssl.data.views import VIEW_TYPES, Cutout, MultiViewTransform, ViewLayout
 from report import print_table, write_report
 
@@ -124,39 +134,82 @@ def make_pipelines(layout: ViewLayout) -> dict:
         "mtssl_v2_uint8": (load_rgb, MultiViewTransform(layout, IMAGENET_MEAN, IMAGENET_STD)),
         "mtssl_fast": (load_rgb, fast),
         "mtssl_fast_lazy_jpeg": (Image.open, fast_lazy),
+        "mtssl_gpu": (Image.open, GpuMultiViewTransform(layout, IMAGENET_MEAN, IMAGENET_STD)),
     }
 
 
-def run_epoch(paths: list[Path], loader, transform, epoch: int) -> float:
-    """Seconds to turn every path into its views, each sample under its own seeded RNG."""
-    start = time.perf_counter()
+def run_epoch(paths: list[Path], loader, transform, epoch: int, keep: list | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) to turn every path into its views, each sample under its own seeded RNG;
+    ``keep`` collects the outputs."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     for index, path in enumerate(paths):
         image = loader(str(path))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(SEED, epoch, index))
             views = transform(image)
-        assert len(views) == 5
-    return time.perf_counter() - start
+        assert len(views) in (5, 6)  # 5 views, or the gpu pipeline's parameters + 5 crops
+        if keep is not None:
+            keep.append(views)
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def benchmark(paths: list[Path], reps: int, label: str) -> list[dict]:
+def time_device_part(transform: GpuMultiViewTransform, samples: list, batch: int, reps: int) -> dict:
+    """ms per image of ``to_views`` on batches of ``batch`` samples: CPU time on the CPU (one thread), and
+    CUDA-event time on the GPU when there is one (the batch copied there first, as the trainer does)."""
+    batches = [transform.collate(samples[i : i + batch]) for i in range(0, len(samples) - batch + 1, batch)]
+    images = len(batches) * batch
+    result = {}
+    cpu = torch.device("cpu")
+    transform.to_views(batches[0], cpu)  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.process_time()
+        for b in batches:
+            transform.to_views(b, cpu)
+        times.append(time.process_time() - start)
+    result["device_part_cpu_ms_per_image"] = 1000 * statistics.median(times) / images
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        on_gpu = [[t.to(cuda) for t in b] for b in batches]
+        transform.to_views(on_gpu[0], cuda)  # warm-up
+        times = []
+        for _ in range(reps):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for b in on_gpu:
+                transform.to_views(b, cuda)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(begin.elapsed_time(end))
+        result["device_part_cuda_ms_per_image"] = statistics.median(times) / images
+        result["cuda_device"] = torch.cuda.get_device_name()
+    return result
+
+
+def benchmark(paths: list[Path], reps: int, label: str, batch: int) -> list[dict]:
     layout = imagenet_layout()
     pipelines = make_pipelines(layout)
     names = list(pipelines)
     times = {name: [] for name in names}
+    cpu_times = {name: [] for name in names}
+    gpu_samples: list = []
     for name in names:  # warm-up: first-call allocations, kernel selection
         run_epoch(paths[:2], *pipelines[name], epoch=-1)
     for rep in range(reps):
         order = names[rep % len(names):] + names[: rep % len(names)]  # rotate who goes first
         for name in order:
-            times[name].append(run_epoch(paths, *pipelines[name], epoch=rep))
+            keep = gpu_samples if name == "mtssl_gpu" and rep == 0 else None
+            wall, cpu = run_epoch(paths, *pipelines[name], epoch=rep, keep=keep)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
         print(f"  {label}: repetition {rep + 1}/{reps} done", file=sys.stderr)
     rows = []
-    base = None
+    base = base_cpu = None
     for name in names:
         rates = [len(paths) / t for t in times[name]]
         median = statistics.median(rates)
-        base = base or median
+        cpu_ms = 1000 * statistics.median(cpu_times[name]) / len(paths)
+        base, base_cpu = base or median, base_cpu or cpu_ms
         transform = pipelines[name][1]
         row = {
             "images": label,
@@ -167,20 +220,34 @@ def benchmark(paths: list[Path], reps: int, label: str) -> list[dict]:
             "images_per_s_all": rates,
             "ms_per_image": 1000 / median,
             "speedup_vs_float_v2": median / base,
+            "cpu_ms_per_image": cpu_ms,
+            "cpu_cost_vs_float_v2": cpu_ms / base_cpu,
         }
-        if isinstance(transform, FastMultiViewTransform):
+        if isinstance(transform, (FastMultiViewTransform, GpuMultiViewTransform)):
             calls = reps * len(paths) + 2  # timed images + warm-up
             row["reduced_decode_fraction"] = transform.reduced_decodes / calls
+        if isinstance(transform, GpuMultiViewTransform):
+            row.update(time_device_part(transform, gpu_samples, min(batch, len(gpu_samples)), reps))
         rows.append(row)
     return rows
 
 
 def print_rows(rows: list[dict], device: str) -> None:
-    header = ["images", "pipeline", "images/s", "[min-max]", "ms/image", "speedup", "reduced decode"]
-    cells = [[r["images"], r["pipeline"], f"{r['images_per_s']:.1f}", f"[{r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}]",
-              f"{r['ms_per_image']:.2f}", f"{r['speedup_vs_float_v2']:.2f}x",
-              f"{100 * r['reduced_decode_fraction']:.0f}%" if "reduced_decode_fraction" in r else "-"] for r in rows]
-    print_table(f"Data pipeline, one worker process (1 torch thread) on {device}: source images/s, 5 views each",
+    header = ["images", "pipeline", "images/s", "[min-max]", "ms/image", "speedup", "CPU ms/image", "CPU cost",
+              "reduced decode", "device part ms/image"]
+    cells = []
+    for r in rows:
+        device_part = "-"
+        if "device_part_cpu_ms_per_image" in r:
+            device_part = f"{r['device_part_cpu_ms_per_image']:.1f} on CPU"
+            if "device_part_cuda_ms_per_image" in r:
+                device_part += f", {r['device_part_cuda_ms_per_image']:.3f} on {r['cuda_device']}"
+        cells.append([r["images"], r["pipeline"], f"{r['images_per_s']:.1f}", f"[{r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}]",
+                      f"{r['ms_per_image']:.2f}", f"{r['speedup_vs_float_v2']:.2f}x", f"{r['cpu_ms_per_image']:.2f}",
+                      f"{r['cpu_cost_vs_float_v2']:.3f}x",
+                      f"{100 * r['reduced_decode_fraction']:.0f}%" if "reduced_decode_fraction" in r else "-", device_part])
+    print_table(f"Data pipeline, one worker process (1 torch thread) on {device}: source images/s, 5 views each; "
+                "CPU cost = CPU ms per image relative to torchvision_v2_float (mtssl_gpu: its worker part)",
                 header, cells, left_columns=2)
 
 
@@ -190,6 +257,7 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=None, help="JPEGs per size (default 48, quick 16)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 5, quick 3)")
     parser.add_argument("--sizes", nargs="+", default=["500x375", "1600x1200"], help="JPEG sizes WxH (default: ImageNet-like 500x375 and 1600x1200 photos)")
+    parser.add_argument("--batch", type=int, default=16, help="batch of the gpu pipeline's device part (default 16)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     count = args.images or (16 if args.quick else 48)
@@ -201,9 +269,9 @@ def main(argv=None) -> None:
         for size in args.sizes:
             width, height = (int(v) for v in size.lower().split("x"))
             paths = write_jpegs(Path(tmp), count, width, height)
-            rows += benchmark(paths, reps, size)
+            rows += benchmark(paths, reps, size, args.batch)
     print_rows(rows, device)
-    write_report(args.out, "data_pipeline", argv, device=device, torch_threads=1, images_per_size=count, reps=reps,
+    write_report(args.out, "data_pipeline", argv, device=device, torch_threads=1, images_per_size=count, reps=reps, batch=args.batch,
                  views="2 global 224, 2 local 96, 1 cutout 224", rows=rows)
 
 

@@ -171,7 +171,7 @@ def _objectives() -> list[str]:
 
 
 def _pipelines() -> list[str]:
-    from mtssl.data.fast_augment import AUGMENTATION_PIPELINES
+    from mtssl.data.pipelines import AUGMENTATION_PIPELINES
 
     return sorted(AUGMENTATION_PIPELINES)
 
@@ -248,6 +248,7 @@ FIELD_CHECKS: dict[str, Check] = {
     "data.eval_crop": integer(1, null=True),
     "data.eval_interpolation": choice(EVAL_INTERPOLATIONS),
     "data.pipeline": choice(_pipelines),
+    "data.gpu_decode": boolean(),
     "data.num_workers": integer(0),
     "data.download": boolean(),
     "optim": section(),

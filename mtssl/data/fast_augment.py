@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from mtssl.data.views import Cutout, MultiViewTransform, ViewLayout
+from mtssl.data.views import Cutout, ViewLayout
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 JITTER_P = 0.8
@@ -95,14 +95,15 @@ def grayscale(image: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weights @ image.reshape(3, -1)).view(1, *image.shape[1:])
 
 
-def adjust_hue(image: torch.Tensor, shift: float, bound: float = 255.0) -> torch.Tensor:
-    """Rotate the HSV hue of a [3, H, W] image in [0, bound] by ``shift`` turns.
+def adjust_hue(image: torch.Tensor, shift: float | torch.Tensor, bound: float = 255.0) -> torch.Tensor:
+    """Rotate the HSV hue of a [..., 3, H, W] image in [0, bound] by ``shift`` turns (a number, or a
+    tensor broadcasting against [..., H, W], e.g. [B, 1, 1]: one shift per image).
 
     The same map as torchvision's rgb -> hsv -> rgb, written directly: value (max) and chroma
     (max - min) are kept, and channel n becomes v - c * clamp(min(k, 4 - k), 0, 1) with
     k = (n + 6 h') mod 6, n = 5, 3, 1 for R, G, B.
     """
-    red, green, blue = image.unbind(0)
+    red, green, blue = image.unbind(-3)
     maxc = torch.maximum(torch.maximum(red, green), blue)  # faster than aminmax over dim 0
     minc = torch.minimum(torch.minimum(red, green), blue)
     chroma = maxc - minc
@@ -113,13 +114,11 @@ def adjust_hue(image: torch.Tensor, shift: float, bound: float = 255.0) -> torch
         torch.where(maxc == green, (blue - red).mul_(inv).add_(2.0), (red - green).mul_(inv).add_(4.0)),
     )
     hue6.add_(6.0 * shift + 6.0).remainder_(6.0)  # in [0, 6)
-    k = hue6.unsqueeze(0) + _HUE_OFFSETS.to(image.device)
+    k = torch.stack([hue6 + 5.0, hue6 + 3.0, hue6 + 1.0], dim=-3)  # no constant tensor to copy to the device
     k = torch.where(k >= 6.0, k - 6.0, k)
     k = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return maxc.unsqueeze(0) - k.mul_(chroma.unsqueeze(0))
+    return maxc.unsqueeze(-3) - k.mul_(chroma.unsqueeze(-3))
 
-
-_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -133,6 +132,25 @@ class _ViewSpec:
     jitter: tuple[float, float, float, float]  # brightness, contrast, saturation, hue
 
 
+def view_specs(layout: ViewLayout) -> list[_ViewSpec]:
+    """Each view's crop size, scale, probabilities and strengths, in layout order."""
+    specs = []
+    for name, index in layout.entries:
+        view = layout.type(name)
+        specs.append(
+            _ViewSpec(
+                size=view.size,
+                scale=tuple(view.scale),
+                blur_p=view.blur_probability(index),
+                solarize_p=view.solarize_probability(index),
+                cutout_area=tuple(view.cutout_area) if view.cutout_area is not None else None,
+                blur_kernel=view.blur_kernel_px(),
+                jitter=tuple(view.jitter),
+            )
+        )
+    return specs
+
+
 class FastMultiViewTransform:
     """PIL image -> list of augmented views in ``layout`` order (same contract as MultiViewTransform).
 
@@ -144,20 +162,7 @@ class FastMultiViewTransform:
 
     def __init__(self, layout: ViewLayout, mean: Sequence[float], std: Sequence[float]):
         self.layout = layout
-        self.views = []
-        for name, index in layout.entries:
-            view = layout.type(name)
-            self.views.append(
-                _ViewSpec(
-                    size=view.size,
-                    scale=tuple(view.scale),
-                    blur_p=view.blur_probability(index),
-                    solarize_p=view.solarize_probability(index),
-                    cutout_area=tuple(view.cutout_area) if view.cutout_area is not None else None,
-                    blur_kernel=view.blur_kernel_px(),
-                    jitter=tuple(view.jitter),
-                )
-            )
+        self.views = view_specs(layout)
         mean_t = torch.tensor([float(m) for m in mean]).view(3, 1, 1)
         std_t = torch.tensor([float(s) for s in std]).view(3, 1, 1)
         self.cutout_fill = mean_t * 255.0  # the dataset mean, on the 0..255 working scale
@@ -175,19 +180,10 @@ class FastMultiViewTransform:
         return [self._view(source, box, view) for box, view in zip(boxes, self.views)]
 
     def _decode(self, image: Image.Image, boxes):
-        """Decode (at reduced size if every crop keeps its output resolution) and rescale the boxes."""
-        width, height = image.size
-        factor = min(min(h, w) / v.size for (_, _, h, w), v in zip(boxes, self.views))
-        if factor >= 2 and getattr(image, "format", None) == "JPEG":
-            image.draft(None, (math.ceil(width / factor), math.ceil(height / factor)))
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        new_width, new_height = image.size
-        if (new_width, new_height) != (width, height):
+        image, new_boxes = decode_for_crops(image, boxes, [v.size for v in self.views])
+        if new_boxes is not boxes:
             self.reduced_decodes += 1
-            sx, sy = new_width / width, new_height / height
-            boxes = [_scale_box(box, sy, sx, new_height, new_width) for box in boxes]
-        return image, boxes
+        return image, new_boxes
 
     def _view(self, source: torch.Tensor, box, view: _ViewSpec) -> torch.Tensor:
         top, left, h, w = box
@@ -237,6 +233,23 @@ class FastMultiViewTransform:
         return x
 
 
+def decode_for_crops(image: Image.Image, boxes, sizes: Sequence[int]):
+    """Decode ``image`` to RGB, at reduced size (JPEG DCT scaling) when every crop box still covers at
+    least its output size, and return (decoded image, boxes on it); the boxes are the same list when
+    the decode was full size."""
+    width, height = image.size
+    factor = min(min(h, w) / size for (_, _, h, w), size in zip(boxes, sizes))
+    if factor >= 2 and getattr(image, "format", None) == "JPEG":
+        image.draft(None, (math.ceil(width / factor), math.ceil(height / factor)))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    new_width, new_height = image.size
+    if (new_width, new_height) != (width, height):
+        sx, sy = new_width / width, new_height / height
+        boxes = [_scale_box(box, sy, sx, new_height, new_width) for box in boxes]
+    return image, boxes
+
+
 def _scale_box(box, sy: float, sx: float, height: int, width: int) -> tuple[int, int, int, int]:
     """A crop box of the full-size image mapped onto the reduced decode."""
     top, left, h, w = box
@@ -244,7 +257,3 @@ def _scale_box(box, sy: float, sx: float, height: int, width: int) -> tuple[int,
     new_h = max(1, min(height - new_top, round(h * sy)))
     new_w = max(1, min(width - new_left, round(w * sx)))
     return new_top, new_left, new_h, new_w
-
-
-# data.pipeline: two implementations of the same augmentation distributions.
-AUGMENTATION_PIPELINES = {"torchvision": MultiViewTransform, "fast": FastMultiViewTransform}

@@ -201,9 +201,14 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
             yield [(self.epoch, i) for i in order[lo : lo + self.local_batch_size]]
 
 
-def collate_views(batch):
-    """[(views, label, skipped paths)] -> (list of [B, C, H, W] per view, labels, set of skipped paths)."""
-    views = [torch.stack([sample[0][v] for sample in batch]) for v in range(len(batch[0][0]))]
+def collate_views(batch, collate: Callable | None = None):
+    """[(views, label, skipped paths)] -> (list of [B, C, H, W] per view, labels, set of skipped paths).
+
+    ``collate``: the pipeline's own batching of the views (e.g. per-sample shapes), instead of stacking."""
+    if collate is not None:
+        views = collate([sample[0] for sample in batch])
+    else:
+        views = [torch.stack([sample[0][v] for sample in batch]) for v in range(len(batch[0][0]))]
     labels = torch.tensor([sample[1] for sample in batch])
     skipped = {path for sample in batch for path in sample[2]}
     return views, labels, skipped

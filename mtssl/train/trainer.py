@@ -13,6 +13,7 @@ bitwise equal to an uninterrupted one on CPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -33,7 +34,7 @@ from mtssl.data.image_folder import AugmentedImageFolder, GlobalBatchSampler, cl
 from mtssl.distributed.collectives import device_mean_, host_any, host_union
 from mtssl.distributed.process_group import DistEnv
 from mtssl.train.ema import ema_momentum, ema_update
-from mtssl.data.fast_augment import AUGMENTATION_PIPELINES
+from mtssl.data.pipelines import AUGMENTATION_PIPELINES
 from mtssl.distributed.fsdp import backbone_blocks, shard_model
 from mtssl.model.activation_checkpoint import checkpoint_backbone_blocks
 from mtssl.model.siamese import MultiTaskSiamese, build_model
@@ -231,6 +232,9 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
         transform = AUGMENTATION_PIPELINES[cfg.data.pipeline](self.layout, cfg.data.mean, cfg.data.std)
+        if hasattr(transform, "decode_on_device"):  # data.gpu_decode: nvJPEG, on CUDA only
+            transform.decode_on_device = bool(cfg.data.gpu_decode) and env.device.type == "cuda"
+        self.transform = transform
         dataset = AugmentedImageFolder(self.train_samples, transform, cfg.train.seed)
         self.dataset = dataset
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_checkpoints, env.rank)
@@ -375,7 +379,7 @@ class Trainer:
                 self.dataset,
                 batch_sampler=self.sampler,
                 num_workers=cfg.data.num_workers,
-                collate_fn=collate_views,
+                collate_fn=functools.partial(collate_views, collate=getattr(self.transform, "collate", None)),
                 pin_memory=env.device.type == "cuda",
                 # Forked workers inherit StopRequest's handler until then, so no SIGINT ends one.
                 worker_init_fn=ignore_interrupts,
@@ -402,6 +406,8 @@ class Trainer:
                 logs_now = (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == last_step
                 with self._host_sync_check(active=not logs_now and step >= start_step + cfg.train.log_every_steps):
                     views = [v.to(env.device, non_blocking=True) for v in views]  # pinned by the loader
+                    if hasattr(self.transform, "to_views"):  # the device part of the pipeline
+                        views = self.transform.to_views(views, env.device)
                     output = self.training_step(views, step, measure_grad_norm=logs_now)
                 loss = output.loss
                 skipped_local |= skipped
