@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from conftest import make_image_folder
 from mtssl.config import ConfigError, compose_config, resolve_config, validate_config
@@ -145,3 +148,58 @@ def test_a_bank_smaller_than_k_is_refused_before_training(tmp_path):
     cfg = _config(root, "eval.knn_every_epochs=1", "eval.knn_during_training_train_subset=4")
     with pytest.raises(ConfigError, match="eval.knn_during_training_train_subset"):
         KnnMonitor(cfg, ENV, torch.nn.Identity(), list_image_folder(root, "train")[0], tmp_path)
+
+
+def _two_rank_worker(rank, world_size, port, root, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env = init_distributed("cpu")
+    try:
+        cfg = _config(root, *TWO_RANKS)
+        trainer = Trainer(cfg, env, out_dir)  # FSDP-sharded (2 ranks)
+        # One step on different images per rank: each rank's BN statistics differ, as in training.
+        g = torch.Generator().manual_seed(rank)
+        trainer.training_step([torch.randn(4, 3, 32, 32, generator=g) for _ in trainer.view_types], 0)
+        backbone = trainer.model.online.backbone
+        before = {k: v.clone() for k, v in backbone.state_dict().items() if not hasattr(v, "full_tensor")}
+        monitor = KnnMonitor(cfg, env, backbone, trainer.train_samples, out_dir)
+        monitor(1, 2)
+        unchanged = all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items() if k in before)
+        torch.save({"state": full_state_dict(backbone), "evaluations": monitor.evaluations, "unchanged": unchanged,
+                    "training": backbone.training}, out_dir / f"rank{rank}.pt")
+    finally:
+        destroy_distributed()
+
+
+TWO_RANKS = ["eval.knn_every_epochs=1", "eval.knn_during_training_val_subset=10", "eval.batch_size=4"]
+
+
+@pytest.mark.slow
+def test_two_fsdp_ranks_give_the_one_process_knn(tmp_path):
+    """The sharded backbone on 2 ranks, BN statistics averaged over them (then restored), equals one process's kNN
+    on the same averaged network."""
+    root = make_image_folder(tmp_path / "data", per_class=8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "job").mkdir()
+    mp.spawn(_two_rank_worker, args=(2, port, root, tmp_path / "job"), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / "job" / f"rank{r}.pt") for r in range(2)]
+    assert all(r["unchanged"] and r["training"] for r in ranks)
+    states = [r["state"] for r in ranks]
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0] if "running_mean" in k)
+    averaged = {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() and "running" in k else v
+                for k, v in states[0].items()}
+
+    cfg = _config(root, *TWO_RANKS)
+    backbone = build_backbone(cfg.backbone.timm_name, small_images=cfg.data.small_images, **backbone_kwargs(cfg.backbone))
+    backbone.load_state_dict(averaged)
+    backbone.eval()
+    transform = eval_transform(cfg)
+    bank = list_image_folder(root, "train")[0]
+    val = class_balanced_subset(list_image_folder(root, "val")[0], 10, cfg.data.subset_seed)
+    expected = knn_classify(*extract_features(backbone, EvalImageFolder(bank, transform), 4),
+                            *extract_features(backbone, EvalImageFolder(val, transform), 4), 2, ks=(3, 5))
+    for r in ranks:
+        assert [e["knn"] for e in r["evaluations"]] == [expected]
