@@ -90,14 +90,24 @@ def plot_jobs(jobs: pd.DataFrame, out_dir: Path, name: str, table: Table | None 
         curves = _cell_means(per_job)
         subject = f"{name}: {covers}; mean over seeds per cell, range shaded ({len(curves)} cells)"
     out_dir.mkdir(parents=True, exist_ok=True)
-    loss_tags = [tag for tag in LOSS_TAGS if any(tag in c.scalars for c in curves)]
-    for suffix, tags, ylabel in (("loss", loss_tags, "loss"), ("knn", [KNN_TAG], "kNN top-1 (%)"),
-                                 ("embedding_std", [EMBEDDING_STD_TAG], "embedding std")):
-        if tags and any(tag in c.scalars for c in curves for tag in tags):
-            path = out_dir / f"{name}_{suffix}.png"
-            _plot_panels(curves, tags, ylabel, path, subject)
-            paths.append(path)
+    for suffix, tags, ylabel in curve_figures(curves):
+        path = out_dir / f"{name}_{suffix}.png"
+        _plot_panels(curves, tags, ylabel, path, subject)
+        paths.append(path)
     return paths, messages
+
+
+def curve_figures(curves: list[Curves]) -> list[tuple[str, list[str], str]]:
+    """The curve figures to draw: (file suffix, its panels' tags that some curve logged, y label); a figure
+    only when one of its tags was logged (``eval/knn_top1``: by the kNN during training, ``eval.knn_every_epochs``,
+    and at the final step by the end-of-job evaluation)."""
+    figures = []
+    for suffix, tags, ylabel in (("loss", LOSS_TAGS, "loss"), ("knn", [KNN_TAG], "kNN top-1 (%)"),
+                                 ("embedding_std", [EMBEDDING_STD_TAG], "embedding std")):
+        logged = [tag for tag in tags if any(tag in c.scalars for c in curves)]
+        if logged:
+            figures.append((suffix, logged, ylabel))
+    return figures
 
 
 def _read_job(tb_dir: Path) -> tuple[dict[str, pd.DataFrame], str | None]:

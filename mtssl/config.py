@@ -299,6 +299,9 @@ FIELD_CHECKS: dict[str, Check] = {
     "eval.augmented_epochs": integer(1),
     "eval.augmented_batch_size": integer(1),
     "eval.augmented_lr": number(0, low_open=True),
+    "eval.knn_every_epochs": integer(0, null=True),
+    "eval.knn_during_training_val_subset": integer(1, null=True),
+    "eval.knn_during_training_train_subset": integer(1, null=True),
 }
 # Sections passed on as keyword arguments (to timm, to the objective): their keys are not ours to check.
 OPEN_SECTIONS = ("method.objective_kwargs", "backbone.kwargs")

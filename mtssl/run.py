@@ -178,8 +178,16 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
 
             state_step = _latest_step(out_dir)
             writer = SummaryWriter(str(out_dir / "tb"), purge_step=state_step)
-        outcome = trainer.fit(stop, writer)
+        monitor = None
+        if cfg.eval.knn_every_epochs:
+            from mtssl.eval.monitor import KnnMonitor  # noqa: deferred, heavy
+
+            monitor = KnnMonitor(cfg, env, trainer.model.online.backbone, trainer.train_samples, out_dir, writer, stop,
+                                 resume_step=_latest_step(out_dir))
+        outcome = trainer.fit(stop, writer, on_epoch_end=monitor)
         results.update(_outcome_fields(outcome, cfg))
+        if monitor is not None:
+            results["knn_during_training"] = monitor.results(outcome.wall_time_s)
         if outcome.status == "completed":
             from mtssl.eval.job import EvaluationInterrupted, evaluate_backbones  # noqa: deferred, heavy
 

@@ -527,3 +527,21 @@ def test_bar_chart_data_is_the_tables_cells(predictor_sweep: Path) -> None:
     assert sorted(bars["simsiam / shared"]["values"]) == [60.0, 62.0]  # the diverged seed is not averaged in
     assert bars["simsiam / shared"]["std"] == pytest.approx(2 ** 0.5)
     assert len(bars) == 4  # no bar for the Δ column
+
+
+def test_knn_during_training_is_drawn_as_a_curve_per_job(tmp_path: Path) -> None:
+    """eval/knn_top1 logged at several steps (eval.knn_every_epochs) gets its figure, one line per job that has it."""
+    from analysis.plots import Curves, curve_figures, plot_jobs
+
+    write_events(tmp_path / "a", {"train/loss": [3.0, 2.0, 1.0], "eval/knn_top1": [20.0, 30.0, 45.0]})
+    write_events(tmp_path / "b", {"train/loss": [3.0, 2.5, 2.0]})
+    curves = [Curves(job, read_scalars(tmp_path / job / "tb"), True) for job in ("a", "b")]
+    assert curve_figures(curves) == [("loss", ["train/loss"], "loss"), ("knn", ["eval/knn_top1"], "kNN top-1 (%)")]
+    knn = curves[0].scalars["eval/knn_top1"]
+    assert knn["step"].tolist() == [0, 10, 20] and knn["value"].tolist() == [20.0, 30.0, 45.0]
+    assert "eval/knn_top1" not in curves[1].scalars
+    assert curve_figures(curves[1:]) == [("loss", ["train/loss"], "loss")]  # no kNN logged: no kNN figure
+
+    jobs = pd.DataFrame({"job": ["a", "b"], "job_dir": [str(tmp_path / j) for j in ("a", "b")], "status": ["completed"] * 2})
+    paths, messages = plot_jobs(jobs, tmp_path / "plots", "sweep")
+    assert sorted(p.name for p in paths) == ["sweep_knn.png", "sweep_loss.png"] and messages == []

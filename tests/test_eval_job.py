@@ -4,8 +4,10 @@ re-evaluates a finished job without touching its training fields."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -118,3 +120,37 @@ def test_new_eval_fields_are_validated(tmp_path, override, world_size, field):
     cfg = resolve_config(compose_config([f"out_dir={tmp_path / 'job'}", "train.batch_size=12", override]))
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         validate_config(cfg, check_data=False, world_size=world_size)
+
+
+@pytest.mark.slow
+def test_sigterm_during_evaluation_exits_3_and_the_rerun_completes_as_uninterrupted(tmp_path):
+    """A real SIGTERM to `python -m mtssl.run` once its evaluation started: exit 3 after a phase (or an augmented
+    epoch), and the rerun's results equal an uninterrupted evaluation of the same backbones."""
+    root = make_image_folder(tmp_path / "data", per_class=10)
+    out = tmp_path / "job"
+    # The augmented probe's epochs keep the evaluation running long enough for the signal to land inside it.
+    augmented = ["eval.linear_protocols=[frozen_features,augmented]", "eval.augmented_epochs=30",
+                 "eval.augmented_batch_size=8"]
+    args = ["-m", "mtssl.run", f"data.root={root}", f"out_dir={out}", *TINY, *augmented]
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while not (out / "backbone.pth").exists():  # written just before the evaluation phases start
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 3, output[-3000:]
+    assert "evaluation stopped on signal 15" in output
+    assert "linear_augmented" not in json.loads((out / EVAL_STATE).read_text())["phases"]
+    assert not (out / "results.json").exists()
+
+    rerun = _run(*args)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    cfg = resolve_config(compose_config([f"data.root={root}", *TINY, *augmented]))
+    saved = torch.load(out / "backbone.pth")
+    (tmp_path / "reference").mkdir()
+    reference = evaluate_states(cfg, ENV, saved["state_dict"], saved["target_state_dict"], None, tmp_path / "reference")
+    reference = json.loads(json.dumps(reference))
+    for key in ("weights_sha256", "knn", "knn_target", "linear", "knn_top1", "linear_top1"):
+        assert results[key] == reference[key], key

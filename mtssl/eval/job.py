@@ -39,6 +39,8 @@ AUGMENTED_STATE = "eval_augmented.pt"  # the augmented probe's head and optimise
 # Online kNN, the online probes, target kNN: one bank alive at a time.
 PHASES = ("knn", "linear", "linear_augmented", "knn_target")
 UNREADABLE = "unreadable_files"  # eval_state.json: the files replaced by black images so far
+# eval.* fields of the kNN during pretraining (mtssl.eval.monitor): the end-of-job phases do not depend on them.
+DURING_TRAINING_FIELDS = ("knn_every_epochs", "knn_during_training_val_subset", "knn_during_training_train_subset")
 
 
 class EvaluationInterrupted(Exception):
@@ -71,6 +73,11 @@ def evaluation_samples(cfg: DictConfig, train_samples: list | None) -> tuple[lis
     return train_samples, val_samples
 
 
+def eval_transform(cfg: DictConfig):
+    """The validation transform of the data preset (resize, centre crop, train normalisation)."""
+    return build_eval_transform(cfg.data.mean, cfg.data.std, cfg.data.eval_resize, cfg.data.eval_crop, cfg.data.eval_interpolation)
+
+
 def evaluate_backbones(cfg: DictConfig, env: DistEnv, outcome, out_dir: Path, writer=None, stop=None) -> dict:
     """Return the results.json evaluation fields; rank 0 also writes ``backbone.pth``.
 
@@ -99,7 +106,8 @@ def evaluate_backbones(cfg: DictConfig, env: DistEnv, outcome, out_dir: Path, wr
 
 def _eval_settings(cfg: DictConfig) -> dict:
     """What the phases' results depend on besides the weights (a changed setting redoes every phase)."""
-    return {"eval": OmegaConf.to_container(cfg.eval, resolve=True), "seed": cfg.train.seed,
+    evaluation = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k not in DURING_TRAINING_FIELDS}
+    return {"eval": evaluation, "seed": cfg.train.seed,
             "data": {k: cfg.data.get(k) for k in ("train_split", "val_split", "subset", "subset_seed", "eval_resize", "eval_crop")}}
 
 
@@ -137,7 +145,7 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
     # All ranks read the file; agree before anyone overwrites it.
     host_barrier()
 
-    transform = build_eval_transform(cfg.data.mean, cfg.data.std, cfg.data.eval_resize, cfg.data.eval_crop, cfg.data.eval_interpolation)
+    transform = eval_transform(cfg)
     train_samples, val_samples = evaluation_samples(cfg, train_samples)
     train_set = EvalImageFolder(train_samples, transform, report_unreadable=True)
     val_set = EvalImageFolder(val_samples, transform, report_unreadable=True)

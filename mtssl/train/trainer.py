@@ -21,7 +21,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -348,7 +348,13 @@ class Trainer:
         state.skipped_images = len(state.skipped_files)
         skipped_local.clear()
 
-    def fit(self, stop: StopRequest, writer=None) -> PretrainOutcome:
+    def fit(self, stop: StopRequest, writer=None, on_epoch_end: Callable[[int, int], None] | None = None) -> PretrainOutcome:
+        """Train to ``train.epochs`` (or ``train.max_steps``), resuming from the latest checkpoint.
+
+        ``on_epoch_end(epochs_done, step)``: called on every rank at each epoch end, a step boundary after that
+        step's checkpoint (the final one's after the final checkpoint); e.g. the kNN monitor. Its time counts in
+        the wall time, not in the images per second.
+        """
         cfg, env = self.cfg, self.env
         state = self.checkpoints.load_latest(ModelAndOptimizer(self.model, self.optimizer), self.config_hash,
                                              lambda saved: describe_changes(saved, cfg))
@@ -367,6 +373,15 @@ class Trainer:
         window_steps, start_step = 0, step
         last_nonfinite = False
         logged: dict[str, float] = {}
+        hook_seconds = 0.0
+
+        def epoch_end() -> float:
+            if on_epoch_end is None or step % self.sampler.steps_per_epoch:
+                return 0.0
+            hook_start = time.monotonic()
+            on_epoch_end(step // self.sampler.steps_per_epoch, step)
+            return time.monotonic() - hook_start
+
         log.info(
             "pretraining %s: %d steps (%d/epoch), global batch %d on %d rank(s), %d views/sample, peak lr %.4g",
             cfg.method.name, last_step, self.sampler.steps_per_epoch, cfg.train.batch_size, env.world_size,
@@ -425,6 +440,9 @@ class Trainer:
                     last_save = time.monotonic()
                 if step >= last_step:
                     break
+                seconds = epoch_end()
+                hook_seconds += seconds
+                window_start += seconds
             if outcome.status == "diverged":
                 break
         if outcome.status == "completed" and last_nonfinite:
@@ -432,11 +450,12 @@ class Trainer:
         state.step = step
         if outcome.status == "completed":
             self.save(state, skipped_local)
+            hook_seconds += epoch_end()
         elapsed = time.monotonic() - start_time
         outcome.steps = step
         outcome.final_losses = {k: v for k, v in logged.items() if k.startswith("loss")}
         outcome.wall_time_s = elapsed
-        outcome.images_per_s = (step - start_step) * cfg.train.batch_size / max(elapsed, 1e-9)
+        outcome.images_per_s = (step - start_step) * cfg.train.batch_size / max(elapsed - hook_seconds, 1e-9)
         self._merge_skipped(state, skipped_local)
         outcome.skipped_files = list(state.skipped_files)
         return outcome

@@ -1,0 +1,140 @@
+"""kNN of the online backbone during pretraining (``eval.knn_every_epochs``), called by the trainer at epoch ends.
+
+The protocol is the end-of-job kNN's (``mtssl.eval.job``): the online backbone in eval mode with its BN statistics
+averaged over ranks, the validation transform, features extracted per rank (``extract_feature_shard``) and the
+exact sharded kNN (``knn_classify_sharded``); every rank takes part, so FSDP-sharded backbones work as they are.
+It leaves training untouched: the global RNG states (CPU and the device's) are restored afterwards, the BN
+buffers and every module's train/eval mode too, and nothing runs under autograd. A stop signal is not acted on
+inside a kNN (it is bounded by its subsets): the trainer stops at its next step boundary; a stop that is already
+there when an evaluation is due skips that evaluation.
+
+Each evaluation goes to TensorBoard (``eval/knn_top1``, ``eval/knn_top5`` at the global step), to the log and to
+``out_dir/knn_during_training.json``, which a resumed run reloads (evaluations up to its checkpoint's step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mtssl.config import ConfigError
+from mtssl.data.image_folder import EvalImageFolder, class_balanced_subset
+from mtssl.distributed.checkpoint import write_json_atomic
+from mtssl.distributed.collectives import average_buffers_over_ranks_, host_any, world_size
+from mtssl.distributed.process_group import DistEnv
+from mtssl.eval.features import FEATURE_DTYPES, extract_feature_shard
+from mtssl.eval.job import eval_transform, evaluation_samples
+from mtssl.eval.knn import knn_classify_sharded
+
+log = logging.getLogger(__name__)
+
+KNN_DURING_TRAINING = "knn_during_training.json"
+# What an evaluation's numbers depend on besides the weights: a resumed run with other values starts a new list.
+SETTINGS = ("knn_k", "knn_temperature", "feature_dtype", "train_subset", "val_subset",
+            "knn_during_training_train_subset", "knn_during_training_val_subset")
+
+
+@contextlib.contextmanager
+def evaluation_mode(backbone: nn.Module, device: torch.device):
+    """``backbone`` in eval mode with BN statistics averaged over ranks, under forked global RNGs; on exit its
+    buffers, every submodule's mode and the RNG states are as they were (a collective on several ranks)."""
+    modes = [(m, m.training) for m in backbone.modules()]
+    buffers = [b for b in backbone.buffers() if b.is_floating_point()]
+    saved = [b.detach().clone() for b in buffers] if world_size() > 1 else []
+    # The loaders draw their base seed from the global generator: fork it, so training's draws stay the same.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            backbone.eval()
+            average_buffers_over_ranks_(backbone)
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, value in zip(buffers, saved):
+                    buffer.copy_(value)
+            for module, training in modes:
+                module.training = training
+
+
+class KnnMonitor:
+    """``Trainer.fit``'s ``on_epoch_end``: every ``eval.knn_every_epochs`` epochs, the weighted kNN of the online
+    backbone on fixed train and val sets (built once), on every rank."""
+
+    def __init__(self, cfg: DictConfig, env: DistEnv, backbone: nn.Module, train_samples: list, out_dir: Path,
+                 writer=None, stop=None, resume_step: int | None = None):
+        """``train_samples``: the pretraining images; ``writer``: rank 0's SummaryWriter; ``stop``: the job's
+        StopRequest; ``resume_step``: the step of the checkpoint the run resumes from (None: a fresh start)."""
+        self.cfg, self.env, self.backbone, self.writer, self.stop = cfg, env, backbone, writer, stop
+        self.every = int(cfg.eval.knn_every_epochs or 0)
+        self.path = Path(out_dir) / KNN_DURING_TRAINING
+        train, val = evaluation_samples(cfg, train_samples)
+        if cfg.eval.knn_during_training_train_subset is not None:
+            train = class_balanced_subset(train, cfg.eval.knn_during_training_train_subset, cfg.data.subset_seed)
+        if cfg.eval.knn_during_training_val_subset is not None:
+            val = class_balanced_subset(val, cfg.eval.knn_during_training_val_subset, cfg.data.subset_seed)
+        self.ks = tuple(cfg.eval.knn_k)
+        if max(self.ks) > len(train):
+            raise ConfigError(f"eval.knn_k: k={max(self.ks)} exceeds the {len(train)} images of the kNN bank during "
+                              f"training; lower eval.knn_k or raise eval.knn_during_training_train_subset")
+        self.headline = f"k{max(self.ks)}"  # the end-of-job headline: both write eval/knn_top1
+        transform = eval_transform(cfg)
+        self.train_set, self.val_set = EvalImageFolder(train, transform), EvalImageFolder(val, transform)
+        self.num_classes = 1 + max(label for _, label in train + val)
+        evaluation = OmegaConf.to_container(cfg.eval, resolve=True)
+        self.settings = {k: evaluation[k] for k in SETTINGS}
+        self.evaluations = self._load(resume_step)
+        self.seconds = 0.0  # this process's kNN time
+
+    def _load(self, resume_step: int | None) -> list[dict]:
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return []
+        if resume_step is None or saved.get("settings") != self.settings:
+            return []
+        return [e for e in saved.get("evaluations") or [] if e["step"] <= resume_step]
+
+    def __call__(self, epoch: int, step: int) -> None:
+        """Evaluate if ``epoch`` (epochs done) is due; a collective: every rank calls it at the same steps."""
+        if not self.every or epoch % self.every:
+            return
+        if host_any([bool(self.stop is not None and self.stop.requested)])[0]:
+            log.info("kNN during training at epoch %d skipped: stopping", epoch)
+            return
+        start = time.monotonic()
+        with evaluation_mode(self.backbone, self.env.device):
+            args = (self.cfg.eval.batch_size, self.cfg.data.num_workers, self.env.device,
+                    FEATURE_DTYPES[self.cfg.eval.feature_dtype])
+            train = extract_feature_shard(self.backbone, self.train_set, *args, description="kNN bank features")
+            val = extract_feature_shard(self.backbone, self.val_set, *args, description="kNN val features")
+            result = knn_classify_sharded(train, val, self.num_classes, self.ks, self.cfg.eval.knn_temperature,
+                                          description="kNN during training")
+            del train, val
+        seconds = time.monotonic() - start
+        self.seconds += seconds
+        top1, top5 = result[self.headline]["top1"], result[self.headline]["top5"]
+        entry = {"epoch": epoch, "step": step, "top1": top1, "top5": top5, "seconds": seconds, "knn": result}
+        self.evaluations = [e for e in self.evaluations if e["step"] < step] + [entry]
+        if self.env.is_main:
+            write_json_atomic(self.path, {"settings": self.settings, "evaluations": self.evaluations})
+            if self.writer is not None:
+                self.writer.add_scalar("eval/knn_top1", top1, step)
+                self.writer.add_scalar("eval/knn_top5", top5, step)
+        log.info("kNN during training (k=%s, %d bank / %d val images) epoch %d step %d: top-1 %.2f top-5 %.2f (%.1f s)",
+                 self.headline[1:], len(self.train_set), len(self.val_set), epoch, step, top1, top5, seconds)
+
+    def results(self, train_seconds: float) -> dict:
+        """results.json's ``knn_during_training``: every evaluation (with a resumed run's earlier ones), and this
+        process's kNN seconds and their share of its pretraining wall time (which includes them)."""
+        return {
+            "every_epochs": self.every, "k": int(self.headline[1:]),
+            "train_images": len(self.train_set), "val_images": len(self.val_set),
+            "evaluations": self.evaluations, "seconds": self.seconds,
+            "share_of_training": self.seconds / train_seconds if train_seconds > 0 else None,
+        }
