@@ -44,6 +44,7 @@ NON_TRAINING_FIELDS = (
     "train.max_steps",
     "train.device",
     "eval",
+    "monitor",  # measured beside training, bitwise unchanged (tests/test_monitors.py)
 )
 
 
@@ -280,6 +281,10 @@ FIELD_CHECKS: dict[str, Check] = {
     "train.precision": choice(["auto", "fp32", "bf16"]),  # auto is resolved (resolve_config) before the hash
     "train.deterministic": boolean(),
     "train.cuda_deterministic": boolean(),
+    "monitor": section(),
+    "monitor.interference_every": integer(0, null=True),
+    "monitor.rankme": boolean(),
+    "monitor.rankme_threshold": number(0, null=True),
     "eval": section(),
     "eval.knn_k": listing(integer(1)),
     "eval.knn_temperature": number(0, low_open=True),

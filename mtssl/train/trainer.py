@@ -33,8 +33,9 @@ from mtssl.data.image_folder import AugmentedImageFolder, GlobalBatchSampler, cl
 from mtssl.distributed.collectives import device_mean_, host_any, host_union
 from mtssl.distributed.process_group import DistEnv
 from mtssl.train.ema import ema_momentum, ema_update
+from mtssl.train.monitors import TrainingMonitors
 from mtssl.data.fast_augment import AUGMENTATION_PIPELINES
-from mtssl.distributed.fsdp import backbone_blocks, shard_model
+from mtssl.distributed.fsdp import backbone_blocks, compute_parameters, shard_model
 from mtssl.model.siamese import MultiTaskSiamese, build_model
 from mtssl.loss.multitask import multitask_loss
 from mtssl.loss.objectives import Objective, build_objective
@@ -109,6 +110,7 @@ class StepOutput(NamedTuple):
     task_losses: dict[str, torch.Tensor]
     embeddings: torch.Tensor  # online projections of the first target view (for the collapse monitor)
     grad_norm: torch.Tensor | None  # total gradient norm before the optimiser step, when asked for
+    view_projections: dict[str, torch.Tensor] | None = None  # online projections of each view type's first view (RankMe)
 
 
 @dataclass
@@ -123,6 +125,7 @@ class PretrainOutcome:
     images_per_s: float = 0.0
     skipped_files: list[str] = field(default_factory=list)  # distinct unreadable training files, sorted
     error: str | None = None
+    monitor: dict = field(default_factory=dict)  # the research monitors' summary (mtssl.train.monitors)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -233,6 +236,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_checkpoints, env.rank)
         self.config_hash = config_hash(cfg)
         self.config_yaml = OmegaConf.to_yaml(cfg)
+        self.monitors = TrainingMonitors(cfg.get("monitor"), self.layout.task_names)
 
     # ------------------------------------------------------------------ one step
     def training_step(self, views: list[torch.Tensor], step: int, measure_grad_norm: bool = False) -> StepOutput:
@@ -250,6 +254,8 @@ class Trainer:
         loss, task_losses = multitask_loss(
             [p.float() for p in predictions], self.view_types, prepared, self.target_indices, self.objective.pair_loss, self.weights
         )
+        if self.monitors.probe_due(step):  # per-task gradients from this graph, before its backward
+            self.monitors.probe(step, task_losses, compute_parameters(self.model, self.model.online))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.optim.clip_grad:  # clipping measures the norm anyway (before clipping)
@@ -267,6 +273,7 @@ class Trainer:
             {k: v.detach() for k, v in task_losses.items()},
             projections[self.target_indices[0]].detach(),
             grad_norm,
+            {t: projections[self.view_types.index(t)].detach() for t in self.layout.task_names},
         )
 
     def tau(self, step: int) -> float:
@@ -300,6 +307,8 @@ class Trainer:
         state.epoch, batch = divmod(state.step, max(1, self.sampler.steps_per_epoch))
         state.samples_seen = batch * self.cfg.train.batch_size
         state.world_size = self.env.world_size
+        self.monitors.flush()  # the means over probes in the checkpoint include every probe before it
+        state.monitor = self.monitors.state_dict()
         path = self.checkpoints.save(state, ModelAndOptimizer(self.model, self.optimizer), self.config_yaml)
         log.info("checkpoint %s", path)
         return path
@@ -316,6 +325,8 @@ class Trainer:
         state = self.checkpoints.load_latest(ModelAndOptimizer(self.model, self.optimizer), self.config_hash,
                                              lambda saved: describe_changes(saved, cfg))
         state = state or TrainerState(config_hash=self.config_hash, world_size=env.world_size)
+        self.monitors.load_state_dict(state.monitor)
+        self.monitors.writer = writer
         last_step = self.total_steps if cfg.train.max_steps is None else min(self.total_steps, cfg.train.max_steps)
         step = state.step
         skipped_local: set[str] = set()  # unreadable files met on this rank since the last checkpoint
@@ -323,6 +334,7 @@ class Trainer:
                                   skipped_files=list(state.skipped_files))
         if step >= last_step:
             log.info("pretraining already done (%d steps)", step)
+            outcome.monitor = self.monitors.summary()
             return outcome
 
         start_time = time.monotonic()
@@ -400,6 +412,7 @@ class Trainer:
         outcome.images_per_s = (step - start_step) * cfg.train.batch_size / max(elapsed, 1e-9)
         self._merge_skipped(state, skipped_local)
         outcome.skipped_files = list(state.skipped_files)
+        outcome.monitor = self.monitors.summary()
         return outcome
 
     def _log(self, step, last_step, output: StepOutput, window_steps, window_start, writer) -> dict[str, float]:
@@ -411,6 +424,8 @@ class Trainer:
         values["lr"] = self.learning_rate(step - 1)
         values["tau"] = self.tau(step - 1) if self.model.target is not None else 0.0
         values["grad_norm"] = float(output.grad_norm)
+        self.monitors.flush()
+        self.monitors.rankme(step, output.view_projections)
         if writer is not None:
             for key, value in values.items():
                 writer.add_scalar(f"train/{key}", value, step)
