@@ -22,7 +22,10 @@ Configuration columns (method, views, predictor, backbone, data, seed, epochs) c
 so gathering stays fast. ``config_hash_without_seed`` (the training config's hash, seed left out) tells jobs
 of different training configs apart: the tables never put two of them in one cell. Metric columns are percentages
 (0..100) exactly as the job wrote them; nested entries are flattened (``knn.k10.top1`` -> ``knn_k10_top1``,
-``final_losses.loss_local`` -> ``final_loss_local``).
+``final_losses.loss_local`` -> ``final_loss_local``). The research monitors' entry (``monitor``, see
+mtssl/train/monitors.py) becomes ``cos_<a>_<b>`` (mean over probes of the cosine of two tasks' gradients),
+``cos_mean`` (their mean over the pairs), ``gradnorm_<task>``, ``rankme_<type>`` (final), ``rankme_min_<type>``,
+``unstable`` (true when a RankMe fell below the job's threshold) and ``unstable_reason``.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ METRIC_COLUMNS = ["knn_top1", "knn_top5", "knn_top1_target", "knn_top5_target", 
 RUN_FIELDS = ["wall_time_s", "train_time_s", "eval_time_s", "images_per_s", "world_size", "skipped_images", "git_revision",
               "weights_sha256", "config_hash", "config_hash_without_seed", "error"]
 CELL_HASH = "config_hash_without_seed"  # what the seeds of one table cell share
+MONITOR_PREFIXES = ("cos_", "gradnorm_", "rankme_")  # numeric columns of the research monitors
 INTEGER_COLUMNS = ["seed", "epochs", "steps", "world_size", "skipped_images", "last_checkpoint_step"]
 
 # Axis names in sweep.json that are stored under a different column name.
@@ -248,14 +252,33 @@ def _parse_results(raw: Any) -> tuple[dict[str, Any] | None, str | None]:
         elif key == "final_losses" and isinstance(value, dict):
             for task, v in value.items():
                 out[f"final_{task}"] = v
+        elif key == "monitor" and isinstance(value, dict):
+            out.update(_monitor_columns(value))
         elif isinstance(value, (str, int, float, bool)) or value is None:
             out[key] = value
-    numeric = [k for k in out if k in METRIC_COLUMNS or k.startswith(("knn_k", "final_"))
+    numeric = [k for k in out if k in METRIC_COLUMNS or k.startswith(("knn_k", "final_") + MONITOR_PREFIXES)
                or k in ("wall_time_s", "images_per_s")]
     for key in numeric:
         if not _is_number_or_null(out[key]):
             return None, f"results.json field {key!r} is {out[key]!r}, expected a number or null"
     return out, None
+
+
+def _monitor_columns(monitor: dict[str, Any]) -> dict[str, Any]:
+    """Columns of a results.json ``monitor`` entry (see the module docstring)."""
+    out: dict[str, Any] = {}
+    for source, prefix in (("interference_mean_cos", "cos_"), ("interference_mean_gradnorm", "gradnorm_"),
+                           ("rankme_final", "rankme_"), ("rankme_min", "rankme_min_")):
+        entry = monitor.get(source)
+        for name, v in (entry.items() if isinstance(entry, dict) else ()):
+            out[f"{prefix}{name}"] = v
+    cosines = [v for k, v in out.items() if k.startswith("cos_") and _is_number_or_null(v) and v is not None]
+    if cosines:
+        out["cos_mean"] = sum(cosines) / len(cosines)
+    if "unstable" in monitor:
+        out["unstable"] = bool(monitor["unstable"])
+        out["unstable_reason"] = monitor.get("unstable_reason")
+    return out
 
 
 def _last_checkpoint_step(checkpoints: Path) -> int | None:
@@ -315,11 +338,12 @@ def _to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     axis_columns = [c for r in records for c in (r["axes"].split(",") if r.get("axes") else [])]
     knn_columns = sorted(c for c in seen if c.startswith("knn_k"))
     loss_columns = sorted(c for c in seen if c.startswith("final_"))
+    monitor_columns = sorted(c for c in seen if c.startswith(MONITOR_PREFIXES))
     ordered = list(dict.fromkeys(
-        ID_COLUMNS + CONFIG_FIELDS + axis_columns + METRIC_COLUMNS + knn_columns + loss_columns + RUN_FIELDS
-        + ["last_checkpoint_step"] + list(seen)))
+        ID_COLUMNS + CONFIG_FIELDS + axis_columns + METRIC_COLUMNS + knn_columns + loss_columns + monitor_columns
+        + [c for c in ("unstable", "unstable_reason") if c in seen] + RUN_FIELDS + ["last_checkpoint_step"] + list(seen)))
     frame = pd.DataFrame.from_records(records, columns=ordered)
-    for column in METRIC_COLUMNS + knn_columns + loss_columns + ["wall_time_s", "images_per_s"]:
+    for column in METRIC_COLUMNS + knn_columns + loss_columns + monitor_columns + ["wall_time_s", "images_per_s"]:
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
     for column in INTEGER_COLUMNS:
         numbers = pd.to_numeric(frame[column], errors="coerce")

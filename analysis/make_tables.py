@@ -8,7 +8,8 @@ unless ``--out`` is given. It receives:
   ``results.csv``                 every job, one row each (see analysis/gather.py for the columns and statuses);
   ``<table>.md``, ``.tex``, ``.csv``   one table per (ablation, profile) (see analysis/tables.py for the layouts and
                                   the number format, e.g. ``72.3 ± 0.4 (n=3)``);
-  ``plots/<table>_*.png``         loss per task and kNN over steps, embedding std, metrics per cell (analysis/plots.py);
+  ``plots/<table>_*.png``         loss per task and kNN over steps, embedding std, the research monitors (gradient
+                                  cosines and norms, RankMe), metrics per cell (analysis/plots.py);
   ``README.md``                   the index: every table inline, links to all files, the plots, the jobs that did
                                   not complete and any notes about the input.
 Sweeps of the same ablation and profile are combined into one table (their seeds pool); different ones get

@@ -8,6 +8,12 @@ For the jobs of one table, ``plot_jobs`` writes (each only when there is somethi
   ``<name>_embedding_std.png``   ``train/embedding_std``, the collapse monitor: the per-dimension std of the
                                  normalised embeddings, which falls to 0 when the representation collapses (about
                                  1/sqrt(d) for a d-dimensional embedding that uses all its dimensions);
+  ``<name>_interference.png``    the task-interference probe: ``monitor/cos_<a>_<b>``, the cosine between two tasks'
+                                 gradients on the shared encoder, one panel per pair (global_local, global_cutout,
+                                 local_cutout), over the probe steps;
+  ``<name>_gradnorm.png``        ``monitor/gradnorm_<task>``, each task's gradient norm on the shared encoder;
+  ``<name>_rankme.png``          ``monitor/rankme_<view type>``, RankMe (effective rank) of the online projections
+                                 of each view type: it falls towards 1 when the embeddings collapse;
   ``<name>_cells.png``           each metric of the table per ablation cell: a bar at the mean over completed
                                  seeds, the sample std as error bar, each seed as a dot, n under the bar.
 Curves: with up to ``MAX_LEGEND_ENTRIES`` jobs, one line per job; with more, one line per ablation cell (its
@@ -33,12 +39,16 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from analysis.events import read_scalars
-from analysis.tables import Table
+from analysis.tables import NOT_RANKED, Table
 from mtssl.distributed.progress import progress_bar
 
 LOSS_TAGS = ["train/loss", "train/loss_global", "train/loss_local", "train/loss_cutout"]
 KNN_TAG = "eval/knn_top1"
 EMBEDDING_STD_TAG = "train/embedding_std"
+TASKS = ["global", "local", "cutout"]
+COSINE_TAGS = [f"monitor/cos_{a}_{b}" for i, a in enumerate(TASKS) for b in TASKS[i + 1:]]
+GRADNORM_TAGS = [f"monitor/gradnorm_{t}" for t in TASKS]
+RANKME_TAGS = [f"monitor/rankme_{t}" for t in TASKS]
 MAX_LEGEND_ENTRIES = 12
 GRID_POINTS = 100          # common steps on which the seeds of a cell are averaged
 PROGRESS_MIN_JOBS = 200    # show a progress bar (stderr) when reading the events of more jobs
@@ -103,7 +113,9 @@ def curve_figures(curves: list[Curves]) -> list[tuple[str, list[str], str]]:
     and at the final step by the end-of-job evaluation)."""
     figures = []
     for suffix, tags, ylabel in (("loss", LOSS_TAGS, "loss"), ("knn", [KNN_TAG], "kNN top-1 (%)"),
-                                 ("embedding_std", [EMBEDDING_STD_TAG], "embedding std")):
+                                 ("embedding_std", [EMBEDDING_STD_TAG], "embedding std"),
+                                 ("interference", COSINE_TAGS, "gradient cosine"),
+                                 ("gradnorm", GRADNORM_TAGS, "gradient norm"), ("rankme", RANKME_TAGS, "RankMe")):
         logged = [tag for tag in tags if any(tag in c.scalars for c in curves)]
         if logged:
             figures.append((suffix, logged, ylabel))
@@ -226,8 +238,9 @@ def cell_bars(table: Table, metric: str) -> list[dict]:
 
 def _plot_cells(table: Table, path: Path, subject: str) -> None:
     """One panel per metric (stacked): a bar per cell (mean over seeds), the sample std as error bar, seeds as dots."""
-    metrics = list(dict.fromkeys(c.label for c in table.columns if not c.delta_of))
-    n_cells = len(table.rows) * max(1, sum(1 for c in table.columns if not c.delta_of) // max(1, len(metrics)))
+    ranked = [c for c in table.columns if not c.delta_of and c.metric not in NOT_RANKED]  # accuracies, not cos
+    metrics = list(dict.fromkeys(c.label for c in ranked))
+    n_cells = len(table.rows) * max(1, len(ranked) // max(1, len(metrics)))
     figure = Figure(figsize=(min(20.0, max(6.0, 0.45 * n_cells)), 3.8 * len(metrics)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(metrics), 1, squeeze=False)[:, 0]

@@ -16,7 +16,10 @@ apart, and a message names the jobs. Sweeps of different ablations or profiles a
 never mixed in one table; each (ablation, profile) gets its own.
 
 Metrics: "kNN" is ``knn_top1`` (weighted kNN, k=20, online backbone), "linear" is ``linear_top1``; both top-1 in
-percent on the val split. A metric that no completed job reported is left out.
+percent on the val split. "cos" (``cos_mean``, when a job ran the task-interference probe) is the mean cosine
+between the tasks' gradients on the shared encoder, over probes and task pairs, two decimals, never bold. A metric
+that no completed job reported is left out. A cell holding a job flagged ``unstable`` (its RankMe fell below
+``monitor.rankme_threshold``) carries a dagger (``†``, ``$^\\dagger$`` in LaTeX; ``unstable`` count in CSV).
 
 Cell format (accuracies with one decimal):
   ``72.3 ± 0.4 (n=3)``              mean ± sample standard deviation (ddof=1) over the completed seeds
@@ -47,6 +50,9 @@ from typing import Any, Sequence
 import pandas as pd
 
 HEADLINE_METRICS = [("kNN", "knn_top1"), ("linear", "linear_top1")]
+MONITOR_METRICS = [("cos", "cos_mean")]  # shown when some completed job reports them
+DECIMALS = {"cos_mean": 2}  # shown decimals per metric (default 1)
+NOT_RANKED = {"cos_mean"}  # never bold: a higher value is not better
 CELL_HASH = "config_hash_without_seed"  # the training config's hash without the seed: what one cell's jobs share
 CONFIG_AXIS = "config"
 MARK_ORDER = ("diverged", "failed", "malformed", "running", "missing", "n/a")
@@ -86,6 +92,8 @@ class Cell:
     is_delta: bool = False
     delta: float | None = None
     best: bool = False
+    decimals: int = 1
+    unstable: int = 0  # jobs of the cell flagged unstable (results.json monitor.unstable)
 
     @property
     def n(self) -> int:
@@ -193,6 +201,8 @@ def build_table(jobs: pd.DataFrame, ablation: str | None, name: str, title: str)
     if not metrics:
         metrics = [(label, metric) for label, metric in HEADLINE_METRICS if metric in jobs.columns] or [
             HEADLINE_METRICS[0]]
+    metrics += [(label, metric) for label, metric in MONITOR_METRICS
+                if metric in jobs.columns and jobs.loc[completed, metric].notna().any()]
     generic = layout is None and column_axis is not None
     columns = [Column(f"{column_axis}={value}" if generic else value, label, metric, value)
                for value in column_values for label, metric in metrics]
@@ -217,9 +227,9 @@ def build_table(jobs: pd.DataFrame, ablation: str | None, name: str, title: str)
                 minuend, subtrahend = by_value[column.delta_of[0]], by_value[column.delta_of[1]]
                 difference = (None if minuend.mean is None or subtrahend.mean is None
                               else minuend.mean - subtrahend.mean)
-                row_cells.append(Cell(is_delta=True, delta=difference))
+                row_cells.append(Cell(is_delta=True, delta=difference, decimals=DECIMALS.get(column.metric, 1)))
         cells.append(row_cells)
-    _mark_best(cells)
+    _mark_best(cells, columns)
 
     identity = [c for c in group_axes if c in jobs.columns] + ["seed"] + ([CELL_HASH] if CELL_HASH in jobs.columns else [])
     done = jobs[completed & jobs["seed"].notna()]
@@ -288,13 +298,17 @@ def _cell(jobs: pd.DataFrame, metric: str) -> Cell:
     marks = Counter(jobs.loc[jobs["status"] != "completed", "status"])
     if len(completed) > len(values):
         marks["n/a"] = len(completed) - len(values)
-    return Cell(values=values, marks={m: marks[m] for m in MARK_ORDER if marks.get(m)})
+    unstable = int((jobs["unstable"] == True).sum()) if "unstable" in jobs.columns else 0  # noqa: E712 (object column)
+    return Cell(values=values, marks={m: marks[m] for m in MARK_ORDER if marks.get(m)},
+                decimals=DECIMALS.get(metric, 1), unstable=unstable)
 
 
-def _mark_best(cells: list[list[Cell]]) -> None:
+def _mark_best(cells: list[list[Cell]], columns: Sequence[Column]) -> None:
     """Bold the highest displayed mean of each accuracy column (ties included) when it has two or more values."""
-    for column in zip(*cells) if cells else []:
-        valued = [c for c in column if not c.is_delta and c.n > 0]
+    for column, cells_of_column in zip(columns, zip(*cells)) if cells else []:
+        if column.metric in NOT_RANKED:
+            continue
+        valued = [c for c in cells_of_column if not c.is_delta and c.n > 0]
         if len(valued) < 2:
             continue
         best = max(float(f"{c.mean:.1f}") for c in valued)
@@ -306,6 +320,7 @@ def _mark_best(cells: list[list[Cell]]) -> None:
 
 _EMPTY = {"markdown": "—", "latex": "---", "text": "—"}
 _PM = {"markdown": " ± ", "latex": r" $\pm$ ", "text": " ± "}
+_DAGGER = {"markdown": "†", "latex": r"$^\dagger$", "text": "†"}
 _TIMES = {"markdown": " ×", "latex": r" $\times$", "text": " ×"}
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
@@ -321,18 +336,20 @@ def format_cell(cell: Cell, fmt: str = "text") -> str:
     if cell.is_delta:
         if cell.delta is None:
             return _EMPTY[fmt]
-        shown = f"{float(f'{cell.delta:.1f}') + 0.0:+.1f}"  # + 0.0 turns -0.0 into +0.0
+        d = cell.decimals
+        shown = f"{float(f'{cell.delta:.{d}f}') + 0.0:+.{d}f}"  # + 0.0 turns -0.0 into +0.0
         return f"${shown}$" if fmt == "latex" else shown
     value = None
     if cell.n:
-        value = f"{cell.mean:.1f}" + (f"{_PM[fmt]}{cell.std:.1f}" if cell.n > 1 else "") + f" (n={cell.n})"
+        d = cell.decimals
+        value = f"{cell.mean:.{d}f}" + (f"{_PM[fmt]}{cell.std:.{d}f}" if cell.n > 1 else "") + f" (n={cell.n})"
         if cell.best and fmt == "markdown":
             value = f"**{value}**"
         elif cell.best and fmt == "latex":
             value = rf"\textbf{{{value}}}"
     marks = ", ".join(m + (f"{_TIMES[fmt]}{k}" if k > 1 else "") for m, k in cell.marks.items())
     parts = [p for p in (value, marks) if p]
-    return "; ".join(parts) if parts else _EMPTY[fmt]
+    return ("; ".join(parts) if parts else _EMPTY[fmt]) + (_DAGGER[fmt] if cell.unstable else "")
 
 
 def _column_header(column: Column, fmt: str) -> tuple[str, str]:
@@ -394,9 +411,10 @@ def to_csv_frame(table: Table) -> pd.DataFrame:
                 "mean": cell.delta if cell.is_delta else cell.mean, "std": None if cell.is_delta else cell.std,
                 "n": None if cell.is_delta else cell.n,
                 "not_averaged": ", ".join(f"{m}={k}" for m, k in cell.marks.items()),
-                "best": cell.best, "text": format_cell(cell, "text")})
+                "unstable": None if cell.is_delta else cell.unstable, "best": cell.best, "text": format_cell(cell, "text")})
     frame = pd.DataFrame.from_records(records)
     frame["n"] = frame["n"].astype("Int64")
+    frame["unstable"] = frame["unstable"].astype("Int64")
     return frame
 
 
@@ -414,6 +432,10 @@ LEGEND = ("kNN: weighted kNN top-1 (k=20), linear: linear-probe top-1, in % on t
           "std over completed seeds (n); jobs that did not complete are listed by status and not averaged in; "
           "best per column in bold.")
 DELTA_LEGEND = " Δ is the difference of the means."
+COS_LEGEND = (" cos: mean cosine between the tasks' gradients on the shared encoder (task-interference probe; mean "
+              "over probes and task pairs; lower = more conflict).")
+UNSTABLE_LEGEND = (" †: a job of the cell was flagged unstable (a view type's RankMe fell below "
+                   "monitor.rankme_threshold; results.csv unstable_reason says which).")
 
 
 def has_delta(table: Table) -> bool:
@@ -423,7 +445,10 @@ def has_delta(table: Table) -> bool:
 
 def legend(tables: Sequence[Table]) -> str:
     """The caption of these tables; it explains Δ only when one of them has a Δ column."""
-    return LEGEND + (DELTA_LEGEND if any(has_delta(t) for t in tables) else "")
+    cos = any(c.metric in dict(MONITOR_METRICS).values() for t in tables for c in t.columns)
+    unstable = any(cell.unstable for t in tables for row in t.cells for cell in row)
+    return (LEGEND + (DELTA_LEGEND if any(has_delta(t) for t in tables) else "") + (COS_LEGEND if cos else "")
+            + (UNSTABLE_LEGEND if unstable else ""))
 
 
 def _safe_name(text: str) -> str:

@@ -45,6 +45,7 @@ NON_TRAINING_FIELDS = (
     "train.device",
     "train.activation_checkpointing",  # recomputes the same forward: bitwise the same results on CPU (tested)
     "eval",
+    "monitor",  # measured beside training, bitwise unchanged (tests/test_monitors.py)
 )
 
 
@@ -284,6 +285,10 @@ FIELD_CHECKS: dict[str, Check] = {
     "train.precision": choice(["auto", "fp32", "bf16"]),  # auto is resolved (resolve_config) before the hash
     "train.deterministic": boolean(),
     "train.cuda_deterministic": boolean(),
+    "monitor": section(),
+    "monitor.interference_every": integer(0, null=True),
+    "monitor.rankme": boolean(),
+    "monitor.rankme_threshold": number(0, null=True),
     "eval": section(),
     "eval.knn_k": listing(integer(1)),
     "eval.knn_temperature": number(0, low_open=True),
@@ -600,6 +605,9 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
                  "use train.backward=joint")
         _require(not train.grouped_views, f"train.backward=per_view: runs one view per call, so train.grouped_views="
                  f"{train.grouped_views} cannot group views; use train.grouped_views=false or train.backward=joint")
+        _require(not cfg.monitor.interference_every, "monitor.interference_every: the task-interference probe takes "
+                 "each task's gradient from the step's joint graph, which train.backward=per_view does not build; "
+                 "use train.backward=joint or monitor.interference_every=null")
     _require(
         train.batch_size % world_size == 0,
         f"train.batch_size: {train.batch_size} does not divide across {world_size} ranks; use a multiple of {world_size}",

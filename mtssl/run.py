@@ -254,6 +254,8 @@ def _outcome_fields(outcome: PretrainOutcome, cfg: DictConfig) -> dict:
         "skipped_images": len(outcome.skipped_files),
         "skipped_files": outcome.skipped_files,
     }
+    if outcome.monitor:
+        fields["monitor"] = outcome.monitor
     if outcome.error:
         fields["error"] = outcome.error
     return fields

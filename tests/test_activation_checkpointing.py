@@ -136,6 +136,9 @@ def test_config_checks(tmp_path):
                         check_data=False)
     with pytest.raises(ConfigError, match="train.backward"):
         validate_config(resolve_config(compose_config(base + ["train.backward=views"])), check_data=False)
+    with pytest.raises(ConfigError, match="monitor.interference_every.*train.backward=per_view"):
+        validate_config(resolve_config(compose_config(base + ["train.backward=per_view",
+                                                              "monitor.interference_every=4"])), check_data=False)
     # bitwise the same results: not part of the run's identity, so a run may resume with it switched
     plain = resolve_config(compose_config(base))
     assert config_hash(resolve_config(compose_config(base + [AC]))) == config_hash(plain)

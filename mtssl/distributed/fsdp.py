@@ -10,7 +10,7 @@ import hashlib
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -64,6 +64,30 @@ def shard_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of an FSDP2 DTensor (parameter, gradient or optimiser state), or the tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def compute_parameters(root: nn.Module, part: nn.Module) -> list[torch.Tensor]:
+    """The trainable parameters of ``part`` (a submodule of ``root``) as autograd sees them in a forward.
+
+    A plain module: its parameters. Under FSDP2 the forward computes with each parameter's unsharded copy
+    (a leaf of its own), not the sharded DTensor: those copies, from FSDP's parameter groups (a private
+    API: torch has no public one), so ``torch.autograd.grad`` can differentiate the step's graph with
+    respect to them. Call after the forward.
+    """
+    inside = set(part.modules())
+    found: dict[int, torch.Tensor] = {}
+    for module in root.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # torch before grouped fully_shard
+            groups = [g for g in [getattr(state, "_fsdp_param_group", None)] if g is not None]
+        for group in groups:
+            for fsdp_param in group.fsdp_params:
+                if fsdp_param._module_info.module in inside and fsdp_param.sharded_param.requires_grad:
+                    found[id(fsdp_param.sharded_param)] = fsdp_param._unsharded_param
+    return [found.get(id(p), p) for p in part.parameters() if p.requires_grad]
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

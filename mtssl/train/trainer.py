@@ -34,8 +34,9 @@ from mtssl.data.image_folder import AugmentedImageFolder, GlobalBatchSampler, cl
 from mtssl.distributed.collectives import device_mean_, host_any, host_union
 from mtssl.distributed.process_group import DistEnv
 from mtssl.train.ema import ema_momentum, ema_update
+from mtssl.train.monitors import TrainingMonitors
 from mtssl.data.pipelines import AUGMENTATION_PIPELINES
-from mtssl.distributed.fsdp import backbone_blocks, shard_model
+from mtssl.distributed.fsdp import backbone_blocks, compute_parameters, shard_model
 from mtssl.model.activation_checkpoint import checkpoint_backbone_blocks
 from mtssl.model.siamese import MultiTaskSiamese, build_model
 from mtssl.loss.multitask import multitask_loss, task_pair_counts, view_pair_loss_sum
@@ -111,6 +112,7 @@ class StepOutput(NamedTuple):
     task_losses: dict[str, torch.Tensor]
     embeddings: torch.Tensor  # online projections of the first target view (for the collapse monitor)
     grad_norm: torch.Tensor | None  # total gradient norm before the optimiser step, when asked for
+    view_projections: dict[str, torch.Tensor] | None = None  # online projections of each view type's first view (RankMe)
 
 
 @dataclass
@@ -125,6 +127,7 @@ class PretrainOutcome:
     images_per_s: float = 0.0
     skipped_files: list[str] = field(default_factory=list)  # distinct unreadable training files, sorted
     error: str | None = None
+    monitor: dict = field(default_factory=dict)  # the research monitors' summary (mtssl.train.monitors)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -240,6 +243,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_checkpoints, env.rank)
         self.config_hash = config_hash(cfg)
         self.config_yaml = OmegaConf.to_yaml(cfg)
+        self.monitors = TrainingMonitors(cfg.get("monitor"), self.layout.task_names)
 
     # ------------------------------------------------------------------ one step
     def training_step(self, views: list[torch.Tensor], step: int, measure_grad_norm: bool = False) -> StepOutput:
@@ -252,17 +256,18 @@ class Trainer:
         if self.cfg.train.channels_last:  # activations follow the input's layout; parameters stay contiguous (FSDP2)
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         set_learning_rate(self.optimizer, self.learning_rate(step), self.peak_lr)
-        if self.cfg.train.backward == "per_view":
-            loss, task_losses, embeddings = self._backward_per_view(views)
+        if self.cfg.train.backward == "per_view":  # no joint graph: the probe is refused (mtssl.config)
+            loss, task_losses, projections = self._backward_per_view(views)
         else:
             predictions, target_projections, projections = self.model(views, self.view_types, self.target_indices)
             prepared = [self.objective.prepare_target(z.float()) for z in target_projections]
             loss, task_losses = multitask_loss(
                 [p.float() for p in predictions], self.view_types, prepared, self.target_indices, self.objective.pair_loss, self.weights
             )
+            if self.monitors.probe_due(step):  # per-task gradients from this graph, before its backward
+                self.monitors.probe(step, task_losses, compute_parameters(self.model, self.model.online))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            embeddings = projections[self.target_indices[0]]
         if self.cfg.optim.clip_grad:  # clipping measures the norm anyway (before clipping)
             total_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.clip_grad, foreach=True)
         elif measure_grad_norm:
@@ -276,15 +281,16 @@ class Trainer:
         return StepOutput(
             loss.detach(),
             {k: v.detach() for k, v in task_losses.items()},
-            embeddings.detach(),
+            projections[self.target_indices[0]].detach(),
             grad_norm,
+            {t: projections[self.view_types.index(t)].detach() for t in self.layout.task_names},
         )
 
     def _backward_per_view(self, views: list[torch.Tensor]):
         """``train.backward=per_view``: target projections first (no grad), then one forward and backward
         per view, so only one view's activations are alive at a time. The loss is a sum of per-view
         terms against stop-gradient targets, so the gradients are those of one backward up to
-        summation order. Returns (loss, task losses, embeddings), all detached.
+        summation order. Returns (loss, task losses, every view's online projection), all detached.
 
         Under FSDP2 each backward reduce-scatters into the sharded gradients, which accumulate. (Its
         no-sync mode, ``set_requires_gradient_sync(False)``, fails in torch 2.14 on units a view does
@@ -294,17 +300,16 @@ class Trainer:
         prepared = [self.objective.prepare_target(z.float()) for z in target_projections]
         counts = task_pair_counts(self.view_types, self.target_indices)
         sums: dict[str, torch.Tensor] = {}
-        embeddings = None
+        projections = []
         for v, (view, view_type) in enumerate(zip(views, self.view_types)):
             (prediction,), _, (projection,) = self.model([view], [view_type], [], branch="online")
             view_sum = view_pair_loss_sum(v, prediction.float(), prepared, self.target_indices, self.objective.pair_loss)
             (self.weights[view_type] / counts[view_type] * view_sum).backward()
             sums[view_type] = sums[view_type] + view_sum.detach() if view_type in sums else view_sum.detach()
-            if v == self.target_indices[0]:
-                embeddings = projection.detach()
+            projections.append(projection.detach())
         task_losses = {t: sums[t] / counts[t] for t in sums}  # the mean pair loss of each task
         loss = sum(self.weights[t] * task_losses[t] for t in task_losses)
-        return loss, task_losses, embeddings
+        return loss, task_losses, projections
 
     def tau(self, step: int) -> float:
         return ema_momentum(step, self.total_steps, self.cfg.train.ema_tau)
@@ -337,6 +342,8 @@ class Trainer:
         state.epoch, batch = divmod(state.step, max(1, self.sampler.steps_per_epoch))
         state.samples_seen = batch * self.cfg.train.batch_size
         state.world_size = self.env.world_size
+        self.monitors.flush()  # the means over probes in the checkpoint include every probe before it
+        state.monitor = self.monitors.state_dict()
         path = self.checkpoints.save(state, ModelAndOptimizer(self.model, self.optimizer), self.config_yaml)
         log.info("checkpoint %s", path)
         return path
@@ -359,6 +366,8 @@ class Trainer:
         state = self.checkpoints.load_latest(ModelAndOptimizer(self.model, self.optimizer), self.config_hash,
                                              lambda saved: describe_changes(saved, cfg))
         state = state or TrainerState(config_hash=self.config_hash, world_size=env.world_size)
+        self.monitors.load_state_dict(state.monitor)
+        self.monitors.writer = writer
         last_step = self.total_steps if cfg.train.max_steps is None else min(self.total_steps, cfg.train.max_steps)
         step = state.step
         skipped_local: set[str] = set()  # unreadable files met on this rank since the last checkpoint
@@ -366,6 +375,7 @@ class Trainer:
                                   skipped_files=list(state.skipped_files))
         if step >= last_step:
             log.info("pretraining already done (%d steps)", step)
+            outcome.monitor = self.monitors.summary()
             return outcome
 
         start_time = time.monotonic()
@@ -458,6 +468,7 @@ class Trainer:
         outcome.images_per_s = (step - start_step) * cfg.train.batch_size / max(elapsed - hook_seconds, 1e-9)
         self._merge_skipped(state, skipped_local)
         outcome.skipped_files = list(state.skipped_files)
+        outcome.monitor = self.monitors.summary()
         return outcome
 
     def _log(self, step, last_step, output: StepOutput, window_steps, window_start, writer) -> dict[str, float]:
@@ -469,6 +480,8 @@ class Trainer:
         values["lr"] = self.learning_rate(step - 1)
         values["tau"] = self.tau(step - 1) if self.model.target is not None else 0.0
         values["grad_norm"] = float(output.grad_norm)
+        self.monitors.flush()
+        self.monitors.rankme(step, output.view_projections)
         if writer is not None:
             for key, value in values.items():
                 writer.add_scalar(f"train/{key}", value, step)
