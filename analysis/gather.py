@@ -46,7 +46,8 @@ from mtssl.distributed.progress import progress_bar
 STATUSES = ("completed", "diverged", "failed", "running", "missing", "malformed")
 RESULT_STATUSES = ("completed", "diverged", "failed")
 
-ID_COLUMNS = ["sweep", "sweep_dir", "ablation", "profile", "axes", "job", "job_dir", "status", "message"]
+ID_COLUMNS = ["sweep", "sweep_dir", "ablation", "profile", "axes", "job", "job_dir", "reference", "reference_job", "status",
+              "message"]
 CONFIG_FIELDS = ["method", "views", "predictor", "backbone", "data", "seed", "epochs", "steps"]
 METRIC_COLUMNS = ["knn_top1", "knn_top5", "knn_top1_target", "knn_top5_target", "linear_top1", "linear_top5"]
 RUN_FIELDS = ["wall_time_s", "train_time_s", "eval_time_s", "images_per_s", "world_size", "skipped_images", "git_revision",
@@ -126,7 +127,9 @@ def _gather_one(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     for job in progress_bar(spec.get("jobs", []), desc=f"gathering {sweep_dir.name}", unit="job",
                             min_items=PROGRESS_MIN_JOBS, file=sys.stderr):
         listed.add(job["name"])
-        records.append(_gather_job(sweep_dir / job["name"], job["name"], job["axes"], spec_axes, sweep_info))
+        record = _gather_job(sweep_dir / job["name"], job["name"], job["axes"], spec_axes, sweep_info)
+        record["reference"], record["reference_job"] = job.get("reference"), job.get("reference_job")
+        records.append(record)
 
     if not spec and (sweep_dir / "results.json").is_file():
         # A single job directory passed on its own.
@@ -161,7 +164,9 @@ def _gather_one(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def _read_sweep_spec(path: Path) -> tuple[dict[str, Any], str | None]:
-    """Read sweep.json into {ablation, profile, axes, jobs: [{name, axes}]}; ({}, problem) if unusable."""
+    """Read sweep.json into {ablation, profile, axes, jobs: [{name, axes, reference, reference_job}]}; ({}, problem)
+    if unusable. ``reference`` ("random_init" or None) marks the untrained jobs the tables compare the grid with;
+    ``reference_job`` names a grid job's own one."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
@@ -181,7 +186,9 @@ def _read_sweep_spec(path: Path) -> tuple[dict[str, Any], str | None]:
         if not isinstance(axes, dict):
             # Fall back to the overrides ("key=value") when axes are absent.
             axes = dict(o.split("=", 1) for o in job.get("overrides") or [] if isinstance(o, str) and "=" in o)
-        jobs.append({"name": job["name"], "axes": axes})
+        references = {key: job.get(key) if isinstance(job.get(key), str) else None
+                      for key in ("reference", "reference_job")}
+        jobs.append({"name": job["name"], "axes": axes, **references})
     spec = {"ablation": raw.get("ablation"), "profile": raw.get("profile"), "axes": raw.get("axes"), "jobs": jobs}
     if not isinstance(spec["axes"], list):
         spec["axes"] = list(dict.fromkeys(k for job in jobs for k in job["axes"]))

@@ -53,6 +53,8 @@ HEADLINE_METRICS = [("kNN", "knn_top1"), ("linear", "linear_top1")]
 MONITOR_METRICS = [("cos", "cos_mean")]  # shown when some completed job reports them
 DECIMALS = {"cos_mean": 2}  # shown decimals per metric (default 1)
 NOT_RANKED = {"cos_mean"}  # never bold: a higher value is not better
+RANDOM_INIT = "random_init"  # sweep.json's mark of a reference job (sweeps/grid.py)
+REFERENCE_LABEL = "random init (train.epochs=0)"
 CELL_HASH = "config_hash_without_seed"  # the training config's hash without the seed: what one cell's jobs share
 CONFIG_AXIS = "config"
 MARK_ORDER = ("diverged", "failed", "malformed", "running", "missing", "n/a")
@@ -94,6 +96,7 @@ class Cell:
     best: bool = False
     decimals: int = 1
     unstable: int = 0  # jobs of the cell flagged unstable (results.json monitor.unstable)
+    gain: float | None = None  # mean minus the mean of the cell's random-init reference jobs
 
     @property
     def n(self) -> int:
@@ -132,6 +135,7 @@ class Table:
     cells: list[list[Cell]]
     jobs: pd.DataFrame
     column_axis: str | None = None  # the axis whose values are the columns (None: columns are metrics only)
+    reference_rows: int = 0  # leading rows that are random-init references, not grid cells
 
 
 def build_tables(frame: pd.DataFrame) -> tuple[list[Table], list[str]]:
@@ -167,6 +171,10 @@ def build_tables(frame: pd.DataFrame) -> tuple[list[Table], list[str]]:
 def build_table(jobs: pd.DataFrame, ablation: str | None, name: str, title: str) -> tuple[Table, list[str]]:
     """Lay out the jobs of one sweep kind (see the module docstring for layouts and cell rules)."""
     messages = []
+    is_reference = jobs["reference"].eq(RANDOM_INIT) if "reference" in jobs.columns else pd.Series(False, jobs.index)
+    references, jobs = jobs[is_reference], jobs[~is_reference]
+    if jobs.empty:  # only references so far: tabulate them as the grid
+        references, jobs = references.iloc[0:0], references
     varying = _varying_axes(jobs)
     layout = LAYOUTS.get(ablation or "")
     if layout is not None:
@@ -230,6 +238,12 @@ def build_table(jobs: pd.DataFrame, ablation: str | None, name: str, title: str)
                 row_cells.append(Cell(is_delta=True, delta=difference, decimals=DECIMALS.get(column.metric, 1)))
         cells.append(row_cells)
     _mark_best(cells, columns)
+    reference_rows = 0
+    if not references.empty:
+        reference_row = _reference_row(references, jobs, labels, column_axis, columns, groups, rows, cells)
+        rows.insert(0, (REFERENCE_LABEL,) + ("",) * (len(row_axes) - 1))
+        cells.insert(0, reference_row)
+        reference_rows = 1
 
     identity = [c for c in group_axes if c in jobs.columns] + ["seed"] + ([CELL_HASH] if CELL_HASH in jobs.columns else [])
     done = jobs[completed & jobs["seed"].notna()]
@@ -238,7 +252,36 @@ def build_table(jobs: pd.DataFrame, ablation: str | None, name: str, title: str)
         messages.append(f"{name}: {len(duplicated)} completed jobs share their configuration and seed with another "
                         f"job (the same run gathered twice?); each is counted in n: "
                         + ", ".join(sorted(duplicated["job"].astype(str).unique())[:5]))
-    return Table(name, title, row_axes, rows, columns, cells, jobs, column_axis), messages
+    return Table(name, title, row_axes, rows, columns, cells, jobs, column_axis, reference_rows), messages
+
+
+def _reference_row(references: pd.DataFrame, jobs: pd.DataFrame, labels: pd.DataFrame, column_axis: str | None,
+                   columns: list[Column], groups: dict, rows: list, cells: list[list[Cell]]) -> list[Cell]:
+    """The random-init row (per column: the references of that column's jobs), and each grid cell's gain over
+    the references of its own jobs (``reference_job``; every reference when the sweep does not name them)."""
+    by_name = references.set_index(references["job"].astype(str))
+
+    def references_of(index) -> pd.DataFrame:
+        if "reference_job" not in jobs.columns or jobs.loc[index, "reference_job"].isna().all():
+            return references
+        names = [n for n in dict.fromkeys(jobs.loc[index, "reference_job"].dropna().astype(str)) if n in by_name.index]
+        return by_name.loc[names]
+
+    for row, row_cells in zip(rows, cells):
+        for column, cell in zip(columns, row_cells):
+            if column.delta_of is not None or cell.mean is None or column.metric in NOT_RANKED:
+                continue
+            index = groups.get(row + ((column.value,) if column_axis else ()))
+            reference = _cell(references_of(index), column.metric)
+            cell.gain = None if reference.mean is None else cell.mean - reference.mean
+    reference_row = []
+    for column in columns:
+        if column.delta_of is not None or column.metric in NOT_RANKED:  # no Δ, no probe for an untrained network
+            reference_row.append(Cell(is_delta=column.delta_of is not None))
+            continue
+        in_column = labels.index if not column_axis else labels.index[labels[column_axis] == column.value]
+        reference_row.append(_cell(references_of(in_column), column.metric))
+    return reference_row
 
 
 def _split_configs(jobs: pd.DataFrame, labels: pd.DataFrame, cell_axes: list[str]) -> tuple[pd.Series, list[str]] | None:
@@ -347,6 +390,9 @@ def format_cell(cell: Cell, fmt: str = "text") -> str:
             value = f"**{value}**"
         elif cell.best and fmt == "latex":
             value = rf"\textbf{{{value}}}"
+        if cell.gain is not None:
+            gain = f"{float(f'{cell.gain:.1f}') + 0.0:+.1f}"
+            value += f" [${gain}$]" if fmt == "latex" else f" [{gain}]"
     marks = ", ".join(m + (f"{_TIMES[fmt]}{k}" if k > 1 else "") for m, k in cell.marks.items())
     parts = [p for p in (value, marks) if p]
     return ("; ".join(parts) if parts else _EMPTY[fmt]) + (_DAGGER[fmt] if cell.unstable else "")
@@ -394,8 +440,10 @@ def to_latex(table: Table) -> str:
         lines.append(" ".join(rf"\cmidrule(lr){{{first}-{last}}}" for group, first, last in spans if group))
     lines.append(" & ".join([escape_latex(a) for a in table.row_axes] + [label for _, label in headers]) + r" \\")
     lines.append(r"\midrule")
-    for row, cells in zip(table.rows, table.cells):
+    for i, (row, cells) in enumerate(zip(table.rows, table.cells)):
         lines.append(" & ".join([escape_latex(v) for v in row] + [format_cell(c, "latex") for c in cells]) + r" \\")
+        if i + 1 == table.reference_rows:
+            lines.append(r"\midrule")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
@@ -411,7 +459,8 @@ def to_csv_frame(table: Table) -> pd.DataFrame:
                 "mean": cell.delta if cell.is_delta else cell.mean, "std": None if cell.is_delta else cell.std,
                 "n": None if cell.is_delta else cell.n,
                 "not_averaged": ", ".join(f"{m}={k}" for m, k in cell.marks.items()),
-                "unstable": None if cell.is_delta else cell.unstable, "best": cell.best, "text": format_cell(cell, "text")})
+                "unstable": None if cell.is_delta else cell.unstable, "best": cell.best,
+                "gain_over_random_init": cell.gain, "text": format_cell(cell, "text")})
     frame = pd.DataFrame.from_records(records)
     frame["n"] = frame["n"].astype("Int64")
     frame["unstable"] = frame["unstable"].astype("Int64")
@@ -443,12 +492,16 @@ def has_delta(table: Table) -> bool:
     return any(column.delta_of for column in table.columns)
 
 
+REFERENCE_LEGEND = (" random init: the same backbone untrained (train.epochs=0, its own job: what any pretraining must "
+                    "beat); [+x.x]: a cell's gain over it.")
+
+
 def legend(tables: Sequence[Table]) -> str:
-    """The caption of these tables; it explains Δ only when one of them has a Δ column."""
+    """The caption of these tables; it explains Δ, cos, † and the random-init reference only when a table has them."""
     cos = any(c.metric in dict(MONITOR_METRICS).values() for t in tables for c in t.columns)
     unstable = any(cell.unstable for t in tables for row in t.cells for cell in row)
     return (LEGEND + (DELTA_LEGEND if any(has_delta(t) for t in tables) else "") + (COS_LEGEND if cos else "")
-            + (UNSTABLE_LEGEND if unstable else ""))
+            + (UNSTABLE_LEGEND if unstable else "") + (REFERENCE_LEGEND if any(t.reference_rows for t in tables) else ""))
 
 
 def _safe_name(text: str) -> str:

@@ -28,9 +28,15 @@ class SweepJob:
     name: str
     overrides: tuple[str, ...]
     axes: dict[str, Any] = field(default_factory=dict)
+    reference: str | None = None  # "random_init": the untrained network the tables compare the grid with
+    reference_job: str | None = None  # a grid job's own random-init reference (its job name)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "overrides": list(self.overrides), "axes": dict(self.axes)}
+        spec = {"name": self.name, "overrides": list(self.overrides), "axes": dict(self.axes)}
+        for key in ("reference", "reference_job"):
+            if getattr(self, key):
+                spec[key] = getattr(self, key)
+        return spec
 
 
 def format_value(value: Any) -> str:
@@ -116,3 +122,13 @@ def expand_grid(axes: Mapping[str, Sequence[Any]], seeds: Sequence[int] = (0,), 
         own = [f"{key}={format_value(value)}" for key, value in combo.items()]
         jobs.append(SweepJob(name, tuple(merge_overrides(base, own)), combo))
     return jobs
+
+
+RANDOM_INIT = "random_init"
+
+
+def random_init_job(job: SweepJob, distinct: bool) -> SweepJob:
+    """The reference job of ``job``: its config with ``train.epochs=0``, so evaluation sees the network as
+    initialised. ``distinct``: several references in one sweep; the name then keeps ``job``'s axis values."""
+    name = f"{RANDOM_INIT},{job.name}" if distinct else RANDOM_INIT
+    return SweepJob(name, tuple(merge_overrides(job.overrides, ["train.epochs=0"])), dict(job.axes), RANDOM_INIT)

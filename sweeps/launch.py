@@ -25,6 +25,7 @@ as they change and, once every job has ended, writes the result tables (analysis
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -45,7 +46,7 @@ from submitit.core.utils import FailedSubmissionError, UncompletedJobError  # no
 from mtssl.config import (ConfigError, compose_config, config_changes, config_hash, describe_recipe,  # noqa: E402
                           format_changes, resolve_config, validate_config)
 from mtssl.run import OutDirConflict, out_dir_conflict  # noqa: E402
-from sweeps.grid import SweepJob, expand_grid, quote_value  # noqa: E402
+from sweeps.grid import SweepJob, expand_grid, quote_value, random_init_job  # noqa: E402
 from sweeps.launchers import (Submission, SweepLauncher, TrackedJob, is_final, read_submissions,  # noqa: E402
                               record_submissions, register_configs, scheduler_states, submitted_overrides)
 from sweeps.overrides import split_overrides  # noqa: E402
@@ -128,28 +129,54 @@ def plan_sweep(cfg: DictConfig, sweep_dir: Path, resources: Resources) -> list[P
     ablation = cfg.ablation
     jobs = expand_grid(
         axes=OmegaConf.to_container(ablation.axes, resolve=True),
-        seeds=list(ablation.seeds),
+        seeds=list(cfg.profile.get("seeds") or ablation.seeds),  # a profile may fix its own seeds
         fixed=list(ablation.get("fixed") or []),
         profile_overrides=list(cfg.profile.overrides or []),
         job_overrides=list(cfg.job_overrides or []),
     )
-    planned = []
-    for job in jobs:
-        out_dir = sweep_dir / job.name
-        candidate = PlannedJob(job, out_dir, job_state(out_dir), backbone="")
-        try:
-            job_cfg = resolve_config(compose_job(candidate.overrides))
-            validate_config(job_cfg, check_data=True, world_size=resources.ranks)
-        except ConfigError as error:
-            message = str(error)
-            if message.startswith("bad override in ["):  # drop the echo of every override of the job
-                message = "bad override: " + message.split("]: ", 1)[-1]
-            raise ConfigError(f"job {job.name!r}: {message}") from error
-        candidate.backbone = str(job_cfg.backbone.name)
-        candidate.config, candidate.conflict = job_cfg, out_dir_conflict(job_cfg, out_dir)
-        candidate.recipe = describe_recipe(job_cfg)
-        planned.append(candidate)
+    planned = [plan_job(job, sweep_dir, resources) for job in jobs]
+    if cfg.profile.get("random_init_reference"):
+        planned = random_init_references(planned, sweep_dir, resources) + planned
     return planned
+
+
+def plan_job(job: SweepJob, sweep_dir: Path, resources: Resources) -> PlannedJob:
+    """Compose, resolve and validate one job; raise ConfigError naming the job."""
+    out_dir = sweep_dir / job.name
+    candidate = PlannedJob(job, out_dir, job_state(out_dir), backbone="")
+    try:
+        job_cfg = resolve_config(compose_job(candidate.overrides))
+        validate_config(job_cfg, check_data=True, world_size=resources.ranks)
+    except ConfigError as error:
+        message = str(error)
+        if message.startswith("bad override in ["):  # drop the echo of every override of the job
+            message = "bad override: " + message.split("]: ", 1)[-1]
+        raise ConfigError(f"job {job.name!r}: {message}") from error
+    candidate.backbone = str(job_cfg.backbone.name)
+    candidate.config, candidate.conflict = job_cfg, out_dir_conflict(job_cfg, out_dir)
+    candidate.recipe = describe_recipe(job_cfg)
+    return candidate
+
+
+def random_init_key(cfg: DictConfig) -> str:
+    """What the evaluation of an untrained network depends on. The backbone is built first from
+    ``train.seed``, so the method, views and heads do not change its weights."""
+    fields = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("backbone", "data", "eval")}
+    return json.dumps({**fields, "seed": cfg.train.seed}, sort_keys=True, default=str)
+
+
+def random_init_references(planned: list[PlannedJob], sweep_dir: Path, resources: Resources) -> list[PlannedJob]:
+    """One ``train.epochs=0`` job per distinct (backbone, data, eval settings, seed) of the grid (profile option
+    ``random_init_reference``): the reference row of the tables, what any pretraining must beat."""
+    firsts: dict[str, PlannedJob] = {}
+    keys = [random_init_key(p.config) for p in planned]
+    for key, p in zip(keys, planned):
+        firsts.setdefault(key, p)
+    distinct = len(firsts) > 1
+    references = {key: plan_job(random_init_job(p.job, distinct), sweep_dir, resources) for key, p in firsts.items()}
+    for key, p in zip(keys, planned):
+        p.job = dataclasses.replace(p.job, reference_job=references[key].job.name)
+    return list(references.values())
 
 
 def hours_per_job(cfg: DictConfig, backbone: str) -> float:

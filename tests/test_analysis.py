@@ -545,3 +545,31 @@ def test_knn_during_training_is_drawn_as_a_curve_per_job(tmp_path: Path) -> None
     jobs = pd.DataFrame({"job": ["a", "b"], "job_dir": [str(tmp_path / j) for j in ("a", "b")], "status": ["completed"] * 2})
     paths, messages = plot_jobs(jobs, tmp_path / "plots", "sweep")
     assert sorted(p.name for p in paths) == ["sweep_knn.png", "sweep_loss.png"] and messages == []
+
+
+def test_random_init_reference_row_and_each_cells_gain(tmp_path: Path) -> None:
+    """The sweep's random-init jobs (sweep.json ``reference``) form the first row, not a grid cell; each cell shows
+    its gain over its own jobs' reference (``reference_job``), here by hand: 45.0 - 30.0 and the seeds' means."""
+    sweep = tmp_path / "sweep"
+    grid = [{"method": m, "predictor": p} for m in ("byol", "simsiam") for p in ("shared", "separate")]
+    write_sweep(sweep, "predictor_sharing", grid)
+    spec = json.loads((sweep / "sweep.json").read_text())
+    spec["jobs"] = [{"name": "random_init", "overrides": [], "axes": grid[0], "reference": "random_init"}] + [
+        {**job, "reference_job": "random_init"} for job in spec["jobs"]]
+    (sweep / "sweep.json").write_text(json.dumps(spec))
+    reference = write_result(sweep, grid[0], knn=30.0, linear=33.0, epochs=0, steps=0)
+    reference.rename(sweep / "random_init")
+    for axes, knn in zip(grid, (45.0, 47.5, 36.0, 29.0)):
+        write_result(sweep, axes, knn=knn, linear=knn + 5)
+    (table,), _ = build_tables(gather_sweep(sweep).frame)
+    rows = table_rows(to_markdown(table))[1:]  # without the header
+    assert rows[0][0] == "random init (train.epochs=0)"
+    assert rows[0][1:5] == ["30.0 (n=1)", "33.0 (n=1)", "30.0 (n=1)", "33.0 (n=1)"]  # shared kNN, linear; separate
+    assert rows[0][5:] == ["—", "—"]  # no Δ for the reference
+    byol, simsiam = rows[1], rows[2]
+    assert byol[0] == "byol" and byol[1] == "**45.0 (n=1)** [+15.0]" and byol[2] == "**50.0 (n=1)** [+17.0]"
+    assert byol[3] == "**47.5 (n=1)** [+17.5]" and byol[5] == "+2.5"  # Δ(separate − shared) of the grid only
+    assert simsiam[3] == "29.0 (n=1) [-1.0]"
+    csv = to_csv_frame(table)
+    assert csv.loc[(csv["method"] == "simsiam") & (csv["column"] == "separate kNN"), "gain_over_random_init"].item() == -1.0
+    assert "random init: the same backbone untrained" in (make_tables([sweep], plots=False) / "README.md").read_text()

@@ -679,3 +679,43 @@ def test_bad_override_submits_nothing_to_slurm(slurm_cluster, config_dir, tmp_pa
     out = launch(*args, timeout=120)
     assert out.returncode == 2 and "train.batch_size" in out.stderr
     assert slurm_jobs_named(name) == []
+
+
+@pytest.mark.slow
+def test_random_init_reference_jobs_one_per_distinct_backbone_and_profile_seeds(data_root, tmp_path):
+    """cpu_quick adds one train.epochs=0 job per distinct (backbone, data, eval, seed), listed first: one for the
+    6 predictor-sharing jobs (the backbone is built first from the seed, whatever the method), one per backbone
+    of the backbone ablation. cifar10_gpu's own seeds replace the ablation's: 6 x 3 jobs, 3 GPU-hours each."""
+    out = launch("ablation=predictor_sharing", f"sweep_dir={tmp_path / 'a'}", "--dry-run", timeout=180)
+    assert out.returncode == 0, out.stderr
+    listed = re.findall(r"^  (\S+)\s+submit", out.stdout, flags=re.M)
+    assert listed[0] == "random_init" and len(listed) == 7 and listed.count("random_init") == 1
+    out = launch("ablation=backbone", f"sweep_dir={tmp_path / 'b'}", "--dry-run", timeout=180)
+    assert out.returncode == 0, out.stderr
+    listed = re.findall(r"^  (\S+)\s+submit", out.stdout, flags=re.M)
+    assert [n for n in listed if n.startswith("random_init")] == [
+        f"random_init,backbone={b}" for b in ("resnet50", "vit_small", "vit_base")]
+    out = launch("ablation=predictor_sharing", "profile=cifar10_gpu", "launcher=slurm", "cluster=example_gpu",
+                 f"sweep_dir={tmp_path / 'c'}", "--dry-run", timeout=180)
+    assert out.returncode == 0, out.stderr
+    listed = re.findall(r"^  (\S+)\s+submit", out.stdout, flags=re.M)
+    assert len(listed) == 18 and all("train.seed=" in n for n in listed)
+    assert "= 54 GPU-hours" in out.stdout
+
+
+def test_random_init_backbone_does_not_depend_on_the_method():
+    """Why one reference job serves every method and predictor of a grid: same seed, same backbone weights."""
+    import torch
+
+    from mtssl.config import compose_config, resolve_config
+    from mtssl.model.siamese import build_model
+
+    states = []
+    for method, predictor in (("byol", "separate"), ("simsiam", "shared"), ("mocov3", "separate")):
+        cfg = resolve_config(compose_config([f"method={method}", f"predictor={predictor}", "backbone=resnet18",
+                                             "method.projector.hidden_dims=[64]", "method.predictor.hidden_dims=[64]"]))
+        torch.manual_seed(cfg.train.seed)  # as the Trainer does
+        model = build_model(cfg, ["global", "local"], False, method != "simsiam")
+        states.append(model.online.backbone.state_dict())
+    for other in states[1:]:
+        assert all(torch.equal(states[0][k], other[k]) for k in states[0])
