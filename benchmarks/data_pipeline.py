@@ -13,7 +13,7 @@ Pipelines compared, side by side (interleaved within each repetition):
                          v2.Compose([ToImage, ToDtype(float32), RandomResizedCrop, flip, (cutout),
                          ColorJitter p=0.8, RandomGrayscale, GaussianBlur, (solarize), Normalize])
                          applied to the decoded PIL image, every op on float
-  mtssl_v2_uint8         mtssl.data.views.MultiViewTransform: the same v2 ops on uint8, float last
+  mtssl_v2_uint8         mtssl.data.torchvision_augment.MultiViewTransform: the same v2 ops on uint8, float last
   mtssl_fast             mtssl.data.fast_augment.FastMultiViewTransform on the decoded image (what
                          AugmentedImageFolder passes it today)
   mtssl_fast_lazy_jpeg   FastMultiViewTransform on the undecoded JPEG (Image.open only), which
@@ -40,7 +40,8 @@ from torchvision.transforms import v2
 
 from mtssl.data.image_folder import load_rgb, sample_seed
 from mtssl.data.fast_augment import FastMultiViewTransform
-from mtssl.data.views import VIEW_TYPES, Cutout, MultiViewTransform, ViewLayout
+from mtssl.data.torchvision_augment import Cutout, MultiViewTransform
+from mtssl.data.views import VIEW_TYPES, ViewLayout
 from report import print_table, write_report
 
 RESULTS = Path(__file__).parent / "results" / "data_pipeline.json"

@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from mtssl.data.views import EVAL_INTERPOLATIONS, TARGET_VIEW_TYPE, VIEW_TYPES, build_view_layout
+from mtssl.data.torchvision_augment import EVAL_INTERPOLATIONS
+from mtssl.data.views import TARGET_VIEW_TYPE, VIEW_TYPES, build_view_layout
 
 CONFIG_MODULE = "mtssl.conf"
 # The repository root: relative defaults (data.root of data=cifar10) resolve against it, not the cwd.
@@ -170,7 +171,7 @@ def _objectives() -> list[str]:
 
 
 def _pipelines() -> list[str]:
-    from mtssl.data.fast_augment import AUGMENTATION_PIPELINES
+    from mtssl.data.pipelines import AUGMENTATION_PIPELINES
 
     return sorted(AUGMENTATION_PIPELINES)
 

@@ -24,7 +24,8 @@ from torchvision.transforms.v2 import functional as TF
 import mtssl.data.fast_augment as fast_augment
 from mtssl.config import compose_config, resolve_config
 from mtssl.data.fast_augment import FastMultiViewTransform, gaussian_taps, sample_crop_box, separable_blur
-from mtssl.data.views import VIEW_TYPES, MultiViewTransform, ViewLayout, build_view_layout
+from mtssl.data.torchvision_augment import MultiViewTransform
+from mtssl.data.views import VIEW_TYPES, ViewLayout, build_view_layout
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE = 32

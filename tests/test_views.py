@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from mtssl.config import compose_config, resolve_config
-from mtssl.data.views import Cutout, MultiViewTransform, blur_kernel_size, build_view_layout
+from mtssl.data.torchvision_augment import Cutout, MultiViewTransform
+from mtssl.data.views import blur_kernel_size, build_view_layout
 
 PRESETS = {
     "global": {"global": 2},

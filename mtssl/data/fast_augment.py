@@ -1,4 +1,4 @@
-"""A faster multi-view augmentation with the same distributions as ``mtssl.data.views``.
+"""The ``fast`` pipeline: the same augmentation distributions as ``mtssl.data.torchvision_augment``.
 
 ``FastMultiViewTransform`` is a drop-in replacement for ``MultiViewTransform``: same call
 contract (PIL image -> list of normalised float CHW tensors in layout order) and the same
@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from mtssl.data.views import Cutout, MultiViewTransform, ViewLayout
+from mtssl.data.torchvision_augment import Cutout
+from mtssl.data.views import ViewLayout
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 JITTER_P = 0.8
@@ -244,7 +245,3 @@ def _scale_box(box, sy: float, sx: float, height: int, width: int) -> tuple[int,
     new_h = max(1, min(height - new_top, round(h * sy)))
     new_w = max(1, min(width - new_left, round(w * sx)))
     return new_top, new_left, new_h, new_w
-
-
-# data.pipeline: two implementations of the same augmentation distributions.
-AUGMENTATION_PIPELINES = {"torchvision": MultiViewTransform, "fast": FastMultiViewTransform}

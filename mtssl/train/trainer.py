@@ -33,7 +33,7 @@ from mtssl.data.image_folder import AugmentedImageFolder, GlobalBatchSampler, cl
 from mtssl.distributed.collectives import device_mean_, host_any, host_union
 from mtssl.distributed.process_group import DistEnv
 from mtssl.train.ema import ema_momentum, ema_update
-from mtssl.data.fast_augment import AUGMENTATION_PIPELINES
+from mtssl.data.pipelines import AUGMENTATION_PIPELINES
 from mtssl.distributed.fsdp import backbone_blocks, shard_model
 from mtssl.model.siamese import MultiTaskSiamese, build_model
 from mtssl.loss.multitask import multitask_loss
