@@ -13,11 +13,15 @@ Pipelines compared, side by side (interleaved within each repetition):
                          v2.Compose([ToImage, ToDtype(float32), RandomResizedCrop, flip, (cutout),
                          ColorJitter p=0.8, RandomGrayscale, GaussianBlur, (solarize), Normalize])
                          applied to the decoded PIL image, every op on float
-  mtssl_v2_uint8         mtssl.data.torchvision_augment.MultiViewTransform: the same v2 ops on uint8, float last
+  mtssl_v2_uint8         mtssl.data.torchvision_augment.MultiViewTransform: the same v2 ops on uint8; its
+                         views leave the worker as uint8 (normalisation runs on the device, to_views)
   mtssl_fast             mtssl.data.fast_augment.FastMultiViewTransform on the decoded image (what
                          AugmentedImageFolder passes it today)
   mtssl_fast_lazy_jpeg   FastMultiViewTransform on the undecoded JPEG (Image.open only), which
                          lets it decode at 1/2, 1/4 or 1/8 size when every crop allows
+
+Each row also gives the bytes of one view set as it crosses from the worker to the main process
+and the device, and those of a batch of 256 (float32 for the plain pipeline, uint8 for mtssl's).
 
 Results: benchmarks/results/data_pipeline.json. Timings never fail; the goal is >= 2x the
 torchvision_v2_float pipeline for mtssl_fast.
@@ -128,8 +132,9 @@ def make_pipelines(layout: ViewLayout) -> dict:
     }
 
 
-def run_epoch(paths: list[Path], loader, transform, epoch: int) -> float:
-    """Seconds to turn every path into its views, each sample under its own seeded RNG."""
+def run_epoch(paths: list[Path], loader, transform, epoch: int) -> tuple[float, int]:
+    """Seconds to turn every path into its views, each sample under its own seeded RNG, and the
+    bytes of one sample's views (what a DataLoader worker hands over)."""
     start = time.perf_counter()
     for index, path in enumerate(paths):
         image = loader(str(path))
@@ -137,7 +142,7 @@ def run_epoch(paths: list[Path], loader, transform, epoch: int) -> float:
             torch.manual_seed(sample_seed(SEED, epoch, index))
             views = transform(image)
         assert len(views) == 5
-    return time.perf_counter() - start
+    return time.perf_counter() - start, sum(v.nbytes for v in views)
 
 
 def benchmark(paths: list[Path], reps: int, label: str) -> list[dict]:
@@ -145,12 +150,14 @@ def benchmark(paths: list[Path], reps: int, label: str) -> list[dict]:
     pipelines = make_pipelines(layout)
     names = list(pipelines)
     times = {name: [] for name in names}
+    view_set_bytes = {}
     for name in names:  # warm-up: first-call allocations, kernel selection
         run_epoch(paths[:2], *pipelines[name], epoch=-1)
     for rep in range(reps):
         order = names[rep % len(names):] + names[: rep % len(names)]  # rotate who goes first
         for name in order:
-            times[name].append(run_epoch(paths, *pipelines[name], epoch=rep))
+            seconds, view_set_bytes[name] = run_epoch(paths, *pipelines[name], epoch=rep)
+            times[name].append(seconds)
         print(f"  {label}: repetition {rep + 1}/{reps} done", file=sys.stderr)
     rows = []
     base = None
@@ -168,6 +175,8 @@ def benchmark(paths: list[Path], reps: int, label: str) -> list[dict]:
             "images_per_s_all": rates,
             "ms_per_image": 1000 / median,
             "speedup_vs_float_v2": median / base,
+            "view_set_bytes": view_set_bytes[name],
+            "batch_256_mib": 256 * view_set_bytes[name] / 2**20,
         }
         if isinstance(transform, FastMultiViewTransform):
             calls = reps * len(paths) + 2  # timed images + warm-up
@@ -177,10 +186,11 @@ def benchmark(paths: list[Path], reps: int, label: str) -> list[dict]:
 
 
 def print_rows(rows: list[dict], device: str) -> None:
-    header = ["images", "pipeline", "images/s", "[min-max]", "ms/image", "speedup", "reduced decode"]
+    header = ["images", "pipeline", "images/s", "[min-max]", "ms/image", "speedup", "reduced decode", "MiB/batch of 256"]
     cells = [[r["images"], r["pipeline"], f"{r['images_per_s']:.1f}", f"[{r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}]",
               f"{r['ms_per_image']:.2f}", f"{r['speedup_vs_float_v2']:.2f}x",
-              f"{100 * r['reduced_decode_fraction']:.0f}%" if "reduced_decode_fraction" in r else "-"] for r in rows]
+              f"{100 * r['reduced_decode_fraction']:.0f}%" if "reduced_decode_fraction" in r else "-",
+              f"{r['batch_256_mib']:.1f}"] for r in rows]
     print_table(f"Data pipeline, one worker process (1 torch thread) on {device}: source images/s, 5 views each",
                 header, cells, left_columns=2)
 

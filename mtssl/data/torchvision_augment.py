@@ -1,7 +1,9 @@
 """The ``torchvision`` pipeline: the view specs of ``mtssl.data.views`` as torchvision v2 ops, plus
 Cutout and the validation transform.
 
-All geometric and colour ops run on uint8 tensors; conversion to float happens last.
+All geometric and colour ops run on uint8 tensors in the DataLoader worker; the views cross to the
+main process and the device as uint8 (a quarter of float32's bytes), and ``to_views`` converts
+them to float and normalises them there, with torchvision's own arithmetic.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ class Cutout(torch.nn.Module):
         return image
 
 
-def build_view_transform(view: ViewType, index: int, mean, std) -> v2.Compose:
-    """The augmentation of the ``index``-th view of ``view``: uint8 CHW tensor -> normalised float."""
+def build_view_transform(view: ViewType, index: int, mean) -> v2.Compose:
+    """The augmentation of the ``index``-th view of ``view``: uint8 CHW tensor -> uint8 CHW view
+    (``MultiViewTransform.to_views`` normalises it)."""
     ops: list[torch.nn.Module] = [
         v2.RandomResizedCrop(view.size, scale=view.scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(p=0.5),
@@ -61,21 +64,41 @@ def build_view_transform(view: ViewType, index: int, mean, std) -> v2.Compose:
     ]
     if view.solarize_probability(index) > 0:
         ops.append(v2.RandomSolarize(threshold=128, p=view.solarize_probability(index)))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(ops)
 
 
 class MultiViewTransform:
-    """PIL image -> list of augmented views in ``layout`` order."""
+    """PIL image -> list of uint8 views in ``layout`` order (the worker part); ``to_views`` turns
+    a batch of them into normalised float views on the device."""
 
     def __init__(self, layout: ViewLayout, mean, std):
         self.layout = layout
         self.to_tensor = v2.PILToTensor()
-        self.transforms = [build_view_transform(layout.type(name), i, mean, std) for name, i in layout.entries]
+        self.transforms = [build_view_transform(layout.type(name), i, mean) for name, i in layout.entries]
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, image) -> list[torch.Tensor]:
         image = self.to_tensor(image.convert("RGB"))
         return [t(image) for t in self.transforms]
+
+    def to_views(self, batch: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """uint8 [B, 3, H, W] per view -> float32 normalised views on ``device``.
+
+        The arithmetic of ``v2.ToDtype(float32, scale=True)`` then ``v2.Normalize(mean, std)``, in
+        that order, so CPU views are bitwise those of the per-sample pipeline; mean and std are
+        kept on the device (``v2.Normalize`` builds them from lists per call: a blocking copy).
+        """
+        device = torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = (self.mean.to(device), self.std.to(device))
+        mean, std = self._on_device[device]
+        views = []
+        for view in batch:
+            x = v2.functional.to_dtype(view.to(device, non_blocking=True), torch.float32, scale=True)
+            views.append(x.sub_(mean).div_(std))
+        return views
 
 
 EVAL_INTERPOLATIONS = {
