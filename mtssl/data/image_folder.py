@@ -210,13 +210,13 @@ def stack_views(samples: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     return [torch.stack([views[v] for views in samples]) for v in range(len(samples[0]))]
 
 
-def collate_views(batch, views_collate: Callable | None = None):
+def collate_views(batch, collate: Callable | None = None):
     """[(views, label, skipped paths)] -> (batched views, labels, set of skipped paths).
 
-    ``views_collate`` batches the per-sample view lists (the pipeline's ``collate``; default
-    ``stack_views``); bind it with ``functools.partial`` for a DataLoader.
+    ``collate`` batches the per-sample view lists (the pipeline's own, e.g. for per-sample shapes;
+    default ``stack_views``); bind it with ``functools.partial`` for a DataLoader.
     """
-    views = (views_collate or stack_views)([sample[0] for sample in batch])
+    views = (collate or stack_views)([sample[0] for sample in batch])
     labels = torch.tensor([sample[1] for sample in batch])
     skipped = {path for sample in batch for path in sample[2]}
     return views, labels, skipped

@@ -313,7 +313,7 @@ class Trainer:
         state.skipped_images = len(state.skipped_files)
         skipped_local.clear()
 
-    def _loader(self, step: int, last_step: int) -> DataLoader:
+    def train_loader(self, step: int, last_step: int) -> DataLoader:
         """One DataLoader for the rest of the run: the batches of steps ``step`` .. ``last_step`` - 1,
         across epochs (an epoch ends where ``step % steps_per_epoch == 0``), so workers start once
         and keep the prefetch queue full over epoch boundaries (a loader per epoch would respawn
@@ -325,7 +325,7 @@ class Trainer:
             batch_sampler=self.sampler,
             num_workers=cfg.data.num_workers,
             prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers > 0 else None,
-            collate_fn=functools.partial(collate_views, views_collate=getattr(self.transform, "collate", None)),
+            collate_fn=functools.partial(collate_views, collate=getattr(self.transform, "collate", None)),
             pin_memory=self.env.device.type == "cuda",
             # Forked workers inherit StopRequest's handler until then, so no SIGINT ends one.
             worker_init_fn=ignore_interrupts,
@@ -357,7 +357,7 @@ class Trainer:
         )
         self.model.train()
         # One loader for the rest of the run; closing it on the way out (break, exception) stops its workers now.
-        with contextlib.closing(iter(DevicePrefetcher(self._loader(step, last_step), env.device))) as batches:
+        with contextlib.closing(iter(DevicePrefetcher(self.train_loader(step, last_step), env.device))) as batches:
             for views, _, skipped in batches:
                 # Agree before the forward pass: it updates BN running statistics, which a
                 # checkpoint taken after it would wrongly include.
