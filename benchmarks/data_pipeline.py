@@ -13,7 +13,8 @@ Pipelines compared, side by side (interleaved within each repetition):
                          v2.Compose([ToImage, ToDtype(float32), RandomResizedCrop, flip, (cutout),
                          ColorJitter p=0.8, RandomGrayscale, GaussianBlur, (solarize), Normalize])
                          applied to the decoded PIL image, every op on float
-  mtssl_v2_uint8         mtssl.data.views.MultiViewTransform: the same v2 ops on uint8, float last
+  mtssl_v2_uint8         mtssl.data.torchvision_augment.MultiViewTransform: the same v2 ops on uint8; its
+                         views leave the worker as uint8 (normalisation runs on the device, to_views)
   mtssl_fast             mtssl.data.fast_augment.FastMultiViewTransform on the decoded image (what
                          AugmentedImageFolder passes it today)
   mtssl_fast_lazy_jpeg   FastMultiViewTransform on the undecoded JPEG (Image.open only), which
@@ -30,6 +31,9 @@ Besides wall-clock images/s, each pipeline's CPU cost: core-milliseconds per sou
 Results: benchmarks/results/data_pipeline.json. Timings never fail; the goals are >= 2x the
 torchvision_v2_float pipeline's images/s for mtssl_fast, and <= 1/10 of its CPU cost per image for
 mtssl_gpu's worker part.
+
+Each row also gives the bytes of one view set as it crosses from the worker to the main process
+and the device, and those of a batch of 256 (float32 for the plain pipeline, uint8 for mtssl's).
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ from torchvision.transforms import v2
 from mtssl.data.image_folder import load_rgb, sample_seed
 from mtssl.data.fast_augment import FastMultiViewTransform
 from mtssl.data.gpu_augment import GpuMultiViewTransform
-from mtssl.data.views import VIEW_TYPES, Cutout, MultiViewTransform, ViewLayout
+from mtssl.data.torchvision_augment import Cutout, MultiViewTransform
+from mtssl.data.views import VIEW_TYPES, ViewLayout
 from report import print_table, write_report
 
 RESULTS = Path(__file__).parent / "results" / "data_pipeline.json"
@@ -138,9 +143,9 @@ def make_pipelines(layout: ViewLayout) -> dict:
     }
 
 
-def run_epoch(paths: list[Path], loader, transform, epoch: int, keep: list | None = None) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) to turn every path into its views, each sample under its own seeded RNG;
-    ``keep`` collects the outputs."""
+def run_epoch(paths: list[Path], loader, transform, epoch: int, keep: list | None = None) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds) to turn every path into its views, each sample under its own seeded RNG,
+    and the bytes of one sample's views (what a DataLoader worker hands over); ``keep`` collects the outputs."""
     start, start_cpu = time.perf_counter(), time.process_time()
     for index, path in enumerate(paths):
         image = loader(str(path))
@@ -150,7 +155,7 @@ def run_epoch(paths: list[Path], loader, transform, epoch: int, keep: list | Non
         assert len(views) in (5, 6)  # 5 views, or the gpu pipeline's parameters + 5 crops
         if keep is not None:
             keep.append(views)
-    return time.perf_counter() - start, time.process_time() - start_cpu
+    return time.perf_counter() - start, time.process_time() - start_cpu, sum(v.nbytes for v in views)
 
 
 def time_device_part(transform: GpuMultiViewTransform, samples: list, batch: int, reps: int) -> dict:
@@ -193,13 +198,14 @@ def benchmark(paths: list[Path], reps: int, label: str, batch: int) -> list[dict
     times = {name: [] for name in names}
     cpu_times = {name: [] for name in names}
     gpu_samples: list = []
+    view_set_bytes = {}
     for name in names:  # warm-up: first-call allocations, kernel selection
         run_epoch(paths[:2], *pipelines[name], epoch=-1)
     for rep in range(reps):
         order = names[rep % len(names):] + names[: rep % len(names)]  # rotate who goes first
         for name in order:
             keep = gpu_samples if name == "mtssl_gpu" and rep == 0 else None
-            wall, cpu = run_epoch(paths, *pipelines[name], epoch=rep, keep=keep)
+            wall, cpu, view_set_bytes[name] = run_epoch(paths, *pipelines[name], epoch=rep, keep=keep)
             times[name].append(wall)
             cpu_times[name].append(cpu)
         print(f"  {label}: repetition {rep + 1}/{reps} done", file=sys.stderr)
@@ -222,6 +228,8 @@ def benchmark(paths: list[Path], reps: int, label: str, batch: int) -> list[dict
             "speedup_vs_float_v2": median / base,
             "cpu_ms_per_image": cpu_ms,
             "cpu_cost_vs_float_v2": cpu_ms / base_cpu,
+            "view_set_bytes": view_set_bytes[name],
+            "batch_256_mib": 256 * view_set_bytes[name] / 2**20,
         }
         if isinstance(transform, (FastMultiViewTransform, GpuMultiViewTransform)):
             calls = reps * len(paths) + 2  # timed images + warm-up
@@ -234,7 +242,7 @@ def benchmark(paths: list[Path], reps: int, label: str, batch: int) -> list[dict
 
 def print_rows(rows: list[dict], device: str) -> None:
     header = ["images", "pipeline", "images/s", "[min-max]", "ms/image", "speedup", "CPU ms/image", "CPU cost",
-              "reduced decode", "device part ms/image"]
+              "reduced decode", "MiB/batch of 256", "device part ms/image"]
     cells = []
     for r in rows:
         device_part = "-"
@@ -245,7 +253,8 @@ def print_rows(rows: list[dict], device: str) -> None:
         cells.append([r["images"], r["pipeline"], f"{r['images_per_s']:.1f}", f"[{r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}]",
                       f"{r['ms_per_image']:.2f}", f"{r['speedup_vs_float_v2']:.2f}x", f"{r['cpu_ms_per_image']:.2f}",
                       f"{r['cpu_cost_vs_float_v2']:.3f}x",
-                      f"{100 * r['reduced_decode_fraction']:.0f}%" if "reduced_decode_fraction" in r else "-", device_part])
+                      f"{100 * r['reduced_decode_fraction']:.0f}%" if "reduced_decode_fraction" in r else "-",
+                      f"{r['batch_256_mib']:.1f}", device_part])
     print_table(f"Data pipeline, one worker process (1 torch thread) on {device}: source images/s, 5 views each; "
                 "CPU cost = CPU ms per image relative to torchvision_v2_float (mtssl_gpu: its worker part)",
                 header, cells, left_columns=2)

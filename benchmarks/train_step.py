@@ -9,6 +9,8 @@ tensors already on the device, so the data pipeline is not measured here (see da
     python benchmarks/train_step.py --quick            # short CPU run: ResNet-18 at CIFAR size
     python benchmarks/train_step.py                    # ResNet-18 CIFAR, ResNet-50 224/96, ViT-S
     python benchmarks/train_step.py --compile          # also torch.compile'd backbones
+    python benchmarks/train_step.py --end-to-end --models resnet18_cifar_preset --workers 2
+                                                       # the real loader included, against synthetic views
 
 Modes (all build the same network from the same seed; each is a job option):
   per_view          one encoder call per view, BN statistics per view (the paper)
@@ -25,6 +27,14 @@ Modes (all build the same network from the same seed; each is a job option):
                     which calls backward, is never compiled)
   ...+bf16          CUDA only: the step under bf16 autocast (FSDP already holds bf16 compute
                     parameters on CUDA; autocast also moves the remaining ops to bf16)
+
+End to end (--end-to-end): the Trainer's own loader (AugmentedImageFolder, the run-long sampler, the
+device prefetcher, ``to_views``) feeds the same step, and images/s of loader + step are reported
+beside those of the step alone on synthetic views already on the device; the ratio shows how
+data-bound the model is (1.0: the loader keeps up). CIFAR models read MTSSL_DATA_ROOT at 32 px;
+224 px models read a temporary ImageFolder of photo-like 500x375 JPEGs (as data_pipeline.py
+writes). On CPU the workers share the cores with the step, so the ratio there mixes data loading
+with that contention; on a GPU node it is the data-bound share alone.
 
 Modes run interleaved (round robin) within each repetition, so machine load drifts hit them
 alike; the table reports the median over repetitions and the min-max spread. On CPU it also
@@ -65,8 +75,10 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from mtssl.config import compose_config, resolve_config
+from mtssl.data.device_prefetch import DevicePrefetcher
 from mtssl.distributed.process_group import DistEnv, init_distributed
 from mtssl.train.trainer import Trainer
+from data_pipeline import write_jpegs
 from report import print_table, write_report
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
@@ -120,15 +132,16 @@ def modes_for(device: torch.device, with_compile: bool) -> list[Mode]:
     return modes
 
 
-def step_runner(cfg, mode: Mode, env: DistEnv, out_dir: Path) -> Trainer:
+def step_runner(cfg, mode: Mode, env: DistEnv, out_dir: Path, real_data: bool = False) -> Trainer:
     """The job's Trainer (plain on one CPU rank, FSDP2 otherwise) with ``mode`` applied.
 
     Its training samples are placeholders: only their count matters (the schedule length), since
-    the benchmark feeds synthetic views to ``training_step`` and never reads images.
+    the benchmark feeds synthetic views to ``training_step`` and never reads images; with
+    ``real_data`` they are the config's data folder (end to end).
     """
     train = {"grouped_views": mode.grouped_views, "channels_last": mode.channels_last, "compile": mode.compile, "epochs": 1000}
     cfg = OmegaConf.merge(cfg, {"train": train, "optim": {"warmup_epochs": 0}})
-    placeholders = [("synthetic", 0)] * (cfg.train.batch_size * 1000)
+    placeholders = None if real_data else [("synthetic", 0)] * (cfg.train.batch_size * 1000)
     trainer = Trainer(cfg, env, out_dir, train_samples=placeholders)
     trainer.model.train()
     return trainer
@@ -252,6 +265,66 @@ def benchmark_model(model_name: str, args, env: DistEnv, out_dir: Path) -> dict:
     return {"model": model_name, "batch": batch, "gflop_per_step": flops / 1e9, "rows": rows}
 
 
+def end_to_end_rates(trainer: Trainer, steps: int, reps: int, warmup: int, device: torch.device) -> list[float]:
+    """Images/s of loader + step over ``reps`` stretches of ``steps`` steps, after ``warmup`` steps
+    (worker start and the first batches), all from one loader as ``Trainer.fit`` makes it."""
+    batch = trainer.cfg.train.batch_size
+    marks = []
+    loader = DevicePrefetcher(trainer.train_loader(0, warmup + steps * reps), device)
+    for step, (views, _, _) in enumerate(loader):
+        if step >= warmup and (step - warmup) % steps == 0:
+            sync(device)
+            marks.append(time.perf_counter())
+        trainer.training_step(trainer.transform.to_views(views, device), step)
+    sync(device)
+    marks.append(time.perf_counter())
+    return [batch * steps / (b - a) for a, b in zip(marks, marks[1:])]
+
+
+def image_folder_of_jpegs(root: Path, count: int) -> Path:
+    """root/train/class_{0,1}/*.jpg: ``count`` photo-like 500x375 JPEGs (ImageNet's typical size)."""
+    for c in range(2):
+        folder = root / "train" / f"class_{c}"
+        folder.mkdir(parents=True)
+        write_jpegs(folder, count // 2, 500, 375, seed=c)
+    return root
+
+
+def benchmark_end_to_end(model_name: str, args, env: DistEnv, out_dir: Path, jpeg_root: Path) -> list[dict]:
+    """Synthetic-views step against loader + step, per pipeline, for one model and ``args.e2e_mode``."""
+    device = env.device
+    overrides, cpu_batch, gpu_batch = MODELS[model_name]
+    batch = args.batch or (gpu_batch if device.type == "cuda" else cpu_batch)
+    cifar = "data=cifar10" in overrides
+    data = ["data.subset=null"] if cifar else [f"data.root={jpeg_root}", "data.subset=null"]
+    mode = next(m for m in modes_for(device, args.compile) if m.name == args.e2e_mode)
+    rows = []
+    for pipeline in args.pipelines:
+        cfg = resolve_config(compose_config(["method=byol", "views=global_local_cutout", *overrides, *data, f"train.batch_size={batch}",
+                                             f"data.pipeline={pipeline}", f"data.num_workers={args.workers}"]))
+        trainer = step_runner(cfg, mode, env, out_dir, real_data=True)
+        entry = Entry(mode, trainer, make_views(trainer.layout, batch, device))
+        entry.run(args.warmup, device)
+        synthetic = [batch * args.steps / entry.run(args.steps, device)[0] for _ in range(args.reps)]
+        loaded = end_to_end_rates(trainer, args.steps, args.reps, max(args.warmup, 1), device)
+        print(f"  {model_name} {pipeline}: done", file=sys.stderr)
+        rows.append({
+            "model": model_name, "mode": mode.name, "pipeline": pipeline, "workers": args.workers, "batch": batch,
+            "data": "CIFAR-10 (32 px)" if cifar else "500x375 JPEGs", "steps_per_rep": args.steps,
+            "synthetic_images_per_s": statistics.median(synthetic), "synthetic_images_per_s_all": synthetic,
+            "end_to_end_images_per_s": statistics.median(loaded), "end_to_end_images_per_s_all": loaded,
+            "ratio": statistics.median(loaded) / statistics.median(synthetic),
+        })
+    return rows
+
+
+def print_end_to_end(rows: list[dict], device_name: str) -> None:
+    cells = [[r["model"], r["mode"], r["pipeline"], str(r["workers"]), str(r["batch"]), r["data"],
+              f"{r['synthetic_images_per_s']:.2f}", f"{r['end_to_end_images_per_s']:.2f}", f"{r['ratio']:.2f}"] for r in rows]
+    header = ["model", "mode", "pipeline", "workers", "batch", "data", "step alone img/s", "loader+step img/s", "ratio"]
+    print_table(f"End to end on {device_name} (images/s: median over repetitions)", header, cells, left_columns=3)
+
+
 def optional(value, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
@@ -284,6 +357,11 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per mode before timing")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd modes (slow to start)")
+    parser.add_argument("--end-to-end", action="store_true", help="the real loader + step against the step on synthetic views")
+    parser.add_argument("--e2e-mode", default="per_view", help="end to end: the step's mode (a mode name above; default per_view)")
+    parser.add_argument("--pipelines", nargs="+", default=["torchvision", "fast"], help="end to end: data.pipeline values")
+    parser.add_argument("--workers", type=int, default=2, help="end to end: data.num_workers")
+    parser.add_argument("--jpegs", type=int, default=256, help="end to end, 224 px models: JPEGs to generate")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
@@ -312,6 +390,18 @@ def main(argv=None) -> None:
         "models": [],
         "rows": [],
     }
+    if args.end_to_end:
+        report["workers"] = args.workers
+        with tempfile.TemporaryDirectory() as tmp:
+            jpeg_root = None
+            if any("data=cifar10" not in MODELS[name][0] for name in args.models):
+                jpeg_root = image_folder_of_jpegs(Path(tmp) / "jpegs", args.jpegs)
+            for name in args.models:
+                print(f"end to end: {name} ...", file=sys.stderr)
+                report["rows"] += benchmark_end_to_end(name, args, env, Path(tmp) / "out", jpeg_root)
+                write_report(args.out.with_name("train_step_end_to_end.json"), "train_step", argv, **report)
+        print_end_to_end(report["rows"], device_name)
+        return
     for name in args.models:
         print(f"benchmarking {name} ...", file=sys.stderr)
         with tempfile.TemporaryDirectory() as out_dir:  # the Trainer's (unused) checkpoint folder

@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from mtssl.data.views import EVAL_INTERPOLATIONS, TARGET_VIEW_TYPE, VIEW_TYPES, build_view_layout
+from mtssl.data.torchvision_augment import EVAL_INTERPOLATIONS
+from mtssl.data.views import TARGET_VIEW_TYPE, VIEW_TYPES, build_view_layout
 
 CONFIG_MODULE = "mtssl.conf"
 # The repository root: relative defaults (data.root of data=cifar10) resolve against it, not the cwd.
@@ -35,6 +36,7 @@ NON_TRAINING_FIELDS = (
     "out_dir",
     "data.root",
     "data.num_workers",
+    "data.prefetch_factor",
     "data.download",
     "train.log_every_steps",
     "train.checkpoint_every_steps",
@@ -251,6 +253,7 @@ FIELD_CHECKS: dict[str, Check] = {
     "data.pipeline": choice(_pipelines),
     "data.gpu_decode": boolean(),
     "data.num_workers": integer(0),
+    "data.prefetch_factor": integer(1),
     "data.download": boolean(),
     "optim": section(),
     "optim.name": choice(OPTIMIZERS),

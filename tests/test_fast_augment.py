@@ -1,7 +1,9 @@
 """FastMultiViewTransform against the augmentation specification, statistically.
 
 Each op is detected in the output pixels of a test image built so that the op is visible and
-no other op can imitate it. Views are 32 px crops of 32 px images with scale (1, 1), i.e. the
+no other op can imitate it. The pipeline rounds to uint8 once, at the end (its worker output);
+tests that read sub-level values (blur sigma and support, jitter factors) read the float views
+before that rounding, and ``test_worker_output_is_the_rounded_float_views`` ties the two. Views are 32 px crops of 32 px images with scale (1, 1), i.e. the
 whole image (the RandomResizedCrop draw is tested on its own), and keep each registered view
 type's blur and solarize probabilities. Frequencies are checked against the specification
 within 4.5 binomial standard deviations.
@@ -24,7 +26,8 @@ from torchvision.transforms.v2 import functional as TF
 import mtssl.data.fast_augment as fast_augment
 from mtssl.config import compose_config, resolve_config
 from mtssl.data.fast_augment import FastMultiViewTransform, gaussian_taps, sample_crop_box, separable_blur
-from mtssl.data.views import VIEW_TYPES, MultiViewTransform, ViewLayout, build_view_layout
+from mtssl.data.torchvision_augment import MultiViewTransform
+from mtssl.data.views import VIEW_TYPES, ViewLayout, build_view_layout
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE = 32
@@ -47,15 +50,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def to_pixels(view: torch.Tensor) -> torch.Tensor:
-    """Undo the normalisation: [3, H, W] on the 0..255 scale."""
-    return (view * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)) * 255
-
-
-def run_views(image: Image.Image, samples: int, seed: int, layout: ViewLayout = WHOLE_IMAGE_LAYOUT) -> list[list[torch.Tensor]]:
+def run_views(image: Image.Image, samples: int, seed: int, layout: ViewLayout = WHOLE_IMAGE_LAYOUT,
+              before_rounding: bool = False) -> list[list[torch.Tensor]]:
+    """``samples`` view lists as float [3, H, W] pixels on the 0..255 scale: the uint8 worker output,
+    or with ``before_rounding`` the float views before it (grayscale broadcast to 3 channels)."""
     transform = FastMultiViewTransform(layout, MEAN, STD)
     torch.manual_seed(seed)
-    return [[to_pixels(v) for v in transform(image)] for _ in range(samples)]
+    if before_rounding:
+        return [[v.expand(3, -1, -1) for v in transform.float_views(image)] for _ in range(samples)]
+    return [[v.float() for v in transform(image)] for _ in range(samples)]
 
 
 def assert_frequency(hits: int, n: int, p: float, what: str) -> None:
@@ -170,7 +173,7 @@ def test_jitter_strengths_follow_the_view_spec(op, strength):
     luma = float(torch.tensor(fast_augment.GRAY_WEIGHTS) @ color)
     image = Image.new("RGB", (SIZE, SIZE), tuple(int(c) for c in color))
     factors, colored = [], 0
-    for views in run_views(image, 2000, seed=11, layout=ViewLayout((view,))):
+    for views in run_views(image, 2000, seed=11, layout=ViewLayout((view,)), before_rounding=True):
         for pixels in views:
             red = float(pixels[0, 0, 0])
             if (pixels.amax(dim=0) - pixels.amin(dim=0)).max() < 1e-3:
@@ -197,7 +200,7 @@ def test_blur_kernel_field_bounds_the_blur_support(kernel, radius):
     values[32, 32] = 220.0
     view = replace(VIEW_TYPES["local"], size=size, scale=(1.0, 1.0), blur_p=(1.0,), jitter=(0.0, 0.0, 0.0, 0.0), blur_kernel=kernel)
     reach = []
-    for (pixels,) in run_views(gray_image(values), 200, seed=12, layout=ViewLayout((replace(view, count=1),))):
+    for (pixels,) in run_views(gray_image(values), 200, seed=12, layout=ViewLayout((replace(view, count=1),)), before_rounding=True):
         p = pixels[0]
         row, col = divmod(int(p.argmax()), size)
         lit = (p[row] - p[row, 0]).abs() > 1e-3
@@ -215,7 +218,7 @@ def test_blur_frequency_and_sigma_range():
     image = gray_image(values)
     detect_sigma = 0.3  # below it the neighbour moves by < 0.4% of the peak
     counts, sigmas = np.zeros(5), {v: [] for v in range(4)}
-    for views in run_views(image, SAMPLES, seed=3):
+    for views in run_views(image, SAMPLES, seed=3, before_rounding=True):
         for v in (GLOBAL_1, GLOBAL_2, LOCAL_1, LOCAL_2):
             p = views[v][0]
             background = p[0, 0]
@@ -320,7 +323,7 @@ def test_reduced_jpeg_decode_keeps_the_views():
     assert transform.reduced_decodes == 1
     for a, b in zip(reduced, full):
         assert a.shape == b.shape
-        assert (to_pixels(a) - to_pixels(b)).abs().mean() < 3.0  # same crops, same ops, DCT-scaled source
+        assert (a.float() - b.float()).abs().mean() < 3.0  # same crops, same ops, DCT-scaled source
 
 
 def test_training_dataset_hands_the_fast_pipeline_the_undecoded_jpeg(tmp_path):
@@ -336,3 +339,31 @@ def test_training_dataset_hands_the_fast_pipeline_the_undecoded_jpeg(tmp_path):
     assert transform.reduced_decodes == 1 and (label, skipped) == (4, [])
     again, _, _ = dataset[(0, 0)]  # the same (epoch, index) gives the same views
     assert all(torch.equal(a, b) for a, b in zip(views, again))
+
+
+def test_worker_output_is_the_rounded_float_views():
+    # The worker hands over uint8: the float views rounded to the nearest level (half to even),
+    # broadcast to 3 channels where grayscale, under the same random draws.
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    transform = FastMultiViewTransform(WHOLE_IMAGE_LAYOUT, MEAN, STD)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        floats = transform.float_views(image)
+        torch.manual_seed(seed)
+        worker = transform(image)
+        for x, u in zip(floats, worker):
+            assert u.dtype == torch.uint8 and u.shape == (3, SIZE, SIZE) and u.is_contiguous()
+            expected = np.rint(np.clip(np.broadcast_to(x.numpy(), (3, SIZE, SIZE)), 0, 255))
+            np.testing.assert_array_equal(u.numpy(), expected.astype(np.uint8))
+
+
+def test_to_views_normalises_on_the_device_side():
+    # to_views: (x / 255 - mean) / std per channel, batched; float32 [B, 3, H, W] per view.
+    transform = FastMultiViewTransform(WHOLE_IMAGE_LAYOUT, MEAN, STD)
+    generator = torch.Generator().manual_seed(5)
+    batch = [torch.randint(0, 256, (4, 3, n, n), dtype=torch.uint8, generator=generator) for n in (SIZE, 16)]
+    views = transform.to_views(batch, torch.device("cpu"))
+    for view, pixels in zip(views, batch):
+        expected = (pixels.double() / 255 - torch.tensor(MEAN, dtype=torch.float64).view(3, 1, 1)) / torch.tensor(STD, dtype=torch.float64).view(3, 1, 1)
+        assert view.dtype == torch.float32 and view.shape == pixels.shape
+        torch.testing.assert_close(view.double(), expected, rtol=0, atol=1e-5)

@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 from torchvision.transforms import v2
 
 from mtssl.config import resolve_config, validate_config
-from mtssl.data.views import MultiViewTransform, build_eval_transform, build_view_layout
+from mtssl.data.torchvision_augment import MultiViewTransform, build_eval_transform
+from mtssl.data.views import build_view_layout
 from mtssl.distributed.process_group import DistEnv
 from mtssl.model.siamese import build_model
 from mtssl.train.optim import set_learning_rate

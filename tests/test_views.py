@@ -6,9 +6,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from torchvision.transforms import v2
 
 from mtssl.config import compose_config, resolve_config
-from mtssl.data.views import Cutout, MultiViewTransform, blur_kernel_size, build_view_layout
+from mtssl.data.torchvision_augment import Cutout, MultiViewTransform
+from mtssl.data.views import blur_kernel_size, build_view_layout
 
 PRESETS = {
     "global": {"global": 2},
@@ -31,10 +33,32 @@ def test_preset_view_shapes(preset, data, sizes):
     expected = [(t, sizes[t]) for t in PRESETS[preset] for _ in range(PRESETS[preset][t])]
     assert [(name, layout.type(name).size) for name, _ in layout.entries] == expected
     image = Image.new("RGB", (300, 260), (120, 30, 200))
-    views = MultiViewTransform(layout, cfg.data.mean, cfg.data.std)(image)
+    transform = MultiViewTransform(layout, cfg.data.mean, cfg.data.std)
+    views = transform(image)
     assert [tuple(v.shape) for v in views] == [(3, s, s) for _, s in expected]
-    assert all(v.dtype == torch.float32 for v in views)
+    assert all(v.dtype == torch.uint8 for v in views)  # what crosses the DataLoader
+    batch = transform.to_views([v.unsqueeze(0) for v in views], torch.device("cpu"))
+    assert [(tuple(v.shape), v.dtype) for v in batch] == [((1, 3, s, s), torch.float32) for _, s in expected]
     assert layout.target_indices == [0, 1]
+
+
+@pytest.mark.parametrize("data", ["cifar10", "imagefolder"])
+def test_to_views_is_bitwise_the_per_sample_float_pipeline(data):
+    # Before normalisation moved to the device, each worker view ended with ToDtype(float32, scale) and
+    # Normalize: the batched to_views must give exactly those floats (CPU results stay unchanged).
+    cfg, layout = layout_for(["views=global_local_cutout", f"data={data}", "data.root=/unused"])
+    transform = MultiViewTransform(layout, cfg.data.mean, cfg.data.std)
+    finish = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.data.mean, cfg.data.std)])
+    generator = torch.Generator().manual_seed(0)
+    images = [Image.fromarray(torch.randint(0, 256, (70, 90, 3), dtype=torch.uint8, generator=generator).numpy()) for _ in range(3)]
+    samples = []
+    for seed, image in enumerate(images):
+        torch.manual_seed(seed)
+        samples.append(transform(image))
+    views = transform.to_views([torch.stack(v) for v in zip(*samples)], torch.device("cpu"))
+    for v, view in enumerate(views):
+        expected = torch.stack([finish(sample[v]) for sample in samples])
+        assert view.dtype == torch.float32 and torch.equal(view, expected)
 
 
 def test_counts_and_sizes_are_overridable():

@@ -1,11 +1,12 @@
-"""A faster multi-view augmentation with the same distributions as ``mtssl.data.views``.
+"""The ``fast`` pipeline: the same augmentation distributions as ``mtssl.data.torchvision_augment``.
 
-``FastMultiViewTransform`` is a drop-in replacement for ``MultiViewTransform``: same call
-contract (PIL image -> list of normalised float CHW tensors in layout order) and the same
-augmentation distributions (crop scale and ratio, flip, jitter, grayscale, blur, solarize
-probabilities and parameter ranges, cutout area). Pixel values differ slightly: colour ops run
-in float without the uint8 rounding between ops, and blur taps beyond 4 sigma (< 1e-4 of the
-kernel's weight) are dropped. Where the time goes, per source image, all on the CPU worker:
+``FastMultiViewTransform`` is a drop-in replacement for ``MultiViewTransform``: same contract
+(PIL image -> list of uint8 CHW views in layout order in the worker; ``to_views`` normalises a
+batch on the device) and the same augmentation distributions (crop scale and ratio, flip,
+jitter, grayscale, blur, solarize probabilities and parameter ranges, cutout area). Pixel values
+differ slightly: colour ops run in float without the uint8 rounding between ops (one rounding
+at the end), and blur taps beyond 4 sigma (< 1e-4 of the kernel's weight) are dropped. Where the
+time goes, per source image, all on the CPU worker:
 
 1. Every view's crop box is sampled first, from the image size alone (the JPEG header).
 2. Decode at reduced size (PIL ``draft``: DCT-domain 1/2, 1/4, 1/8 scaling) when every box
@@ -13,12 +14,13 @@ kernel's weight) are dropped. Where the time goes, per source image, all on the 
    decoded (``Image.open`` without ``convert``); a decoded image is used as it is.
 3. Crop + bicubic antialiased resize on uint8 channels-last (torch's vectorised uint8 kernel),
    then the flip, on the small uint8 crop.
-4. One uint8 -> float conversion per view, kept in the 0..255 range; the 1/255 is folded into
-   the final normalisation (one ``addcmul``).
+4. One uint8 -> float conversion per view, kept in the 0..255 range, and one rounding back to
+   uint8 at the end (what crosses to the main process); the 1/255 is folded into the
+   normalisation on the device (one ``addcmul`` in ``to_views``).
 5. Colour jitter on the small crop: brightness, contrast and saturation as single
    ``mul``/``lerp`` ops (clamped only when a factor can leave the range), hue as a direct
    HSV rotation; grayscale drops to one channel, so blur and solarize then touch a third of
-   the data.
+   the data (broadcast back to three channels on uint8).
 6. Separable Gaussian blur as shifted adds (2 x taps ops, vs k^2 MACs per pixel of the 2-D
    kernel), with reflect padding as in torchvision.
 
@@ -38,7 +40,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from mtssl.data.views import Cutout, ViewLayout
+from mtssl.data.torchvision_augment import Cutout
+from mtssl.data.views import ViewLayout
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 JITTER_P = 0.8
@@ -152,7 +155,7 @@ def view_specs(layout: ViewLayout) -> list[_ViewSpec]:
 
 
 class FastMultiViewTransform:
-    """PIL image -> list of augmented views in ``layout`` order (same contract as MultiViewTransform).
+    """PIL image -> list of uint8 views in ``layout`` order (same contract as MultiViewTransform).
 
     Pass a lazily opened JPEG (``Image.open(path)``, not yet converted) to let it decode at
     reduced size when every crop allows; ``reduced_decodes`` counts how often that happened.
@@ -168,16 +171,31 @@ class FastMultiViewTransform:
         self.cutout_fill = mean_t * 255.0  # the dataset mean, on the 0..255 working scale
         self.norm_scale = 1.0 / (255.0 * std_t)  # (x / 255 - mean) / std = x * scale + shift
         self.norm_shift = -mean_t / std_t
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.gray_weights = torch.tensor(GRAY_WEIGHTS).view(1, 3)
         self.reduced_decodes = 0
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        return [_to_uint8(x) for x in self.float_views(image)]
+
+    def float_views(self, image: Image.Image) -> list[torch.Tensor]:
+        """The views before the final rounding: float on the 0..255 scale, [1, H, W] for a
+        grayscale view (``__call__`` rounds them to uint8 [3, H, W])."""
         width, height = image.size
         boxes = [sample_crop_box(height, width, v.scale) for v in self.views]
         image, boxes = self._decode(image, boxes)
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # H, W, 3
         source = pixels.permute(2, 0, 1).unsqueeze(0)  # 1, 3, H, W with channels-last strides
         return [self._view(source, box, view) for box, view in zip(boxes, self.views)]
+
+    def to_views(self, batch: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """uint8 [B, 3, H, W] per view -> float32 normalised views on ``device``: x * scale + shift,
+        with the 1/255 folded into the scale (one ``addcmul`` per view)."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = (self.norm_shift.to(device), self.norm_scale.to(device))
+        shift, scale = self._on_device[device]
+        return [torch.addcmul(shift, view.to(device, non_blocking=True).float(), scale) for view in batch]
 
     def _decode(self, image: Image.Image, boxes):
         image, new_boxes = decode_for_crops(image, boxes, [v.size for v in self.views])
@@ -203,7 +221,7 @@ class FastMultiViewTransform:
             x = separable_blur(x, gaussian_taps(view.blur_kernel, _uniform(*BLUR_SIGMA)))
         if _happens(view.solarize_p):
             x = torch.where(x >= SOLARIZE_THRESHOLD, 255.0 - x, x)
-        return torch.addcmul(self.norm_shift, x, self.norm_scale)
+        return x
 
     def _color_jitter(self, x: torch.Tensor, strengths: Sequence[float]) -> torch.Tensor:
         """ColorJitter(brightness, contrast, saturation, hue): the four ops in a random order, as
@@ -248,6 +266,11 @@ def decode_for_crops(image: Image.Image, boxes, sizes: Sequence[int]):
         sx, sy = new_width / width, new_height / height
         boxes = [_scale_box(box, sy, sx, new_height, new_width) for box in boxes]
     return image, boxes
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """A float 0..255 view -> uint8 [3, H, W] (round half to even; a grayscale view is broadcast)."""
+    return x.clamp(0.0, 255.0).round_().to(torch.uint8).expand(3, -1, -1).contiguous()
 
 
 def _scale_box(box, sy: float, sx: float, height: int, width: int) -> tuple[int, int, int, int]:

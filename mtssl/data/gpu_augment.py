@@ -35,7 +35,8 @@ from mtssl.data.fast_augment import (
     BLUR_SIGMA, BLUR_TRUNCATE_SIGMAS, CROP_RATIO, FLIP_P, GRAY_WEIGHTS, GRAYSCALE_P, JITTER_P, SOLARIZE_THRESHOLD,
     _happens, _uniform, _ViewSpec, adjust_hue, decode_for_crops, view_specs,
 )
-from mtssl.data.views import Cutout, ViewLayout
+from mtssl.data.torchvision_augment import Cutout
+from mtssl.data.views import ViewLayout
 
 # Columns of the parameter table: one row per view.
 FLIP = 0

@@ -161,9 +161,10 @@ class EvalImageFolder(Dataset):
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     """Seeded per-epoch permutation, cut into global batches, each sliced by rank.
 
-    Yields, for this rank, lists of (epoch, sample index). The state is the global position
-    (epoch, samples seen in that epoch), so resuming at any world size covers the same data.
-    The last incomplete global batch of each epoch is dropped.
+    Yields, for this rank, lists of (epoch, sample index), one per global step from
+    ``set_position``'s start to its stop, across epoch boundaries: one DataLoader (and one set of
+    workers) serves a whole run. The state is the global step, so resuming at any world size
+    covers the same data. The last incomplete global batch of each epoch is dropped.
     """
 
     def __init__(self, num_samples: int, global_batch_size: int, rank: int, world_size: int, seed: int):
@@ -178,37 +179,44 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         self.rank = rank
         self.steps_per_epoch = num_samples // global_batch_size
         self.seed = seed
-        self.epoch = 0
-        self.start_sample = 0
+        self.start_step = 0
+        self.stop_step = self.steps_per_epoch
 
-    def set_position(self, step: int) -> None:
-        """Continue from global step ``step`` (epoch and offset follow from the global batch)."""
-        self.epoch, batch = divmod(step, self.steps_per_epoch)
-        self.start_sample = batch * self.global_batch_size
+    def set_position(self, step: int, stop_step: int | None = None) -> None:
+        """Yield the batches of global steps ``step`` .. ``stop_step`` - 1 (default: to the end of
+        ``step``'s epoch); epoch and offset follow from the global batch."""
+        self.start_step = step
+        self.stop_step = (step // self.steps_per_epoch + 1) * self.steps_per_epoch if stop_step is None else stop_step
 
     def permutation(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.num_samples, generator=generator)
 
     def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_sample // self.global_batch_size
+        return max(0, self.stop_step - self.start_step)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = self.permutation(self.epoch).tolist()
-        end = self.steps_per_epoch * self.global_batch_size
-        for start in range(self.start_sample, end, self.global_batch_size):
-            lo = start + self.rank * self.local_batch_size
-            yield [(self.epoch, i) for i in order[lo : lo + self.local_batch_size]]
+        order_epoch, order = None, []
+        for step in range(self.start_step, self.stop_step):
+            epoch, batch = divmod(step, self.steps_per_epoch)
+            if epoch != order_epoch:
+                order_epoch, order = epoch, self.permutation(epoch).tolist()
+            lo = batch * self.global_batch_size + self.rank * self.local_batch_size
+            yield [(epoch, i) for i in order[lo : lo + self.local_batch_size]]
+
+
+def stack_views(samples: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per-sample view lists -> one [B, ...] tensor per view (a pipeline's default ``collate``)."""
+    return [torch.stack([views[v] for views in samples]) for v in range(len(samples[0]))]
 
 
 def collate_views(batch, collate: Callable | None = None):
-    """[(views, label, skipped paths)] -> (list of [B, C, H, W] per view, labels, set of skipped paths).
+    """[(views, label, skipped paths)] -> (batched views, labels, set of skipped paths).
 
-    ``collate``: the pipeline's own batching of the views (e.g. per-sample shapes), instead of stacking."""
-    if collate is not None:
-        views = collate([sample[0] for sample in batch])
-    else:
-        views = [torch.stack([sample[0][v] for sample in batch]) for v in range(len(batch[0][0]))]
+    ``collate`` batches the per-sample view lists (the pipeline's own, e.g. for per-sample shapes;
+    default ``stack_views``); bind it with ``functools.partial`` for a DataLoader.
+    """
+    views = (collate or stack_views)([sample[0] for sample in batch])
     labels = torch.tensor([sample[1] for sample in batch])
     skipped = {path for sample in batch for path in sample[2]}
     return views, labels, skipped

@@ -1,4 +1,4 @@
-"""View types and the multi-view augmentation pipeline.
+"""View types and the layout of a sample's views: the augmentation specs every pipeline reads.
 
 Each view type is one latent alignment task. Its defaults live in ``VIEW_TYPES``, the only
 place to touch when adding a type: presets in ``conf/views/`` just list which types to use
@@ -9,18 +9,13 @@ Every view uses bicubic RandomResizedCrop, flip p=0.5, ColorJitter(``jitter``) p
 Gaussian blur (sigma in [0.1, 2], kernel ``blur_kernel`` px, by default ~10% of the crop),
 optional solarize, then mean/std normalisation. The i-th view of a type uses
 ``blur_p[i % len]`` and ``solarize_p[i % len]``, which keeps BYOL's asymmetric pair of global views.
-
-All geometric and colour ops run on uint8 tensors; conversion to float happens last.
+The pipelines implementing these specs are registered in ``mtssl.data.pipelines``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
-
-import torch
-from torchvision.transforms import v2
+from typing import Any, Mapping
 
 TARGET_VIEW_TYPE = "global"  # targets are the target network's embeddings of these views
 
@@ -128,85 +123,3 @@ def blur_kernel_size(crop_size: int) -> int:
     """Odd kernel of about 10% of the crop (23 px at 224, 9 at 96, 3 at 32)."""
     k = max(3, int(0.1 * crop_size))
     return k if k % 2 == 1 else k + 1
-
-
-class Cutout(torch.nn.Module):
-    """Mask one rectangle of U(area) of the image with the dataset mean.
-
-    Aspect ratio is log-uniform in [3/4, 4/3]. Works on uint8 CHW tensors (fill = mean * 255).
-    """
-
-    def __init__(self, area: tuple[float, float], mean: Sequence[float], ratio=(3 / 4, 4 / 3)):
-        super().__init__()
-        self.area = area
-        self.ratio = ratio
-        self.fill = torch.tensor([round(m * 255) for m in mean], dtype=torch.uint8).view(-1, 1, 1)
-
-    @staticmethod
-    def sample_box(height: int, width: int, area, ratio) -> tuple[int, int, int, int]:
-        """Return (top, left, h, w) of the masked rectangle."""
-        target_area = height * width * torch.empty(1).uniform_(area[0], area[1]).item()
-        log_ratio = torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item()
-        aspect = math.exp(log_ratio)
-        h = min(height, max(1, round(math.sqrt(target_area * aspect))))
-        w = min(width, max(1, round(target_area / h)))
-        top = int(torch.randint(0, height - h + 1, (1,)).item())
-        left = int(torch.randint(0, width - w + 1, (1,)).item())
-        return top, left, h, w
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        top, left, h, w = self.sample_box(image.shape[-2], image.shape[-1], self.area, self.ratio)
-        image = image.clone()
-        image[..., top : top + h, left : left + w] = self.fill.to(image.dtype)
-        return image
-
-
-def build_view_transform(view: ViewType, index: int, mean, std) -> v2.Compose:
-    """The augmentation of the ``index``-th view of ``view``: uint8 CHW tensor -> normalised float."""
-    ops: list[torch.nn.Module] = [
-        v2.RandomResizedCrop(view.size, scale=view.scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(p=0.5),
-    ]
-    if view.cutout_area is not None:  # after the flip, before colour jitter
-        ops.append(Cutout(view.cutout_area, mean))
-    ops += [
-        v2.RandomApply([v2.ColorJitter(*view.jitter)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(view.blur_kernel_px(), sigma=(0.1, 2.0))], p=view.blur_probability(index)),
-    ]
-    if view.solarize_probability(index) > 0:
-        ops.append(v2.RandomSolarize(threshold=128, p=view.solarize_probability(index)))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    return v2.Compose(ops)
-
-
-class MultiViewTransform:
-    """PIL image -> list of augmented views in ``layout`` order."""
-
-    def __init__(self, layout: ViewLayout, mean, std):
-        self.layout = layout
-        self.to_tensor = v2.PILToTensor()
-        self.transforms = [build_view_transform(layout.type(name), i, mean, std) for name, i in layout.entries]
-
-    def __call__(self, image) -> list[torch.Tensor]:
-        image = self.to_tensor(image.convert("RGB"))
-        return [t(image) for t in self.transforms]
-
-
-EVAL_INTERPOLATIONS = {
-    "bilinear": v2.InterpolationMode.BILINEAR,
-    "bicubic": v2.InterpolationMode.BICUBIC,
-    "nearest": v2.InterpolationMode.NEAREST,
-}
-
-
-def build_eval_transform(mean, std, resize: int | None, crop: int | None, interpolation: str = "bilinear") -> v2.Compose:
-    """Validation transform: resize (``interpolation``: bilinear, bicubic or nearest) then centre
-    crop, both skipped when null (e.g. CIFAR at 32 px)."""
-    ops: list[Any] = [v2.PILToTensor()]
-    if resize:
-        ops.append(v2.Resize(resize, interpolation=EVAL_INTERPOLATIONS[interpolation], antialias=True))
-    if crop:
-        ops.append(v2.CenterCrop(crop))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    return v2.Compose(ops)

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtssl.data.image_folder import EvalImageFolder, class_balanced_subset, list_image_folder
-from mtssl.data.views import build_eval_transform
+from mtssl.data.torchvision_augment import build_eval_transform
 from mtssl.distributed.checkpoint import write_json_atomic
 from mtssl.distributed.collectives import average_buffers_over_ranks_, host_any, host_barrier, host_union
 from mtssl.distributed.fsdp import full_state_dict, state_sha256

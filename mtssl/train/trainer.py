@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from mtssl.distributed.checkpoint import CheckpointManager, ModelAndOptimizer, TrainerState
 from mtssl.config import ConfigError, config_hash, describe_changes
+from mtssl.data.device_prefetch import DevicePrefetcher
 from mtssl.data.image_folder import AugmentedImageFolder, GlobalBatchSampler, class_balanced_subset, collate_views, list_image_folder
 from mtssl.distributed.collectives import device_mean_, host_any, host_union
 from mtssl.distributed.process_group import DistEnv
@@ -234,12 +235,11 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, self.model, self.peak_lr, fixed)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-        transform = AUGMENTATION_PIPELINES[cfg.data.pipeline](self.layout, cfg.data.mean, cfg.data.std)
-        if hasattr(transform, "decode_on_device"):  # data.gpu_decode: nvJPEG, on CUDA only
-            transform.decode_on_device = bool(cfg.data.gpu_decode) and env.device.type == "cuda"
-        self.transform = transform
-        dataset = AugmentedImageFolder(self.train_samples, transform, cfg.train.seed)
-        self.dataset = dataset
+        # The pipeline's worker part runs in the dataset; its to_views runs in the loop, on the device.
+        self.transform = AUGMENTATION_PIPELINES[cfg.data.pipeline](self.layout, cfg.data.mean, cfg.data.std)
+        self.dataset = AugmentedImageFolder(self.train_samples, self.transform, cfg.train.seed)
+        if hasattr(self.transform, "decode_on_device"):  # data.gpu_decode: nvJPEG, on CUDA only
+            self.transform.decode_on_device = bool(cfg.data.gpu_decode) and env.device.type == "cuda"
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_checkpoints, env.rank)
         self.config_hash = config_hash(cfg)
         self.config_yaml = OmegaConf.to_yaml(cfg)
@@ -355,6 +355,24 @@ class Trainer:
         state.skipped_images = len(state.skipped_files)
         skipped_local.clear()
 
+    def train_loader(self, step: int, last_step: int) -> DataLoader:
+        """One DataLoader for the rest of the run: the batches of steps ``step`` .. ``last_step`` - 1,
+        across epochs (an epoch ends where ``step % steps_per_epoch == 0``), so workers start once
+        and keep the prefetch queue full over epoch boundaries (a loader per epoch would respawn
+        them and wait for a batch per worker each epoch)."""
+        cfg = self.cfg
+        self.sampler.set_position(step, last_step)
+        return DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=cfg.data.num_workers,
+            prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers > 0 else None,
+            collate_fn=functools.partial(collate_views, collate=getattr(self.transform, "collate", None)),
+            pin_memory=self.env.device.type == "cuda",
+            # Forked workers inherit StopRequest's handler until then, so no SIGINT ends one.
+            worker_init_fn=ignore_interrupts,
+        )
+
     def fit(self, stop: StopRequest, writer=None, on_epoch_end: Callable[[int, int], None] | None = None) -> PretrainOutcome:
         """Train to ``train.epochs`` (or ``train.max_steps``), resuming from the latest checkpoint.
 
@@ -398,18 +416,9 @@ class Trainer:
             self.layout.num_views, self.peak_lr,
         )
         self.model.train()
-        while step < last_step:
-            self.sampler.set_position(step)
-            loader = DataLoader(
-                self.dataset,
-                batch_sampler=self.sampler,
-                num_workers=cfg.data.num_workers,
-                collate_fn=functools.partial(collate_views, collate=getattr(self.transform, "collate", None)),
-                pin_memory=env.device.type == "cuda",
-                # Forked workers inherit StopRequest's handler until then, so no SIGINT ends one.
-                worker_init_fn=ignore_interrupts,
-            )
-            for views, _, skipped in loader:
+        # One loader for the rest of the run; closing it on the way out (break, exception) stops its workers now.
+        with contextlib.closing(iter(DevicePrefetcher(self.train_loader(step, last_step), env.device))) as batches:
+            for views, _, skipped in batches:
                 # Agree before the forward pass: it updates BN running statistics, which a
                 # checkpoint taken after it would wrongly include.
                 due = env.is_main and time.monotonic() - last_save > 60 * cfg.train.checkpoint_every_min
@@ -430,9 +439,7 @@ class Trainer:
                 torch.manual_seed(step_seed(cfg.train.seed, env.rank, step))
                 logs_now = (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == last_step
                 with self._host_sync_check(active=not logs_now and step >= start_step + cfg.train.log_every_steps):
-                    views = [v.to(env.device, non_blocking=True) for v in views]  # pinned by the loader
-                    if hasattr(self.transform, "to_views"):  # the device part of the pipeline
-                        views = self.transform.to_views(views, env.device)
+                    views = self.transform.to_views(views, env.device)  # uint8 on the device -> normalised float views
                     output = self.training_step(views, step, measure_grad_norm=logs_now)
                 loss = output.loss
                 skipped_local |= skipped
@@ -453,8 +460,6 @@ class Trainer:
                 seconds = epoch_end()
                 hook_seconds += seconds
                 window_start += seconds
-            if outcome.status == "diverged":
-                break
         if outcome.status == "completed" and last_nonfinite:
             outcome.status, outcome.error = "diverged", f"non-finite loss at step {step - 1}"
         state.step = step
