@@ -36,6 +36,29 @@ def make_image_folder(root: Path, classes: int = 2, per_class: int = 8, size: in
 
 
 @pytest.fixture
+def single_process(monkeypatch):
+    """A one-rank process group (checkpoints and collectives go through it), torn down afterwards."""
+    from mtssl.distributed.process_group import destroy_distributed, init_distributed
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    env = init_distributed("cpu")
+    yield env
+    destroy_distributed()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tiny tensors: extra threads only add contention on a shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "data")
 

@@ -41,13 +41,7 @@ SPEC_BLUR_P = [1.0, 0.1, 0.5, 0.5, 0.5]
 SPEC_SOLARIZE_P = [0.0, 0.2, 0.0, 0.0, 0.0]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def run_views(image: Image.Image, samples: int, seed: int, layout: ViewLayout = WHOLE_IMAGE_LAYOUT,

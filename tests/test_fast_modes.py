@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from mtssl.config import compose_config, resolve_config
-from mtssl.distributed.process_group import destroy_distributed, init_distributed
 from mtssl.train.trainer import Trainer
 
 TINY = ["method=byol", "views=global_local_cutout", "backbone=resnet18", "data=cifar10", "data.small_images=true",
@@ -15,14 +14,6 @@ TINY = ["method=byol", "views=global_local_cutout", "backbone=resnet18", "data=c
         "method.projector.out_dim=32", "method.predictor.out_dim=32", "train.batch_size=8", "optim.warmup_epochs=0"]
 STEPS = 2
 
-
-@pytest.fixture
-def single_process(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    env = init_distributed("cpu")
-    yield env
-    destroy_distributed()
 
 
 def random_views(trainer, generator):

@@ -39,12 +39,7 @@ IMAGENET_LAYOUT = ViewLayout(tuple(VIEW_TYPES[name] for name in ("global", "loca
 SAMPLES = 1500  # source images per frequency test: 4.5 sigma = +-0.058 at p = 0.5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def worker_outputs(transform, image: Image.Image, samples: int, seed: int) -> list[list[torch.Tensor]]:

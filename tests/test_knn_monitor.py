@@ -34,15 +34,6 @@ TINY = [
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-@pytest.fixture
-def single_process(monkeypatch):
-    """A one-rank process group (checkpoints are written through it)."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    env = init_distributed("cpu")
-    yield env
-    destroy_distributed()
-
 
 def _config(root, *overrides):
     return resolve_config(compose_config([f"data.root={root}", *TINY, *overrides]))

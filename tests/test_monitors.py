@@ -23,14 +23,6 @@ from tests.conftest import make_image_folder
 from tests.test_fast_modes import TINY, random_views
 
 
-@pytest.fixture
-def single_process(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    env = init_distributed("cpu")
-    yield env
-    destroy_distributed()
-
 
 # ------------------------------------------------------------------------------------------------ the math
 
