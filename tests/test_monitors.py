@@ -56,6 +56,9 @@ def test_rankme_of_a_rank_k_matrix_matches_a_hand_computation():
     assert rankme(z).item() == pytest.approx(expected, rel=1e-5)
     assert expected == pytest.approx(2 ** 1.75, rel=1e-4)  # entropy 1.75 ln 2 (the eps terms are ~1e-6)
     assert rankme(torch.ones(16, 8)).item() == pytest.approx(1.0, abs=1e-4)  # full collapse: one direction
+    diverged = z.clone()
+    diverged[3, 2] = float("nan")
+    assert math.isnan(rankme(diverged).item())  # a diverging run's embeddings: NaN, not an SVD error
 
 
 def test_collapsed_embeddings_flag_the_job_unstable():

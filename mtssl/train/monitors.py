@@ -90,10 +90,16 @@ def _cosines_from_gram(names: list[str], gram: torch.Tensor) -> dict[str, torch.
 
 
 def rankme(z: torch.Tensor, eps: float = RANKME_EPS) -> torch.Tensor:
-    """RankMe of embeddings ``z`` [N, D]: exp(-sum p_i log p_i), p_i = s_i / sum(s) + eps (s: singular values)."""
-    s = torch.linalg.svdvals(z.detach().float())
+    """RankMe of embeddings ``z`` [N, D]: exp(-sum p_i log p_i), p_i = s_i / sum(s) + eps (s: singular values).
+
+    NaN when ``z`` holds a non-finite value (a diverging run): the SVD would fail on it, and checking on the host
+    would synchronise; so the SVD runs on the finite entries and the result is masked."""
+    z = z.detach().float()
+    finite = torch.isfinite(z)
+    s = torch.linalg.svdvals(torch.where(finite, z, 0.0))
     p = s / s.sum().clamp_min(1e-30) + eps
-    return torch.exp(-(p * p.log()).sum())
+    value = torch.exp(-(p * p.log()).sum())
+    return torch.where(finite.all(), value, torch.nan)
 
 
 def rank_unstable(rankme_min: Mapping[str, float], threshold: float | None) -> tuple[bool, str | None]:
@@ -201,7 +207,7 @@ class TrainingMonitors:
             "interference_probes": self.probes,
             "interference_mean_cos": {k[4:]: v for k, v in sorted(mean.items()) if k.startswith("cos_")},
             "interference_mean_gradnorm": {k[9:]: v for k, v in sorted(mean.items()) if k.startswith("gradnorm_")},
-            "rankme_final": dict(self.rankme_final),
+            "rankme_final": {t: v if math.isfinite(v) else None for t, v in self.rankme_final.items()},
             "rankme_min": dict(self.rankme_min),
             "rankme_min_step": dict(self.rankme_min_step),
             "rankme_threshold": self.threshold,
