@@ -88,6 +88,10 @@ def preset_configs():
     for group in ("method", "views", "predictor", "backbone", "data"):
         for name in available(group):
             yield compose_config([f"{group}={name}"] + (["data.root=/x"] if name == "imagefolder" else []))
+    for scale in available("scale"):  # each scale with each method and backbone: their parts too
+        for group in ("method", "backbone"):
+            for name in available(group):
+                yield compose_config([f"scale={scale}", f"{group}={name}"])
 
 
 def leaf_paths(node, path=""):
@@ -237,3 +241,23 @@ def test_config_hash_survives_the_config_yaml_round_trip(tiny_folder, tmp_path):
     assert config_hash(OmegaConf.load(tmp_path / "config.yaml")) == config_hash(cfg)
     assert changes_from_file(tmp_path / "config.yaml", cfg) == []
     assert changes_from_file(tmp_path / "missing.yaml", cfg) is None
+
+
+def test_scale_sets_its_values_and_the_command_line_wins(tiny_folder):
+    """scale=cpu replaces config.yaml's and the presets' values, its per-method part applies to its method
+    only, and an explicit override still wins over both."""
+    official = compose_config(["method=mocov3"])
+    cpu = compose_config(["scale=cpu", "method=mocov3"])
+    assert (official.train.epochs, official.method.objective_kwargs.temperature) == (100, 1.0)
+    assert (cpu.train.epochs, cpu.train.batch_size, cpu.data.subset) == (20, 128, 2500)
+    assert (cpu.method.objective_kwargs.temperature, cpu.train.ema_tau) == (0.2, 0.99)
+    assert compose_config(["scale=cpu", "method=byol"]).train.ema_tau == 0.9
+    assert "temperature" not in compose_config(["scale=cpu", "method=byol"]).method.objective_kwargs
+    assert cpu.backbone.zero_init_last is True and official.backbone.zero_init_last is False
+    assert "zero_init_last" not in compose_config(["scale=cpu", "backbone=vit_small"]).backbone  # ResNets only
+    mine = compose_config(["scale=cpu", "method=mocov3", "train.epochs=3", "method.objective_kwargs.temperature=0.5"])
+    assert (mine.train.epochs, mine.method.objective_kwargs.temperature) == (3, 0.5)
+    for method in available("method"):
+        cfg = compose_config(["scale=cpu", f"method={method}", f"data.root={tiny_folder}", "train.batch_size=4",
+                              "data.subset=null", "eval.val_subset=null"])
+        validate_config(resolve_config(cfg))
