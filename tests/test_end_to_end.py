@@ -23,11 +23,12 @@ E2E = [
 ]
 EPOCHS = 4
 SUBSET = 2500  # scale=cpu's data.subset
-# Measured on CPU (deterministic at a fixed thread count; 1 thread): random init kNN top-1 19.35 / linear 21.3,
-# after 4 epochs (76 steps; a schedule this short learns less than the quick start's first 4 of 20 epochs)
-# 22.9 / 28.0.
+# Measured on CPU (deterministic at a fixed thread count and host, not across them): random init kNN top-1 /
+# linear 19.35 / 21.3 (1 thread), 19.3 / 21.3 (2 threads); after 4 epochs (76 steps; a schedule this short
+# learns less than the quick start's first 4 of 20 epochs) 22.9 / 28.0 (1 thread), 23.1 / 27.65 (2 threads),
+# linear 26.0 on another CI host. The margins sit below the smallest gains seen (+3.55 kNN, +4.7 linear).
 KNN_MARGIN = 2.5
-LINEAR_MARGIN = 5.0
+LINEAR_MARGIN = 3.0
 
 
 def run(out_dir, root, *overrides):

@@ -6,6 +6,7 @@ sits on the same rank as its online twin and the EMA update is purely local.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import torch
@@ -30,6 +31,28 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
     if precision == "bf16":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
+
+
+@contextlib.contextmanager
+def precision_kernels(precision: str, device: torch.device):
+    """Compute with ATen's own CPU kernels under bf16 on CPU: oneDNN off for the block.
+
+    On CPUs with native bf16 (AVX512-BF16, AMX) torch runs bf16 convolutions and matmuls in oneDNN,
+    whose bf16 convolution gives wrong results on some of them (pytorch/pytorch#163347). The 2-rank
+    bf16 test job (tests/test_multi_gpu.py) had NaN losses on one CI host, and finite ones within
+    3e-3 of fp32 on AVX2 hosts, where oneDNN has no bf16 kernels and ATen's run. The CPU bf16 path
+    emulates the CUDA one, so it uses those everywhere; CUDA and fp32 jobs keep their kernels.
+    Scoped, not process-wide: oneDNN is torch's fast fp32 CPU convolution.
+    """
+    if precision != "bf16" or device.type != "cpu":
+        yield
+        return
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 # BatchNorm keeps fp32 weights under bf16: its running statistics are fp32, and torch's CPU kernel

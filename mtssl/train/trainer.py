@@ -37,7 +37,7 @@ from mtssl.distributed.process_group import DistEnv
 from mtssl.train.ema import ema_momentum, ema_update
 from mtssl.train.monitors import TrainingMonitors
 from mtssl.data.pipelines import AUGMENTATION_PIPELINES
-from mtssl.distributed.fsdp import backbone_blocks, compute_parameters, shard_model
+from mtssl.distributed.fsdp import backbone_blocks, compute_parameters, precision_kernels, shard_model
 from mtssl.model.activation_checkpoint import checkpoint_backbone_blocks
 from mtssl.model.siamese import MultiTaskSiamese, build_model
 from mtssl.loss.multitask import multitask_loss, task_pair_counts, view_pair_loss_sum
@@ -253,6 +253,10 @@ class Trainer:
         step (LARS builds its update in the gradient tensors); off by default, since on FSDP it
         is a collective.
         """
+        with precision_kernels(self.cfg.train.precision, self.env.device):
+            return self._training_step(views, step, measure_grad_norm)
+
+    def _training_step(self, views: list[torch.Tensor], step: int, measure_grad_norm: bool) -> StepOutput:
         if self.cfg.train.channels_last:  # activations follow the input's layout; parameters stay contiguous (FSDP2)
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         set_learning_rate(self.optimizer, self.learning_rate(step), self.peak_lr)
