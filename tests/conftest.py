@@ -15,6 +15,16 @@ REPO = Path(__file__).resolve().parent.parent
 CIFAR_ROOT = Path(os.environ.get("MTSSL_DATA_ROOT", REPO.parent / "shared" / "data" / "cifar10"))
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The CPU kernels in use, printed even under -q: several tests compare floats that depend on them."""
+    import torch
+
+    terminalreporter.write_line(
+        f"torch {torch.__version__}: ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"oneDNN bf16 kernels {'available' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'absent'}, "
+        f"{torch.get_num_threads()} threads")
+
+
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
     if not (CIFAR_ROOT / "train").is_dir():
