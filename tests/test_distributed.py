@@ -185,7 +185,7 @@ def test_fsdp_two_ranks_match_one_process(tmp_path, overrides):
         # by up to 4e-3 of the part's largest update between 1 and 2 threads, and the FSDP run differs from it
         # by as much. So this step is checked against that update: a wrong momentum, learning rate or gradient
         # average is off by a good part of it. (A learning rate 0.3 % off already fails the first check.)
-        largest_update = max((ref_2[part][k] - ref_1[part][k]).abs().max().item() for k in keys) if keys else 0.0
+        largest_update = max(((ref_2[part][k] - ref_1[part][k]).abs().max().item() for k in keys), default=0.0)
         for k in keys:
             err = (fsdp_2[part][k] - ref_2[part][k]).abs().max().item()
             assert err <= 2e-2 * largest_update + 1e-5 * ref_2[part][k].abs().max().item(), (part, k, err, largest_update)
