@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 from report import print_table, write_report
+
+from mtssl.distributed.process_group import free_local_port
 
 RESULTS = Path(__file__).parent / "results" / "eval_memory.json"
 
@@ -74,12 +75,6 @@ def measure_rank(rank: int, world_size: int, port: int, args, out_dir: str) -> N
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=200_000)
@@ -94,7 +89,7 @@ def main(argv=None) -> None:
     rows, runs = [], {}
     for world_size in (1, 2):
         with tempfile.TemporaryDirectory() as out_dir:
-            mp.spawn(measure_rank, args=(world_size, free_port(), args, out_dir), nprocs=world_size, join=True)
+            mp.spawn(measure_rank, args=(world_size, free_local_port(), args, out_dir), nprocs=world_size, join=True)
             ranks = [json.loads(Path(out_dir, f"{r}.json").read_text()) for r in range(world_size)]
         runs[world_size] = ranks
         for r, m in enumerate(ranks):

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import sys
 import tempfile
 import warnings
@@ -32,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 from report import print_table, write_report
+
+from mtssl.distributed.process_group import free_local_port
 
 RESULTS = Path(__file__).parent / "results" / "memory.json"
 GOAL_RATIO = 0.6
@@ -91,15 +92,9 @@ def measure_rank(rank: int, world_size: int, port: int, overrides: list[str], ba
     destroy_distributed()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_world(world_size: int, overrides: list[str], batch: int, device_kind: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(measure_rank, args=(world_size, free_port(), overrides, batch, device_kind, out_dir), nprocs=world_size, join=True)
+        mp.spawn(measure_rank, args=(world_size, free_local_port(), overrides, batch, device_kind, out_dir), nprocs=world_size, join=True)
         return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world_size)]
 
 

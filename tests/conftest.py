@@ -1,18 +1,38 @@
-"""Shared fixtures: the CIFAR-10 folder, tiny synthetic ImageFolder datasets, the local SLURM cluster."""
+"""Fixtures for every test: the leak guard, one-rank process groups, one thread, tiny datasets, the SLURM cluster.
+
+Builders that tests call directly live in ``tests/support/`` (import them from there, never from a test module
+or from this file).
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-CIFAR_ROOT = Path(os.environ.get("MTSSL_DATA_ROOT", REPO.parent / "shared" / "data" / "cifar10"))
+from tests.support.data import CIFAR_ROOT, make_image_folder
+from tests.support.leak_guard import check_test_leaves_no_state
+from tests.support.slurm import slurm_cluster_problem
+
+pytest_plugins = ["pytester"]  # tests/test_leak_guard.py runs an inner pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n N``) each worker gets an equal share of the cores: N workers of all-core torch
+    would oversubscribe the machine. Set once per worker, before any test, so the leak guard sees it as given."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def pytest_collection_modifyitems(items):
+    """The SLURM tests share one small cluster: under ``--dist loadgroup`` they run one after another on one worker."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -25,24 +45,23 @@ def pytest_terminal_summary(terminalreporter):
         f"{torch.get_num_threads()} threads")
 
 
+@pytest.fixture(autouse=True)
+def leaves_no_state(request):
+    """Fail a test that leaves threads, rank environment, cwd, default dtype or a process group changed."""
+    yield from check_test_leaves_no_state(f"test {request.node.nodeid}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_leaves_no_state(request):
+    """The same for a module's fixtures (set up before its first test, torn down after its last)."""
+    yield from check_test_leaves_no_state(f"module {request.node.nodeid}")
+
+
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
     if not (CIFAR_ROOT / "train").is_dir():
         pytest.skip(f"CIFAR-10 not found at {CIFAR_ROOT} (set MTSSL_DATA_ROOT)")
     return CIFAR_ROOT
-
-
-def make_image_folder(root: Path, classes: int = 2, per_class: int = 8, size: int = 32, splits=("train", "val")) -> Path:
-    """Write a tiny ImageFolder of random JPEGs: root/{split}/class_k/i.jpg."""
-    rng = np.random.default_rng(0)
-    for split in splits:
-        for c in range(classes):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.jpg")
-    return root
 
 
 @pytest.fixture
@@ -71,43 +90,6 @@ def one_thread():
 @pytest.fixture
 def tiny_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "data")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The local SLURM cluster (slurm/start_local_cluster.sh)
-
-READY_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
-
-
-def run_slurm_command(*command: str) -> subprocess.CompletedProcess:
-    """A SLURM command's output; a hang (unreachable controller) becomes exit code 124 after 30 s."""
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(command, 124, "", f"`{' '.join(command)}` took over 30 s")
-
-
-def slurm_cluster_problem() -> str | None:
-    """Why the SLURM tests cannot run here, or None when a usable cluster answers."""
-    if shutil.which("sinfo") is None:
-        return "SLURM is not installed (no `sinfo`); run `sudo slurm/start_local_cluster.sh`"
-    conf = os.environ.get("SLURM_CONF")
-    if conf and not Path(conf).is_file():  # SLURM would retry reading it for 60 s
-        return f"SLURM_CONF={conf} does not exist; unset it or start the cluster"
-    ping = run_slurm_command("scontrol", "ping")  # fails at once when no controller runs; sinfo would retry ~10 s
-    nodes = run_slurm_command("sinfo", "--noheader", "--Node", "--format=%T") if ping.returncode == 0 else ping
-    if nodes.returncode != 0:
-        reason = (nodes.stderr or nodes.stdout).strip().splitlines()[0]
-        return f"no SLURM cluster answers ({reason}); run `sudo slurm/start_local_cluster.sh`"
-    if not READY_NODE_STATES & set(nodes.stdout.split()):
-        return f"no SLURM node is ready (states: {nodes.stdout.split()}); see the slurmd log"
-    partitions = set(run_slurm_command("sinfo", "--noheader", "--format=%R").stdout.split())
-    if not {"low", "high"} <= partitions:
-        return f"the cluster lacks the 'low' and 'high' partitions (has {sorted(partitions)}); see slurm/"
-    accounting = run_slurm_command("sacct", "--noheader", "--starttime=now-1hours")
-    if accounting.returncode != 0:
-        return f"SLURM accounting does not answer (`sacct`: {accounting.stderr.strip()})"
-    return None
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from analysis.gather import gather_sweep
 from analysis.make_tables import make_tables
 from analysis.tables import legend, to_csv_frame, to_latex, to_markdown
-from tests.test_analysis import PNG_SIGNATURE, job_name, only_table, table_rows, write_events, write_result, write_sweep
+from tests.support.sweep_files import PNG_SIGNATURE, job_name, only_table, table_rows, write_events, write_result, write_sweep
 
 
 def monitor(cosines: tuple[float, float, float], unstable: bool = False) -> dict:

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf, open_dict
 
 from mtssl.config import (FIELD_CHECKS, OPEN_SECTIONS, ConfigError, available, check_fields, compose_config,
                           field_check, resolve_config, validate_config)
-from tests.conftest import REPO, make_image_folder
+from tests.support.data import REPO, make_image_folder
 
 
 def check(overrides, world_size=1):

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from mtssl.config import compose_config, resolve_config
 from mtssl.data.image_folder import GlobalBatchSampler
 from mtssl.distributed.process_group import destroy_distributed, init_distributed
 from mtssl.train.ema import ema_update
@@ -18,37 +15,13 @@ from mtssl.distributed.fsdp import full_state_dict
 from mtssl.loss.multitask import multitask_loss
 from mtssl.loss.objectives import gather_keys, mocov3_pair_loss
 from mtssl.train.trainer import Trainer
-from tests.conftest import make_image_folder
+from tests.support.data import make_image_folder
+from tests.support.jobs import GLOBAL_BATCH, global_views
+from tests.support.jobs import sharded_job_config as job_config
+from tests.support.ranks import free_port, run_ranks
+from tests.support.ranks import set_rank_env as set_env
 
-SMALL_HEADS = ["method.projector.hidden_dims=[64]", "method.predictor.hidden_dims=[64]", "method.projector.out_dim=32", "method.predictor.out_dim=32"]
-GLOBAL_BATCH = 16
 STEPS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(fn, world_size, *args):
-    port = free_port()
-    mp.spawn(fn, args=(world_size, port, *args), nprocs=world_size, join=True)
-
-
-def set_env(rank, world_size, port):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-def job_config(root, overrides):
-    cfg = resolve_config(compose_config([f"data.root={root}", "data.subset=null", f"train.batch_size={GLOBAL_BATCH}", "train.epochs=4", "optim.warmup_epochs=1"] + SMALL_HEADS + overrides))
-    return cfg
-
-
-def global_views(trainer, step):
-    """The same global batch of views on every rank, from a fixed seed."""
-    g = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(GLOBAL_BATCH, 3, trainer.layout.type(t).size, trainer.layout.type(t).size, generator=g) for t, _ in trainer.layout.entries]
 
 
 def _fsdp_worker(rank, world_size, port, root, overrides, out):

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import make_image_folder
+from tests.support.data import make_image_folder
 from mtssl.config import compose_config, resolve_config
 from mtssl.distributed.process_group import DistEnv
 from mtssl.eval.job import EVAL_STATE, EvaluationInterrupted, evaluate_states

@@ -28,17 +28,12 @@ from mtssl.config import compose_config, resolve_config
 from mtssl.data.fast_augment import FastMultiViewTransform, gaussian_taps, sample_crop_box, separable_blur
 from mtssl.data.torchvision_augment import MultiViewTransform
 from mtssl.data.views import VIEW_TYPES, ViewLayout, build_view_layout
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SIZE = 32
-SAMPLES = 4000  # source images per frequency test: 4.5 sigma = +-0.036 at p = 0.5
-# The spec's five views at 32 px, whole-image crops: global 1, global 2, local, local, cutout.
-WHOLE_IMAGE_LAYOUT = ViewLayout(
-    tuple(replace(VIEW_TYPES[name], size=SIZE, scale=(1.0, 1.0)) for name in ("global", "local", "cutout"))
+from tests.support.view_spec import (
+    GLOBAL_1, GLOBAL_2, LOCAL_1, LOCAL_2, MEAN, SIZE, SPEC_BLUR_P, SPEC_SOLARIZE_P, STD, WHOLE_IMAGE_LAYOUT,
+    assert_frequency, expected_mean_area, gray_image,
 )
-GLOBAL_1, GLOBAL_2, LOCAL_1, LOCAL_2, CUTOUT = range(5)
-SPEC_BLUR_P = [1.0, 0.1, 0.5, 0.5, 0.5]
-SPEC_SOLARIZE_P = [0.0, 0.2, 0.0, 0.0, 0.0]
+
+SAMPLES = 4000  # source images per frequency test: 4.5 sigma = +-0.036 at p = 0.5
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -55,31 +50,7 @@ def run_views(image: Image.Image, samples: int, seed: int, layout: ViewLayout = 
     return [[v.float() for v in transform(image)] for _ in range(samples)]
 
 
-def assert_frequency(hits: int, n: int, p: float, what: str) -> None:
-    sigma = math.sqrt(max(p * (1 - p), 1e-12) / n)
-    assert abs(hits / n - p) <= 4.5 * sigma + 1e-9, f"{what}: frequency {hits / n:.4f} over {n}, specified {p}"
-
-
-def gray_image(values: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.repeat(values[:, :, None], 3, axis=2).astype(np.uint8))
-
-
 # ---------------------------------------------------------------------------- crop boxes
-def expected_mean_area(height: int, width: int, scale, ratio=(3 / 4, 4 / 3), attempts: int = 10) -> float:
-    """E[crop area / image area] of RandomResizedCrop, by numerical integration over (scale, log ratio).
-
-    An attempt draws s ~ U(scale), log r ~ U(log ratio) and is kept when the box fits; after
-    ``attempts`` misses the box is the whole image (its ratio lies inside ``ratio`` here).
-    """
-    s = np.linspace(scale[0], scale[1], 801)
-    log_r = np.linspace(math.log(ratio[0]), math.log(ratio[1]), 801)
-    ss, rr = np.meshgrid(s, np.exp(log_r), indexing="ij")
-    area = height * width * ss
-    fits = (np.sqrt(area * rr) <= width) & (np.sqrt(area / rr) <= height)
-    q = fits.mean()
-    miss_all = (1 - q) ** attempts
-    return (1 - miss_all) * (ss * fits).sum() / fits.sum() + miss_all * 1.0
-
 
 @pytest.mark.parametrize("name", ["global", "local", "cutout"])
 def test_crop_scale_and_ratio_follow_random_resized_crop(name):

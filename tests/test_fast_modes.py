@@ -6,26 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtssl.config import compose_config, resolve_config
-from mtssl.train.trainer import Trainer
+from tests.support.jobs import random_views, tiny_trainer
 
-TINY = ["method=byol", "views=global_local_cutout", "backbone=resnet18", "data=cifar10", "data.small_images=true",
-        "+backbone.kwargs.layers=[1,1,1,1]", "method.projector.hidden_dims=[64]", "method.predictor.hidden_dims=[64]",
-        "method.projector.out_dim=32", "method.predictor.out_dim=32", "train.batch_size=8", "optim.warmup_epochs=0"]
 STEPS = 2
-
-
-
-def random_views(trainer, generator):
-    """One batch of 8 random images per view, at each view type's size."""
-    return [torch.randn(8, 3, trainer.layout.type(t).size, trainer.layout.type(t).size, generator=generator)
-            for t in trainer.view_types]
 
 
 def run_steps(env, tmp_path, *overrides):
     """Losses and final online weights of STEPS training steps on fixed random views."""
-    cfg = resolve_config(compose_config(TINY + list(overrides)))
-    trainer = Trainer(cfg, env, tmp_path / "_".join(overrides or ("default",)), train_samples=[("unused", 0)] * 64)
+    trainer = tiny_trainer(env, tmp_path / "_".join(overrides or ("default",)), *overrides)
     generator = torch.Generator().manual_seed(0)
     losses = []
     for step in range(STEPS):
@@ -71,8 +59,7 @@ def grad_norm(trainer) -> float:
 def first_step(env, tmp_path, *overrides):
     """The trainer, its first step's output, and the norms of the gradients the optimiser was
     given and of p.grad after the step."""
-    cfg = resolve_config(compose_config(TINY + list(overrides)))
-    trainer = Trainer(cfg, env, tmp_path / "_".join(overrides or ("default",)), train_samples=[("unused", 0)] * 64)
+    trainer = tiny_trainer(env, tmp_path / "_".join(overrides or ("default",)), *overrides)
     given = []
     lars_step = trainer.optimizer.step
 

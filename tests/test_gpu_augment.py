@@ -24,7 +24,7 @@ from mtssl.data.pipelines import AUGMENTATION_PIPELINES
 from mtssl.data.gpu_augment import GpuMultiViewTransform, gaussian_blur, resize_crops
 from mtssl.data.image_folder import AugmentedImageFolder, collate_views
 from mtssl.data.views import VIEW_TYPES, ViewLayout
-from tests.test_fast_augment import (
+from tests.support.view_spec import (
     CUTOUT, GLOBAL_1, GLOBAL_2, LOCAL_1, LOCAL_2, MEAN, SIZE, SPEC_BLUR_P, SPEC_SOLARIZE_P, STD, WHOLE_IMAGE_LAYOUT,
     assert_frequency, expected_mean_area, gray_image,
 )
@@ -324,7 +324,7 @@ def test_gpu_pipeline_trains_and_resumes_exactly(tmp_path, monkeypatch):
     from mtssl.config import compose_config, resolve_config
     from mtssl.distributed.process_group import destroy_distributed, init_distributed
     from mtssl.train.trainer import StopRequest, Trainer
-    from tests.conftest import make_image_folder
+    from tests.support.data import make_image_folder
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)

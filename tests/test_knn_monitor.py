@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import make_image_folder
+from tests.support.data import make_image_folder
+from tests.support.ranks import run_ranks, set_rank_env
 from mtssl.config import ConfigError, compose_config, resolve_config, validate_config
 from mtssl.distributed.fsdp import full_state_dict, state_sha256
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
@@ -142,8 +140,7 @@ def test_a_bank_smaller_than_k_is_refused_before_training(tmp_path):
 
 
 def _two_rank_worker(rank, world_size, port, root, out_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    set_rank_env(rank, world_size, port)
     torch.set_num_threads(1)
     env = init_distributed("cpu")
     try:
@@ -171,11 +168,8 @@ def test_two_fsdp_ranks_give_the_one_process_knn(tmp_path):
     """The sharded backbone on 2 ranks, BN statistics averaged over them (then restored), equals one process's kNN
     on the same averaged network."""
     root = make_image_folder(tmp_path / "data", per_class=8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     (tmp_path / "job").mkdir()
-    mp.spawn(_two_rank_worker, args=(2, port, root, tmp_path / "job"), nprocs=2, join=True)
+    run_ranks(_two_rank_worker, 2, root, tmp_path / "job")
     ranks = [torch.load(tmp_path / "job" / f"rank{r}.pt") for r in range(2)]
     assert all(r["unchanged"] and r["training"] for r in ranks)
     states = [r["state"] for r in ranks]

@@ -16,7 +16,7 @@ from mtssl.data.device_prefetch import DevicePrefetcher
 from mtssl.data.image_folder import GlobalBatchSampler
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
 from mtssl.train.trainer import StopRequest, Trainer
-from tests.conftest import make_image_folder
+from tests.support.data import make_image_folder
 
 
 def per_epoch_batches(num_samples, global_batch, rank, world, seed, start_step, stop_step):
@@ -94,11 +94,10 @@ def fit(env: DistEnv, root: Path, out_dir: Path, *overrides: str) -> Trainer:
 
 
 @pytest.mark.slow
-def test_two_epochs_start_workers_once_and_resume_mid_epoch_exactly(one_rank, tmp_path, monkeypatch):
+def test_two_epochs_start_workers_once_and_resume_mid_epoch_exactly(one_rank, one_thread, tmp_path, monkeypatch):
     root = make_image_folder(tmp_path / "data", classes=2, per_class=8)
     starts = tmp_path / "workers.txt"
     monkeypatch.setattr(trainer_module, "ignore_interrupts", functools.partial(record_worker, starts))
-    torch.set_num_threads(1)
     straight = fit(one_rank, root, tmp_path / "straight")
     # 2 workers for the whole run (a loader per epoch started 2 per epoch: 4).
     workers = [line.split() for line in starts.read_text().splitlines()]

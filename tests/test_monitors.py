@@ -19,8 +19,12 @@ from mtssl.distributed.process_group import destroy_distributed, init_distribute
 from mtssl.loss.multitask import multitask_loss
 from mtssl.train.monitors import TrainingMonitors, gradient_norms, pairwise_cosines, rank_unstable, rankme
 from mtssl.train.trainer import StopRequest, Trainer
-from tests.conftest import make_image_folder
-from tests.test_fast_modes import TINY, random_views
+from tests.support.data import make_image_folder
+from tests.support.jobs import global_views, random_views, tiny_trainer
+from tests.support.jobs import TINY_STEP as TINY
+from tests.support.jobs import sharded_job_config as job_config
+from tests.support.ranks import run_ranks
+from tests.support.ranks import set_rank_env as set_env
 
 
 
@@ -91,13 +95,12 @@ def test_monitor_fields_do_not_change_the_training_config_hash():
 
 # ------------------------------------------------------------------------------------------------ the probe
 
-def tiny_trainer(env, tmp_path, *overrides):
-    cfg = resolve_config(compose_config(TINY + list(overrides)))
-    return Trainer(cfg, env, tmp_path / "_".join(overrides or ("default",)), train_samples=[("unused", 0)] * 64)
+def probe_trainer(env, tmp_path, *overrides):
+    return tiny_trainer(env, tmp_path / "_".join(overrides or ("default",)), *overrides)
 
 
 def test_probe_gradients_equal_separate_backwards_of_each_task_loss(single_process, tmp_path):
-    trainer = tiny_trainer(single_process, tmp_path, "monitor.interference_every=1")
+    trainer = probe_trainer(single_process, tmp_path, "monitor.interference_every=1")
     fresh = copy.deepcopy(trainer.model)  # same weights and BN statistics, before the step
     views = random_views(trainer, torch.Generator().manual_seed(0))
     trainer.training_step(views, 0)
@@ -123,7 +126,7 @@ def test_probe_gradients_equal_separate_backwards_of_each_task_loss(single_proce
 
 
 def run_steps(env, tmp_path, *overrides, steps=2):
-    trainer = tiny_trainer(env, tmp_path, *overrides)
+    trainer = probe_trainer(env, tmp_path, *overrides)
     generator = torch.Generator().manual_seed(0)
     for step in range(steps):
         trainer.training_step(random_views(trainer, generator), step)
@@ -173,8 +176,6 @@ def test_probe_means_and_rankme_survive_a_resume(single_process, tmp_path):
 
 
 def _probe_worker(rank, world_size, port, root, out):
-    from tests.test_distributed import global_views, job_config, set_env
-
     set_env(rank, world_size, port)
     torch.set_num_threads(1)
     env = init_distributed("cpu")
@@ -190,8 +191,6 @@ def _probe_worker(rank, world_size, port, root, out):
 def test_probe_on_two_fsdp_ranks_measures_the_global_batch_gradients(single_process, tmp_path):
     """2 gloo ranks (FSDP2, sharded parameters) against one process: the gradient of the mean over the two
     half-batches' task losses (BN statistics per half, as on each rank)."""
-    from tests.test_distributed import global_views, job_config, run_ranks
-
     root = make_image_folder(tmp_path / "data", per_class=8)
     trainer = Trainer(job_config(root, []), single_process, tmp_path / "reference")
     model, views = trainer.model, global_views(trainer, 0)

@@ -14,8 +14,11 @@ import torch.distributed as dist
 
 from mtssl.distributed import process_group
 from mtssl.distributed.process_group import rendezvous_port, select_device, slurm_task_env
-from tests.conftest import make_image_folder
-from tests.test_distributed import GLOBAL_BATCH, free_port, job_config, run_ranks, set_env
+from tests.support.data import make_image_folder
+from tests.support.jobs import GLOBAL_BATCH, global_views
+from tests.support.jobs import sharded_job_config as job_config
+from tests.support.ranks import run_ranks
+from tests.support.ranks import set_rank_env as set_env
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mtssl"
 COLLECTIVES = {
@@ -219,7 +222,6 @@ def _precision_worker(rank, world_size, port, root, out, steps):
     from mtssl.distributed.collectives import device_mean_
     from mtssl.distributed.process_group import destroy_distributed, init_distributed
     from mtssl.train.trainer import Trainer
-    from tests.test_distributed import global_views
 
     env = init_distributed("cpu")
     report = {}
@@ -277,7 +279,6 @@ def test_cpu_bf16_steps_run_without_onednn(single_process, tmp_path, precision):
     """oneDNN's bf16 convolution is wrong on some CPUs (mtssl.distributed.fsdp.precision_kernels): a
     bf16 step on CPU computes with ATen's kernels; fp32 steps, and the code around a step, keep oneDNN."""
     from mtssl.train.trainer import Trainer
-    from tests.test_distributed import global_views
 
     root = make_image_folder(tmp_path / "data", per_class=4)
     trainer = Trainer(job_config(root, ["backbone=resnet18", "method=byol", f"train.precision={precision}"]), single_process, tmp_path / "out")

@@ -338,7 +338,7 @@ def test_knn_transform_resizes_256_bilinear_then_crops_224(method_runs):
 
 
 def test_dry_run_shows_the_official_runs(tmp_path):
-    from tests.conftest import make_image_folder
+    from tests.support.data import make_image_folder
 
     root = make_image_folder(tmp_path / "imagenet", classes=2, per_class=520, size=8)  # >= one 1024 batch
     proc = subprocess.run(

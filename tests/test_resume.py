@@ -11,7 +11,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_image_folder
+from tests.support.data import make_image_folder
+from tests.support.ranks import free_port, rank_env
 
 pytestmark = pytest.mark.slow
 
@@ -33,20 +33,13 @@ TINY = [
 TOTAL_STEPS = 12  # 2 classes x 16 images / batch 8 = 4 steps per epoch, 3 epochs
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_job(root: Path, out_dir: Path, world_size: int, extra=(), own_group: bool = False) -> list[subprocess.Popen]:
     """Start the ranks; ``own_group``: all in one new process group, as a terminal's foreground job (Ctrl-C
     reaches every process in it, DataLoader workers included)."""
     port = free_port()
     procs = []
     for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        env = dict(os.environ, **rank_env(rank, world_size, port), OMP_NUM_THREADS="1")
         cmd = [sys.executable, "-m", "mtssl.run", f"data.root={root}", f"out_dir={out_dir}", *TINY, *extra]
         log = open(out_dir.parent / f"{out_dir.name}.rank{rank}.log", "a")
         group = {"process_group": procs[0].pid if procs else 0} if own_group else {}

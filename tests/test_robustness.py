@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import make_image_folder
+from tests.support.data import make_image_folder
 
 pytestmark = pytest.mark.slow
 

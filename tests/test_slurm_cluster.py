@@ -12,7 +12,7 @@ import cloudpickle
 import pytest
 import submitit
 
-from tests.conftest import run_slurm_command
+from tests.support.slurm import run_slurm_command
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 

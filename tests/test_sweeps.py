@@ -29,7 +29,7 @@ from sweeps.grid import expand_grid, job_name
 from sweeps.launchers import Submission, SweepLauncher, TrackedJob, record_submissions, scheduler_states
 from sweeps.overrides import split_overrides
 from sweeps.status import format_rows, sweep_rows
-from tests.conftest import make_image_folder
+from tests.support.data import make_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = [sys.executable, str(REPO / "sweeps" / "launch.py")]

@@ -11,6 +11,7 @@ import datetime
 import gc
 import hashlib
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -161,3 +162,10 @@ def destroy_distributed(all_ranks_done: bool = True) -> None:
         dist.destroy_process_group()
         gc.collect()
     _HOST_GROUP = None
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for ranks spawned on this machine (tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
