@@ -269,7 +269,7 @@ def ensure_packages(wheels: Path, site: Path) -> dict:
     needed = ", ".join(TRAVELLING_PACKAGES[m] for m in missing)
     if not files:
         raise SystemExit(f"gpu_acceptance: {needed} not installed and no wheels in {wheels}; build them where PyPI is "
-                         f"reachable with `bash {BUILD_WHEELS}` and bring that folder along (device run: carry .wheels)")
+                         f"reachable with `bash {BUILD_WHEELS}` and copy that folder with the checkout (git ignores it)")
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
                "--disable-pip-version-check", "--upgrade", "--target", str(site), *map(str, files)]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -311,33 +311,37 @@ def job_config(run: Run, *overrides: str, backbone: str = "resnet50"):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Synthetic data: photo-like JPEGs (smooth colour fields at two scales plus sensor noise).
+# Synthetic data: photo-like JPEGs.
 
-def photo_like(width: int, height: int, seed: int) -> np.ndarray:
-    """[height, width, 3] uint8."""
+@functools.lru_cache(maxsize=1)
+def _noise_tile() -> np.ndarray:
+    return np.random.default_rng(1).normal(0, 4, (512, 512, 3)).round().astype(np.int16)
+
+
+def photo_like(width: int, height: int, seed: int):
+    """A PIL RGB image: two random colour fields (8 and 32 cells across) blended, plus sensor noise (a shifted
+    tile of Gaussian noise, sigma 4 levels: drawing it per image would cost more than the JPEG encode)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     coarse = Image.fromarray(rng.integers(0, 256, (max(2, 6 * height // width), 8, 3), dtype=np.uint8))
     fine = Image.fromarray(rng.integers(0, 256, (max(2, 24 * height // width), 32, 3), dtype=np.uint8))
-    image = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.float32) * 0.7
-    image += np.asarray(fine.resize((width, height), Image.BICUBIC), dtype=np.float32) * 0.3
-    image += rng.normal(0, 4, image.shape).astype(np.float32)
-    return np.clip(image, 0, 255).astype(np.uint8)
+    image = Image.blend(coarse.resize((width, height), Image.BICUBIC), fine.resize((width, height), Image.BICUBIC), 0.3)
+    tile = _noise_tile()
+    dy, dx = (int(v) for v in rng.integers(0, tile.shape[0], 2))
+    noise = np.tile(tile, (height // tile.shape[0] + 2, width // tile.shape[1] + 2, 1))[dy: dy + height, dx: dx + width]
+    return Image.fromarray(np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
 
 
 def write_jpeg(task: tuple[str, int, int, int, str]) -> None:
     """(path, width, height, seed, kind): kind baseline | progressive | grayscale | cmyk | truncated | not_a_jpeg."""
     import io
 
-    from PIL import Image
-
     path, width, height, seed, kind = task
     if kind == "not_a_jpeg":
         Path(path).write_bytes(b"this is not an image\n" * 64)
         return
-    image = Image.fromarray(photo_like(width, height, seed))
-    image = image.convert({"grayscale": "L", "cmyk": "CMYK"}.get(kind, "RGB"))
+    image = photo_like(width, height, seed).convert({"grayscale": "L", "cmyk": "CMYK"}.get(kind, "RGB"))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=90, progressive=kind == "progressive")
     data = buffer.getvalue()
@@ -346,8 +350,8 @@ def write_jpeg(task: tuple[str, int, int, int, str]) -> None:
 
 def make_data(root: Path, scale: Scale) -> Data:
     """root/images/{train,val}/class_k/*.jpg (clean: baseline, every 8th progressive, every 16th grayscale, every
-    10th large) and root/special/<kind>.jpg. In a process pool when the GPU run has cores to spare (before CUDA
-    is initialised: forked workers)."""
+    10th large) and root/special/<kind>.jpg. In threads on the GPU machine (PIL resizes and encodes without the
+    GIL; no forked process beside CUDA)."""
     tasks = []
     for split, per_class in (("train", scale.train_per_class), ("val", scale.val_per_class)):
         for c in range(scale.classes):
@@ -355,7 +359,7 @@ def make_data(root: Path, scale: Scale) -> Data:
             folder.mkdir(parents=True)
             for i in range(per_class):
                 kind = "progressive" if i % 8 == 5 else "grayscale" if i % 16 == 9 else "baseline"
-                size = scale.large_image if i % 10 == 3 else scale.image
+                size = scale.large_image if i % 10 == 3 and split == "train" else scale.image
                 seed = c * 100_003 + i + (0 if split == "train" else 50_000)
                 tasks.append((str(folder / f"{i:04d}.jpg"), *size, seed, kind if split == "train" else "baseline"))
     special = {kind: root / "special" / f"{kind}.jpg"
@@ -364,10 +368,10 @@ def make_data(root: Path, scale: Scale) -> Data:
     tasks += [(str(path), *scale.image, 7_000 + i, kind) for i, (kind, path) in enumerate(special.items())]
     workers = min(16, os.cpu_count() or 1) if not scale.tiny else 1
     if workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ThreadPoolExecutor
 
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(write_jpeg, tasks, chunksize=16))
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(write_jpeg, tasks))
     else:
         for task in tasks:
             write_jpeg(task)
@@ -472,6 +476,16 @@ def _fmt_diff(d: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # 1. preflight
 
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version as nvidia-smi reports it (torch has no public call for it)."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
+
+
 def stage_preflight(run: Run, stage: Stage) -> None:
     import pkgutil
 
@@ -489,9 +503,10 @@ def stage_preflight(run: Run, stage: Stage) -> None:
     if run.cuda:
         props = torch.cuda.get_device_properties(run.device)
         versions.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                        nccl=".".join(map(str, torch.cuda.nccl.version())), gpu=props.name,
+                        nccl=".".join(map(str, nccl)) if isinstance(nccl := torch.cuda.nccl.version(), tuple) else str(nccl),
+                        gpu=props.name,
                         capability=f"{props.major}.{props.minor}", gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                        multiprocessors=props.multi_processor_count)
+                        multiprocessors=props.multi_processor_count, driver=nvidia_driver())
     stage.numbers["versions"] = versions
     stage.measure("versions", ", ".join(f"{k} {v}" for k, v in versions.items()))
 
@@ -764,6 +779,8 @@ def stage_gpu_pipeline(run: Run, stage: Stage) -> None:
 # 5. the prefetcher
 
 NEXT_ANNOTATION = "gpu_acceptance.prefetcher_next"
+TRACE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset", "cuda_runtime", "cuda_driver", "user_annotation",
+                    "gpu_user_annotation"}
 SYNCHRONISING_CALLS = {"cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy",
                        "cudaMemcpy2D", "cudaMemset", "cuCtxSynchronize", "cuStreamSynchronize", "cuEventSynchronize"}
 
@@ -851,7 +868,8 @@ def stage_prefetcher(run: Run, stage: Stage) -> None:
         synchronize(run)
     trace = run.work / "prefetch_trace.json"
     prof.export_chrome_trace(str(trace))
-    found = analyse_prefetch_trace(json.loads(trace.read_text()).get("traceEvents", []))
+    document = json.loads(trace.read_text())
+    found = analyse_prefetch_trace(document.get("traceEvents", []))
     stage.numbers.update(found)
     stage.check("trace: one next() range per profiled step", found["next_calls"] == steps,
                 f"{found['next_calls']} of {steps}", f"{steps}")
@@ -871,9 +889,11 @@ def stage_prefetcher(run: Run, stage: Stage) -> None:
     stage.check("side-stream copy time overlapping compute", overlap is not None and overlap >= 0.5,
                 "-" if overlap is None else f"{100 * overlap:.0f}% of {found['side_copy_us'] / 1e3:.2f} ms",
                 ">= 50%", cuda_only=True)
-    if run.cuda:
-        with open(trace, "rb") as source, gzip.open(run.out / TRACE_FILE, "wb") as target:
-            shutil.copyfileobj(source, target)
+    if run.cuda:  # the device timeline, the runtime calls and the next() ranges (the CPU operators left out)
+        document["traceEvents"] = [e for e in document.get("traceEvents", [])
+                                   if e.get("ph") == "M" or e.get("cat") in TRACE_CATEGORIES]
+        with gzip.open(run.out / TRACE_FILE, "wt") as target:
+            json.dump(document, target)
         if (run.out / TRACE_FILE).stat().st_size > TRACE_MAX_BYTES:
             (run.out / TRACE_FILE).unlink()
         else:
@@ -1265,7 +1285,7 @@ def main(argv=None) -> int:
         os.environ.pop(key, None)
     try:
         start = time.monotonic()
-        run.data = make_data(work / "data", scale)  # before CUDA starts: the pool forks
+        run.data = make_data(work / "data", scale)
         results["data_seconds"] = round(time.monotonic() - start, 1)
         from mtssl.distributed.process_group import destroy_distributed, init_distributed
 
