@@ -67,7 +67,7 @@ RESULTS_JSON, RESULTS_MD, TRACE_FILE = "gpu_acceptance.json", "gpu_acceptance.md
 TRACE_MAX_BYTES = 15 * 2**20  # files above 16 MiB do not come back from the device machine
 # Stage and check statuses; "measured": a number without a pass criterion; "running": the stage in progress.
 PASS, FAIL, SKIPPED, MEASURED, RUNNING = "pass", "fail", "skipped", "measured", "running"
-CUDA_ONLY = "needs CUDA (CPU rehearsal)"
+CUDA_ONLY = "needs CUDA: CPU rehearsal"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,22 +106,25 @@ class Scale:
     compile_steps: int
 
 
-GPU = Scale("gpu", tiny=False, time_limit_s=480, image=(500, 375), large_image=(1600, 1200), classes=4,
-            train_per_class=128, val_per_class=32, workers=8, bn_batch=32, bn_grad_tolerance=2e-2, audit_batch=32, audit_checked_steps=20,
-            pipeline_batch=32, large_crop=4800, prefetch_batch=64, prefetch_steps=10, throughput_batch=128,
-            throughput_steps=15, host_batch=2, warmup_steps=3, resume_batch=32, resume_steps=8,
-            knn_bank=(8192, 1024, 128), collapsed_bank=1_281_167, knn_k=(10, 20), eval_images=(256, 64),
-            compile_batch=64, compile_steps=20)
-REHEARSAL = Scale("cpu-rehearsal", tiny=True, time_limit_s=None, image=(64, 48), large_image=(96, 72), classes=2,
-                  train_per_class=12, val_per_class=4, workers=0, bn_batch=16, bn_grad_tolerance=0.1, audit_batch=4, audit_checked_steps=1,
-                  pipeline_batch=4, large_crop=960, prefetch_batch=4, prefetch_steps=2, throughput_batch=4,
-                  throughput_steps=2, host_batch=2, warmup_steps=1, resume_batch=4, resume_steps=4,
-                  knn_bank=(61, 23, 8), collapsed_bank=3000, knn_k=(2, 4), eval_images=(8, 8),
-                  compile_batch=4, compile_steps=3)
+GPU = Scale(
+    "gpu", tiny=False, time_limit_s=480, image=(500, 375), large_image=(1600, 1200), classes=4, train_per_class=128,
+    val_per_class=32, workers=8, bn_batch=32, bn_grad_tolerance=2e-2, audit_batch=32, audit_checked_steps=20,
+    pipeline_batch=32, large_crop=4800, prefetch_batch=64, prefetch_steps=10, throughput_batch=128,
+    throughput_steps=15, host_batch=2, warmup_steps=3, resume_batch=32, resume_steps=8, knn_bank=(8192, 1024, 128),
+    collapsed_bank=1_281_167, knn_k=(10, 20), eval_images=(256, 64), compile_batch=64, compile_steps=20)
+# bn_grad_tolerance: the tiny network measured 3.1-3.6 % at batch 16 per view (BatchNorm over few values amplifies
+# bf16 round-off: 38 % at batch 4); the GPU run keeps the issue's 2e-2 for ResNet-50 at batch 32.
+REHEARSAL = Scale(
+    "cpu-rehearsal", tiny=True, time_limit_s=None, image=(64, 48), large_image=(96, 72), classes=2, train_per_class=12,
+    val_per_class=4, workers=0, bn_batch=16, bn_grad_tolerance=0.1, audit_batch=4, audit_checked_steps=1,
+    pipeline_batch=4, large_crop=960, prefetch_batch=4, prefetch_steps=2, throughput_batch=4, throughput_steps=2,
+    host_batch=2, warmup_steps=1, resume_batch=4, resume_steps=4, knn_bank=(61, 23, 8), collapsed_bank=3000,
+    knn_k=(2, 4), eval_images=(8, 8), compile_batch=4, compile_steps=3)
 
 # Rehearsal backbones: the presets' classes at a fraction of the width and depth (timm arguments).
 TINY_BACKBONES = {
-    "resnet": ["+backbone.kwargs.layers=[1,1,1,1]", "+backbone.kwargs.channels=[8,16,32,64]", "+backbone.kwargs.stem_width=8"],
+    "resnet": ["+backbone.kwargs.layers=[1,1,1,1]", "+backbone.kwargs.channels=[8,16,32,64]",
+               "+backbone.kwargs.stem_width=8"],
     "vit": ["+backbone.kwargs.depth=1", "+backbone.kwargs.embed_dim=24", "+backbone.kwargs.num_heads=2"],
 }
 TINY_JOB = ["method.projector.hidden_dims=[32]", "method.predictor.hidden_dims=[32]", "method.projector.out_dim=16",
@@ -228,7 +231,7 @@ def write_results(run: Run) -> None:
 
 
 def _cell(text) -> str:
-    return str(text).replace("|", "/").replace("\n", " ")
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def markdown_report(results: dict) -> str:
