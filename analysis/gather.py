@@ -41,7 +41,7 @@ from typing import Any, Iterable
 import pandas as pd
 import yaml
 
-from mtssl.distributed.progress import progress_bar
+from mtssl.utils.progress_bar import progress_bar
 
 STATUSES = ("completed", "diverged", "failed", "running", "missing", "malformed")
 RESULT_STATUSES = ("completed", "diverged", "failed")

@@ -40,7 +40,7 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis.events import read_scalars
 from analysis.tables import NOT_RANKED, Table
-from mtssl.distributed.progress import progress_bar
+from mtssl.utils.progress_bar import progress_bar
 
 LOSS_TAGS = ["train/loss", "train/loss_global", "train/loss_local", "train/loss_cutout"]
 KNN_TAG = "eval/knn_top1"

@@ -150,7 +150,8 @@ def measure_throughput(cfg, env, out_dir: Path, steps: int, results: dict) -> No
 
 def run_fit(cfg, env, out_dir: Path):
     """One ``Trainer.fit`` with the host-sync check on; returns (outcome, trainer)."""
-    from mtssl.train.trainer import StopRequest, Trainer
+    from mtssl.distributed.preemption import StopRequest
+    from mtssl.train.trainer import Trainer
 
     trainer = Trainer(cfg, env, out_dir)
     trainer.sync_debug_mode = "error"

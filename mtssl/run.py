@@ -25,9 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtssl.config import (ConfigError, changes_from_file, check_out_dir, config_hash, describe_changes, resolve_config,
                           validate_config)
-from mtssl.distributed.checkpoint import TRAINER_STATE, CheckpointManager, CheckpointMismatch, write_json_atomic
+from mtssl.distributed.checkpoint import TRAINER_STATE, CheckpointManager, CheckpointMismatch
+from mtssl.utils.atomic_write import write_json_atomic
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
-from mtssl.train.trainer import PretrainOutcome, StopRequest, Trainer, TrainingInterrupted, configure_determinism
+from mtssl.distributed.preemption import StopRequest, TrainingInterrupted
+from mtssl.train.trainer import PretrainOutcome, Trainer, configure_determinism
 
 log = logging.getLogger("mtssl")
 

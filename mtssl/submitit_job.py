@@ -23,7 +23,7 @@ from submitit.core.utils import UncompletedJobError
 from mtssl.config import compose_config
 from mtssl.distributed.process_group import destroy_distributed
 from mtssl.run import EXIT_BAD_CONFIG, EXIT_INTERRUPTED, EXIT_OK, read_results, run_job
-from mtssl.train.trainer import StopRequest
+from mtssl.distributed.preemption import StopRequest
 
 EXIT_MEANINGS = {EXIT_BAD_CONFIG: "invalid config", EXIT_INTERRUPTED: "stopped on a signal"}
 

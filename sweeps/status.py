@@ -24,7 +24,7 @@ if __package__ in (None, ""):
     # Run as a script: make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mtssl.distributed.progress import progress_bar  # noqa: E402
+from mtssl.utils.progress_bar import progress_bar  # noqa: E402
 from sweeps.launchers import read_submissions, scheduler_states  # noqa: E402
 
 PROGRESS_MIN_JOBS = 200  # show a progress bar when reading more jobs than this

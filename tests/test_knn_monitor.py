@@ -22,7 +22,8 @@ from mtssl.eval.knn import knn_classify
 from mtssl.eval.monitor import KNN_DURING_TRAINING, KnnMonitor
 from mtssl.data.image_folder import EvalImageFolder, class_balanced_subset, list_image_folder
 from mtssl.model.siamese import backbone_kwargs, build_backbone
-from mtssl.train.trainer import StopRequest, Trainer
+from mtssl.distributed.preemption import StopRequest
+from mtssl.train.trainer import Trainer
 
 TINY = [
     "data.subset=null", "train.batch_size=8", "train.epochs=2", "data.num_workers=0", "backbone=resnet18",

@@ -18,7 +18,8 @@ from mtssl.distributed.fsdp import full_state_dict, state_sha256
 from mtssl.distributed.process_group import destroy_distributed, init_distributed
 from mtssl.loss.multitask import multitask_loss
 from mtssl.train.monitors import TrainingMonitors, gradient_norms, pairwise_cosines, rank_unstable, rankme
-from mtssl.train.trainer import StopRequest, Trainer
+from mtssl.distributed.preemption import StopRequest
+from mtssl.train.trainer import Trainer
 from tests.conftest import make_image_folder
 from tests.test_fast_modes import TINY, random_views
 

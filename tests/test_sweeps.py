@@ -244,7 +244,7 @@ def test_sigint_stops_a_submitit_job_without_requeueing_it(tmp_path):
     from submitit.core.utils import UncompletedJobError
 
     from mtssl.submitit_job import MtsslJob
-    from mtssl.train.trainer import StopRequest
+    from mtssl.distributed.preemption import StopRequest
 
     requeued: list[int] = []
     saved = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGINT)}

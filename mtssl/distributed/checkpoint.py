@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,13 +33,6 @@ TRAINER_STATE = "trainer_state.json"
 RANK_BUFFERS = "buffers_rank{rank}.pt"
 # Each rank's generator states (CPU, and its own GPU's when it has one).
 RANK_RNG = "rng_rank{rank}.pt"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename: readers never see half a file."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 class CheckpointMismatch(RuntimeError):

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from mtssl.config import FEATURE_DTYPE_NAMES
 from mtssl.distributed.collectives import collective_device, device_all_gather_stack, rank as current_rank, world_size as current_world_size
-from mtssl.distributed.progress import progress_bar
+from mtssl.utils.progress_bar import progress_bar
 
 FEATURE_DTYPES = dict(zip(FEATURE_DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))  # eval.feature_dtype
 

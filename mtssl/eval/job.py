@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtssl.data.image_folder import EvalImageFolder, class_balanced_subset, list_image_folder
 from mtssl.data.torchvision_augment import build_eval_transform
-from mtssl.distributed.checkpoint import write_json_atomic
+from mtssl.utils.atomic_write import write_json_atomic
 from mtssl.distributed.collectives import average_buffers_over_ranks_, host_any, host_barrier, host_union
 from mtssl.distributed.fsdp import full_state_dict, state_sha256
 from mtssl.distributed.process_group import DistEnv

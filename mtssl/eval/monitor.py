@@ -26,7 +26,7 @@ from torch import nn
 
 from mtssl.config import ConfigError
 from mtssl.data.image_folder import EvalImageFolder, class_balanced_subset
-from mtssl.distributed.checkpoint import write_json_atomic
+from mtssl.utils.atomic_write import write_json_atomic
 from mtssl.distributed.collectives import average_buffers_over_ranks_, host_any, world_size
 from mtssl.distributed.process_group import DistEnv
 from mtssl.eval.features import FEATURE_DTYPES, extract_feature_shard

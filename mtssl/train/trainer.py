@@ -5,7 +5,8 @@ under stop-gradient for SimSiam) sees only the global views, the multi-task loss
 the method's pair loss, one backward, the optimiser step, then the EMA update.
 
 Runs survive the cluster: SIGUSR2, SIGTERM and a first SIGINT only set a flag; at the next step
-boundary all ranks agree on it, write a synchronous checkpoint and stop (``TrainingInterrupted``).
+boundary all ranks agree on it, write a synchronous checkpoint and stop (``TrainingInterrupted``; the
+protocol is mtssl.distributed.preemption).
 Randomness is a function of (seed, rank, step) and of (seed, epoch, sample), so a resumed run is
 bitwise equal to an uninterrupted one on CPU.
 """
@@ -17,7 +18,6 @@ import functools
 import hashlib
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ from mtssl.config import ConfigError, config_hash, describe_changes
 from mtssl.data.device_prefetch import DevicePrefetcher
 from mtssl.data.image_folder import AugmentedImageFolder, GlobalBatchSampler, class_balanced_subset, collate_views, list_image_folder
 from mtssl.distributed.collectives import device_mean_, host_any, host_union
+from mtssl.distributed.preemption import StopRequest, TrainingInterrupted, ignore_interrupts
 from mtssl.distributed.process_group import DistEnv
 from mtssl.train.ema import ema_momentum, ema_update
 from mtssl.train.monitors import TrainingMonitors
@@ -46,64 +47,6 @@ from mtssl.train.optim import build_optimizer, lr_at_step, peak_learning_rate, s
 from mtssl.data.views import ViewLayout, build_view_layout
 
 log = logging.getLogger(__name__)
-
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
-SIGINT_NOTICE = (b"mtssl: SIGINT: stopping at the next step boundary after a checkpoint (exit 3, rerun to resume); "
-                 b"press Ctrl-C again to abort at once, losing the steps since the last checkpoint\n")
-
-
-class TrainingInterrupted(Exception):
-    """Training stopped on a signal after writing a checkpoint; rerun (requeue) to resume."""
-
-    def __init__(self, signum: int | None, checkpoint: Path, step: int, signal_age_s: float | None = None):
-        reason = signal.Signals(signum).name if signum else "another rank's signal"
-        age = f" {signal_age_s:.3f} s after the signal" if signal_age_s is not None else ""
-        super().__init__(f"stopped on {reason} at step {step}{age}; checkpoint {checkpoint}")
-        self.signum = signum
-        self.checkpoint = checkpoint
-        self.step = step
-
-
-class StopRequest:
-    """Signal handler that only records the signal; the loop acts on it between steps.
-
-    The first SIGINT (Ctrl-C) counts like SIGTERM and gives SIGINT back its default action, so a second one ends
-    the process at once, even inside a long C call (Python runs handlers only between bytecodes).
-    """
-
-    def __init__(self, signals=STOP_SIGNALS):
-        self.signum: int | None = None  # the latest signal
-        self.received: list[int] = []  # every signal, in order
-        self.received_at: float | None = None  # time.monotonic() of the first signal
-        self.previous_handlers = {s: signal.signal(s, self._record) for s in signals}
-
-    def _record(self, signum, frame) -> None:
-        if self.received_at is None:
-            self.received_at = time.monotonic()
-        self.signum = signum
-        self.received.append(signum)
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.write(2, SIGINT_NOTICE)  # no logging in a handler: it may interrupt a log call holding its lock
-
-    def age_s(self) -> float | None:
-        """Seconds since the first signal arrived (None without one)."""
-        return None if self.received_at is None else time.monotonic() - self.received_at
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def restore(self) -> None:
-        for s, handler in self.previous_handlers.items():
-            signal.signal(s, handler)
-
-
-def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGINT, which a terminal's Ctrl-C sends to the whole process
-    group; torch's worker loop would otherwise end on the KeyboardInterrupt, and the main process then fails with
-    "DataLoader worker exited unexpectedly" before its stop checkpoint. The main process decides when to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StepOutput(NamedTuple):
