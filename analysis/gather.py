@@ -23,7 +23,7 @@ so gathering stays fast. ``config_hash_without_seed`` (the training config's has
 of different training configs apart: the tables never put two of them in one cell. Metric columns are percentages
 (0..100) exactly as the job wrote them; nested entries are flattened (``knn.k10.top1`` -> ``knn_k10_top1``,
 ``final_losses.loss_local`` -> ``final_loss_local``). The research monitors' entry (``monitor``, see
-mtssl/train/monitors.py) becomes ``cos_<a>_<b>`` (mean over probes of the cosine of two tasks' gradients),
+mtssl/train/research_monitors.py) becomes ``cos_<a>_<b>`` (mean over probes of the cosine of two tasks' gradients),
 ``cos_mean`` (their mean over the pairs), ``gradnorm_<task>``, ``rankme_<type>`` (final), ``rankme_min_<type>``,
 ``unstable`` (true when a RankMe fell below the job's threshold) and ``unstable_reason``.
 """

@@ -1,6 +1,6 @@
-"""Peak host memory per rank of the end-of-job evaluation on a synthetic feature bank: 1 rank vs 2 ranks.
+"""Peak host memory per rank of the end-of-training evaluation on a synthetic feature bank: 1 rank vs 2 ranks.
 
-Each rank runs what ``mtssl.eval.job`` runs on its share of the data, on the CPU (gloo): sharded
+Each rank runs what ``mtssl.eval.end_of_training`` runs on its share of the data, on the CPU (gloo): sharded
 feature extraction (``extract_feature_shard``) of a synthetic train and val set whose "images" are the
 features themselves (an identity backbone, so the bank size is exact), distributed kNN
 (``knn_classify_sharded``) and the lr-grid linear probe (``linear_probe_sharded``). Peak RSS growth

@@ -8,7 +8,7 @@ On CIFAR-10 (``--data-root``, default $MTSSL_DATA_ROOT) it checks, in one proces
      images/s, TFLOP/s (FLOPs of one step counted by torch), MFU against the GPU's dense bf16
      peak, peak memory;
   2. an uninterrupted job of ``--steps`` steps through ``Trainer.fit`` (real data loader), every
-     step between logging steps under the same sync check, then the end-of-job evaluation
+     step between logging steps under the same sync check, then the end-of-training evaluation
      (kNN and linear probe) on the GPU;
   3. the same job stopped at a checkpoint halfway and resumed by a new Trainer: its final
      weights and BN statistics are compared with the uninterrupted run's.
@@ -87,9 +87,9 @@ def check_rows(results: dict) -> list[tuple[str, str, bool | None]]:
                      f"{results['job_status']}, {results['job_images_per_s']:.0f} img/s", results["job_status"] == "completed"))
         rows.append(("final losses finite", str(results["losses_finite"]), results["losses_finite"]))
     if "eval_error" in results:
-        rows.append(("end-of-job evaluation on the GPU", results["eval_error"], False))
+        rows.append(("end-of-training evaluation on the GPU", results["eval_error"], False))
     elif "knn_top1" in results:
-        rows.append(("end-of-job evaluation on the GPU", f"kNN top-1 {results['knn_top1']:.2f}, linear top-1 {results['linear_top1']:.2f}", True))
+        rows.append(("end-of-training evaluation on the GPU", f"kNN top-1 {results['knn_top1']:.2f}, linear top-1 {results['linear_top1']:.2f}", True))
     if "resume_error" in results:
         rows.append(("stop at a checkpoint, resume", results["resume_error"], False))
     elif "resume_bitwise" in results:
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
                            losses_finite=bool(outcome.final_losses) and all(math.isfinite(v) for v in outcome.final_losses.values()))
             full = full_state_dict(trainer.model)
             try:
-                from mtssl.eval.job import evaluate_backbones
+                from mtssl.eval.end_of_training import evaluate_backbones
 
                 fields = evaluate_backbones(cfg, env, outcome, tmp / "uninterrupted")
                 results.update(knn_top1=fields["knn_top1"], linear_top1=fields["linear_top1"])

@@ -182,7 +182,7 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
             writer = SummaryWriter(str(out_dir / "tb"), purge_step=state_step)
         monitor = None
         if cfg.eval.knn_every_epochs:
-            from mtssl.eval.monitor import KnnMonitor  # noqa: deferred, heavy
+            from mtssl.eval.knn_monitor import KnnMonitor  # noqa: deferred, heavy
 
             monitor = KnnMonitor(cfg, env, trainer.model.online.backbone, trainer.train_samples, out_dir, writer, stop,
                                  resume_step=_latest_step(out_dir))
@@ -191,7 +191,7 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         if monitor is not None:
             results["knn_during_training"] = monitor.results(outcome.wall_time_s)
         if outcome.status == "completed":
-            from mtssl.eval.job import EvaluationInterrupted, evaluate_backbones  # noqa: deferred, heavy
+            from mtssl.eval.end_of_training import EvaluationInterrupted, evaluate_backbones  # noqa: deferred, heavy
 
             eval_start = time.monotonic()
             try:

@@ -48,7 +48,7 @@ class TrainerState:
     world_size: int = 1
     skipped_images: int = 0  # distinct unreadable files met so far (len(skipped_files))
     skipped_files: list[str] = field(default_factory=list)  # their paths, sorted
-    monitor: dict = field(default_factory=dict)  # running sums of the research monitors (mtssl.train.monitors)
+    monitor: dict = field(default_factory=dict)  # running sums of the research monitors (mtssl.train.research_monitors)
 
 
 class ModelAndOptimizer(Stateful):

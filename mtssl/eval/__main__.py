@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from mtssl.config import ConfigError, config_changes, format_changes, validate_config
 from mtssl.utils.atomic_write import write_json_atomic
 from mtssl.distributed.process_group import destroy_distributed, init_distributed
-from mtssl.eval.job import evaluate_states
+from mtssl.eval.end_of_training import evaluate_states
 
 log = logging.getLogger("mtssl")
 

@@ -115,7 +115,7 @@ def extract_features(
     """Features and labels of every item of `dataset`, in dataset order, on every rank (small datasets only).
 
     Returns (features [N, D] float32 on CPU, labels [N] int64 on CPU). Built on ``extract_feature_shard``;
-    with W ranks the shards are all-gathered, so every rank holds the whole bank: the end-of-job
+    with W ranks the shards are all-gathered, so every rank holds the whole bank: the end-of-training
     evaluation never calls this, it works on shards.
     """
     shard = extract_feature_shard(forward_fn, dataset, batch_size, num_workers, device)

@@ -36,7 +36,7 @@ from mtssl.distributed.collectives import device_mean_, host_any, host_union
 from mtssl.distributed.preemption import StopRequest, TrainingInterrupted, ignore_interrupts
 from mtssl.distributed.process_group import DistEnv
 from mtssl.train.ema import ema_momentum, ema_update
-from mtssl.train.monitors import TrainingMonitors
+from mtssl.train.research_monitors import TrainingMonitors
 from mtssl.data.pipelines import AUGMENTATION_PIPELINES
 from mtssl.distributed.fsdp import backbone_blocks, compute_parameters, precision_kernels, shard_model
 from mtssl.model.activation_checkpoint import checkpoint_backbone_blocks
@@ -71,7 +71,7 @@ class PretrainOutcome:
     images_per_s: float = 0.0
     skipped_files: list[str] = field(default_factory=list)  # distinct unreadable training files, sorted
     error: str | None = None
-    monitor: dict = field(default_factory=dict)  # the research monitors' summary (mtssl.train.monitors)
+    monitor: dict = field(default_factory=dict)  # the research monitors' summary (mtssl.train.research_monitors)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

@@ -1,4 +1,4 @@
-"""End-of-job evaluation: kNN (online and target backbones) and the frozen-feature linear probe, plus exports.
+"""End-of-training evaluation: kNN (online and target backbones) and the frozen-feature linear probe, plus exports.
 
 kNN and the ``frozen_features`` probe use frozen backbone features (pre-projector; the CLS token for ViTs) in eval mode
 with the validation transform. The backbones are gathered unsharded onto every rank; each rank then
@@ -39,7 +39,7 @@ AUGMENTED_STATE = "eval_augmented.pt"  # the augmented probe's head and optimise
 # Online kNN, the online probes, target kNN: one bank alive at a time.
 PHASES = ("knn", "linear", "linear_augmented", "knn_target")
 UNREADABLE = "unreadable_files"  # eval_state.json: the files replaced by black images so far
-# eval.* fields of the kNN during pretraining (mtssl.eval.monitor): the end-of-job phases do not depend on them.
+# eval.* fields of the kNN during pretraining (mtssl.eval.knn_monitor): the end-of-training phases do not depend on them.
 DURING_TRAINING_FIELDS = ("knn_every_epochs", "knn_during_training_val_subset", "knn_during_training_train_subset")
 
 
