@@ -35,6 +35,7 @@ import pandas as pd  # noqa: E402
 from analysis.gather import STATUSES, AnalysisError, gather_sweeps  # noqa: E402
 from analysis.plots import plot_jobs  # noqa: E402
 from analysis.tables import Table, build_tables, legend, to_markdown, write_table  # noqa: E402
+from mtssl.job_folder import RESULTS, JobStatus  # noqa: E402
 
 log = logging.getLogger("analysis.make_tables")
 
@@ -113,7 +114,7 @@ def _index(sweep_dirs: list[Path], frame: pd.DataFrame, sections: list[tuple[Tab
         if plot_paths:
             lines += [f"![{path.stem}]({link(path)})" for path in plot_paths] + [""]
 
-    unfinished = frame[frame["status"] != "completed"]
+    unfinished = frame[frame["status"] != JobStatus.COMPLETED]
     if not unfinished.empty:
         lines += ["## Jobs not completed", "", "| sweep | job | status | detail |", "|---|---|---|---|"]
         for job in unfinished.itertuples(index=False):
@@ -126,12 +127,12 @@ def _index(sweep_dirs: list[Path], frame: pd.DataFrame, sections: list[tuple[Tab
 
 def _detail(job) -> str:
     """One line on why a job has no result."""
-    if job.status == "missing":
+    if job.status == JobStatus.PENDING:
         text = "not started"
-    elif job.status == "running":
+    elif job.status == JobStatus.UNFINISHED:
         step = job.last_checkpoint_step
-        text = "no results.json yet" + (f"; last checkpoint at step {step}" if pd.notna(step) else "")
-    elif job.status == "malformed":
+        text = f"no {RESULTS} yet" + (f"; last checkpoint at step {step}" if pd.notna(step) else "")
+    elif job.status == JobStatus.MALFORMED:
         text = str(job.message)
     else:
         text = str(job.error) if pd.notna(job.error) else ""

@@ -33,6 +33,8 @@ from omegaconf import OmegaConf
 
 from report import print_table, write_report
 
+from mtssl.job_folder import JobStatus
+
 RESULTS = Path(__file__).parent / "results" / "gpu_check.json"
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
@@ -84,7 +86,7 @@ def check_rows(results: dict) -> list[tuple[str, str, bool | None]]:
         rows.append(("uninterrupted job", results["job_error"], False))
     elif "job_status" in results:
         rows.append((f"uninterrupted job ({results['steps']} steps, sync check between logging steps)",
-                     f"{results['job_status']}, {results['job_images_per_s']:.0f} img/s", results["job_status"] == "completed"))
+                     f"{results['job_status']}, {results['job_images_per_s']:.0f} img/s", results["job_status"] == JobStatus.COMPLETED))
         rows.append(("final losses finite", str(results["losses_finite"]), results["losses_finite"]))
     if "eval_error" in results:
         rows.append(("end-of-training evaluation on the GPU", results["eval_error"], False))

@@ -45,12 +45,12 @@ from submitit.core.utils import FailedSubmissionError, UncompletedJobError  # no
 
 from mtssl.config import (ConfigError, compose_config, config_changes, config_hash, describe_recipe,  # noqa: E402
                           format_changes, resolve_config, validate_config)
+from mtssl.job_folder import FINAL_STATUSES, SWEEP_SPEC, JobStatus, job_state  # noqa: E402
 from mtssl.run import OutDirConflict, out_dir_conflict  # noqa: E402
 from sweeps.grid import SweepJob, expand_grid, quote_value, random_init_job  # noqa: E402
 from sweeps.launchers import (Submission, SweepLauncher, TrackedJob, is_final, read_submissions,  # noqa: E402
                               record_submissions, register_configs, scheduler_states, submitted_overrides)
 from sweeps.overrides import split_overrides  # noqa: E402
-from sweeps.status import FINAL_STATUSES, job_state  # noqa: E402
 
 DRY_RUN_FLAG = "--dry-run"
 CLUSTER_PROFILES = REPO / "slurm" / "profiles"
@@ -63,7 +63,7 @@ class PlannedJob:
 
     job: SweepJob
     out_dir: Path
-    state: str
+    state: JobStatus  # of its job folder, when planned
     backbone: str
     config: DictConfig | None = None  # resolved
     conflict: OutDirConflict | None = None  # out_dir holds results or a checkpoint of another training config
@@ -143,7 +143,7 @@ def plan_sweep(cfg: DictConfig, sweep_dir: Path, resources: Resources) -> list[P
 def plan_job(job: SweepJob, sweep_dir: Path, resources: Resources) -> PlannedJob:
     """Compose, resolve and validate one job; raise ConfigError naming the job."""
     out_dir = sweep_dir / job.name
-    candidate = PlannedJob(job, out_dir, job_state(out_dir), backbone="")
+    candidate = PlannedJob(job, out_dir, job_state(out_dir).status, backbone="")
     try:
         job_cfg = resolve_config(compose_job(candidate.overrides))
         validate_config(job_cfg, check_data=True, world_size=resources.ranks)
@@ -185,8 +185,8 @@ def hours_per_job(cfg: DictConfig, backbone: str) -> float:
 
 
 def print_plan(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob], resources: Resources, kind: str) -> None:
-    action = {"completed": "skip (done)", "diverged": "skip (done)", "failed": "rerun", "unfinished": "resume",
-              "pending": "submit"}
+    action = {JobStatus.COMPLETED: "skip (done)", JobStatus.DIVERGED: "skip (done)", JobStatus.FAILED: "rerun",
+              JobStatus.UNFINISHED: "resume", JobStatus.MALFORMED: "resume", JobStatus.PENDING: "submit"}
     print(f"Sweep {cfg.ablation.name} (profile {cfg.profile.name}, launcher {kind}): {len(planned)} jobs, "
           f"{resources.ranks} rank(s) each ({resources.nodes} node(s) x {resources.tasks_per_node} task(s)"
           f"{', 1 GPU per task' if resources.gpus else ', CPU'})")
@@ -215,9 +215,9 @@ def write_sweep_json(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob]
     axes = list(planned[0].job.axes) if planned else []
     spec = {"ablation": cfg.ablation.name, "profile": cfg.profile.name, "axes": axes,
             "jobs": [p.job.to_json() for p in planned]}
-    tmp = sweep_dir / "sweep.json.tmp"
+    tmp = sweep_dir / f"{SWEEP_SPEC}.tmp"
     tmp.write_text(json.dumps(spec, indent=2))
-    os.replace(tmp, sweep_dir / "sweep.json")
+    os.replace(tmp, sweep_dir / SWEEP_SPEC)
 
 
 def write_tables(cfg: DictConfig, sweep_dir: Path) -> None:
@@ -341,7 +341,7 @@ def submit_and_follow(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob
                        f"`python sweeps/status.py {sweep_dir}`, or launch again to follow them and write the tables")
             return 130
 
-    states = {p.job.name: job_state(p.out_dir) for p in planned}
+    states = {p.job.name: job_state(p.out_dir).status for p in planned}
     unfinished = {name: state for name, state in states.items() if state not in FINAL_STATUSES}
     write_tables(cfg, sweep_dir)
     if unfinished:

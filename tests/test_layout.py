@@ -3,8 +3,8 @@
 Layers, lowest first (a module may import its own layer's package and any layer below):
 
     utils                        atomic file writes, progress bars (no torch, nothing else from mtssl)
-    data, loss, distributed      views and datasets, pair and multi-task losses, process groups / FSDP / DCP,
-                                 the preemption protocol
+    data, loss, distributed,     views and datasets, pair and multi-task losses, process groups / FSDP / DCP,
+    job_folder                   the preemption protocol; the job folder's files, status words and schemas
     config                       composition and validation (checks names against the data and loss registries)
     model                        backbone, heads, the multi-task Siamese network
     train, eval                  the training loop; frozen-feature evaluation
@@ -24,7 +24,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "mtssl"
 
 LAYER = {
     "utils": 0,
-    "data": 1, "loss": 1, "distributed": 1,
+    "data": 1, "loss": 1, "distributed": 1, "job_folder": 1,
     "config": 2,
     "model": 3,
     "train": 4, "eval": 4,

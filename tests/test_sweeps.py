@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from mtssl.config import ConfigError
+from mtssl.job_folder import record_start, update_progress
 from sweeps.grid import expand_grid, job_name
 from sweeps.launchers import Submission, SweepLauncher, TrackedJob, record_submissions, scheduler_states
 from sweeps.overrides import split_overrides
@@ -213,16 +214,12 @@ def test_status_table_reads_progress_and_queries_sacct_once(fake_sacct, tmp_path
     record_submissions(sweep, [Submission(n, s.job_id, *list(vars(s).values())[2:]) for n, s in zip(names, subs)])
     (sweep / "a").mkdir()
     (sweep / "a" / "results.json").write_text(json.dumps(
-        {"status": "completed", "steps": 40, "final_losses": {"loss": 0.25}, "images_per_s": 80.0}))
-    (sweep / "b").mkdir()
-    (sweep / "b" / "train.log").write_text(
-        "2026-01-01 00:00:00.000 [rank 0] INFO mtssl.run: job started: 1 rank(s), pid 1, SLURM job 1001\n"
-        "2026-01-01 00:00:01.000 [rank 0] INFO mtssl.train.trainer: pretraining byol: 40 steps (8/epoch), ...\n"
-        "2026-01-01 00:00:02.000 [rank 0] INFO mtssl.train.trainer: step 10/40 epoch 1 loss 1.5000 (global=1.5) "
-        "lr 0.1 tau 0.99 grad 1 std 0.1 12.5 img/s\n"
-        "2026-01-01 00:01:00.000 [rank 0] INFO mtssl.run: job started: 1 rank(s), pid 2, SLURM job 1001\n"
-        "2026-01-01 00:01:02.000 [rank 0] INFO mtssl.train.trainer: step 20/40 epoch 2 loss 1.2500 (global=1.25) "
-        "lr 0.1 tau 0.99 grad 1 std 0.1 20.0 img/s\n")
+        {"status": "completed", "steps": 40, "final_losses": {"loss": 0.25}, "images_per_s": 80.0, "knn_top1": 50.0}))
+    # "b" started, logged step 10, was requeued and logged step 20: progress.json as run.py and the trainer write it.
+    record_start(sweep / "b")
+    update_progress(sweep / "b", step=10, total_steps=40, loss=1.5, images_per_s=12.5)
+    record_start(sweep / "b")
+    update_progress(sweep / "b", step=20, total_steps=40, loss=1.25, images_per_s=20.0)
     rows = {r["name"]: r for r in sweep_rows(sweep)}
     assert calls(fake_sacct) == 1
     assert (rows["a"]["state"], rows["a"]["step"], rows["a"]["total"], rows["a"]["loss"]) == ("completed", 40, 40, 0.25)

@@ -30,12 +30,11 @@ from mtssl.eval.augmented import ProbeStopped, augmented_linear_probe, augmented
 from mtssl.eval.features import FEATURE_DTYPES, FeatureShard, extract_feature_shard
 from mtssl.eval.knn import knn_classify_sharded
 from mtssl.eval.linear import linear_probe_sharded
+from mtssl.job_folder import AUGMENTED_STATE, BACKBONE_EXPORT, EVAL_STATE
 from mtssl.model.siamese import backbone_kwargs, build_backbone
 
 log = logging.getLogger(__name__)
 
-EVAL_STATE = "eval_state.json"
-AUGMENTED_STATE = "eval_augmented.pt"  # the augmented probe's head and optimiser after its last finished epoch
 # Online kNN, the online probes, target kNN: one bank alive at a time.
 PHASES = ("knn", "linear", "linear_augmented", "knn_target")
 UNREADABLE = "unreadable_files"  # eval_state.json: the files replaced by black images so far
@@ -96,7 +95,7 @@ def evaluate_backbones(cfg: DictConfig, env: DistEnv, outcome, out_dir: Path, wr
         export = {"backbone": cfg.backbone.timm_name, "state_dict": online_state}
         if target_state is not None:
             export["target_state_dict"] = target_state
-        torch.save(export, out_dir / "backbone.pth")
+        torch.save(export, out_dir / BACKBONE_EXPORT)
     fields = evaluate_states(cfg, env, online_state, target_state, outcome.train_samples, out_dir, stop)
     if writer is not None and env.is_main:
         for key in ("knn_top1", "knn_top1_target", "linear_top1"):

@@ -32,10 +32,10 @@ from mtssl.distributed.process_group import DistEnv
 from mtssl.eval.features import FEATURE_DTYPES, extract_feature_shard
 from mtssl.eval.end_of_training import eval_transform, evaluation_samples
 from mtssl.eval.knn import knn_classify_sharded
+from mtssl.job_folder import KNN_DURING_TRAINING
 
 log = logging.getLogger(__name__)
 
-KNN_DURING_TRAINING = "knn_during_training.json"
 # What an evaluation's numbers depend on besides the weights: a resumed run with other values starts a new list.
 SETTINGS = ("knn_k", "knn_temperature", "feature_dtype", "train_subset", "val_subset",
             "knn_during_training_train_subset", "knn_during_training_val_subset")

@@ -35,6 +35,7 @@ from mtssl.data.image_folder import AugmentedImageFolder, GlobalBatchSampler, cl
 from mtssl.distributed.collectives import device_mean_, host_any, host_union
 from mtssl.distributed.preemption import StopRequest, TrainingInterrupted, ignore_interrupts
 from mtssl.distributed.process_group import DistEnv
+from mtssl.job_folder import CHECKPOINTS, JobStatus, update_progress
 from mtssl.train.ema import ema_momentum, ema_update
 from mtssl.train.research_monitors import TrainingMonitors
 from mtssl.data.pipelines import AUGMENTATION_PIPELINES
@@ -61,7 +62,7 @@ class StepOutput(NamedTuple):
 
 @dataclass
 class PretrainOutcome:
-    status: str  # completed | diverged
+    status: JobStatus  # COMPLETED | DIVERGED
     model: MultiTaskSiamese
     layout: ViewLayout
     train_samples: list
@@ -183,7 +184,7 @@ class Trainer:
         self.dataset = AugmentedImageFolder(self.train_samples, self.transform, cfg.train.seed)
         if hasattr(self.transform, "decode_on_device"):  # data.gpu_decode: nvJPEG, on CUDA only
             self.transform.decode_on_device = bool(cfg.data.gpu_decode) and env.device.type == "cuda"
-        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_checkpoints, env.rank)
+        self.checkpoints = CheckpointManager(self.out_dir / CHECKPOINTS, cfg.train.keep_checkpoints, env.rank)
         self.config_hash = config_hash(cfg)
         self.config_yaml = OmegaConf.to_yaml(cfg)
         self.monitors = TrainingMonitors(cfg.get("monitor"), self.layout.task_names)
@@ -336,7 +337,7 @@ class Trainer:
         last_step = self.total_steps if cfg.train.max_steps is None else min(self.total_steps, cfg.train.max_steps)
         step = state.step
         skipped_local: set[str] = set()  # unreadable files met on this rank since the last checkpoint
-        outcome = PretrainOutcome("completed", self.model, self.layout, self.train_samples, step,
+        outcome = PretrainOutcome(JobStatus.COMPLETED, self.model, self.layout, self.train_samples, step,
                                   skipped_files=list(state.skipped_files))
         if step >= last_step:
             log.info("pretraining already done (%d steps)", step)
@@ -362,6 +363,8 @@ class Trainer:
             cfg.method.name, last_step, self.sampler.steps_per_epoch, cfg.train.batch_size, env.world_size,
             self.layout.num_views, self.peak_lr,
         )
+        if env.is_main:
+            update_progress(self.out_dir, step=step, total_steps=last_step, epoch=step // self.sampler.steps_per_epoch)
         self.model.train()
         # One loader for the rest of the run; closing it on the way out (break, exception) stops its workers now.
         with contextlib.closing(iter(DevicePrefetcher(self.train_loader(step, last_step), env.device))) as batches:
@@ -371,7 +374,7 @@ class Trainer:
                 due = env.is_main and time.monotonic() - last_save > 60 * cfg.train.checkpoint_every_min
                 stop_now, save_now, diverged = host_any([stop.requested, due, last_nonfinite])
                 if diverged:
-                    outcome.status, outcome.error = "diverged", f"non-finite loss at step {step - 1}"
+                    outcome.status, outcome.error = JobStatus.DIVERGED, f"non-finite loss at step {step - 1}"
                     log.error("loss is not finite at step %d: stopping, status diverged", step - 1)
                     break
                 if stop_now:
@@ -407,10 +410,10 @@ class Trainer:
                 seconds = epoch_end()
                 hook_seconds += seconds
                 window_start += seconds
-        if outcome.status == "completed" and last_nonfinite:
-            outcome.status, outcome.error = "diverged", f"non-finite loss at step {step - 1}"
+        if outcome.status == JobStatus.COMPLETED and last_nonfinite:
+            outcome.status, outcome.error = JobStatus.DIVERGED, f"non-finite loss at step {step - 1}"
         state.step = step
-        if outcome.status == "completed":
+        if outcome.status == JobStatus.COMPLETED:
             self.save(state, skipped_local)
             hook_seconds += epoch_end()
         elapsed = time.monotonic() - start_time
@@ -443,5 +446,8 @@ class Trainer:
             step, last_step, (step - 1) // self.sampler.steps_per_epoch, values["loss"], tasks, values["lr"],
             values["tau"], values["grad_norm"], values["embedding_std"], values["images_per_s"],
         )
+        if self.env.is_main:  # what sweeps/status.py shows
+            update_progress(self.out_dir, step=step, total_steps=last_step, epoch=step // self.sampler.steps_per_epoch,
+                            loss=values["loss"], images_per_s=values["images_per_s"])
         return values
 
