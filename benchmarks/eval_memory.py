@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import socket
-import sys
 import tempfile
 from pathlib import Path
 
@@ -48,7 +47,6 @@ class SyntheticFeatures(torch.utils.data.Dataset):
 def measure_rank(rank: int, world_size: int, port: int, args, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch.distributed as dist
 
     from mtssl.eval.features import extract_feature_shard

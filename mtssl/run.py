@@ -2,9 +2,11 @@
 
     python -m mtssl.run method=mocov3 views=global_local predictor=separate \
         backbone=resnet18 data=cifar10 scale=cpu out_dir=runs/demo
+    mtssl-run ...                                   # the same, as the installed command
 
 Writes ``out_dir/config.yaml`` (resolved config) at the start and ``out_dir/results.json`` at
-the end (every file of the job folder: mtssl.job_folder, docs/job_folder.md). Runs as one of N ranks under torchrun or submitit. Exit codes: 0 done (completed or
+the end (every file of the job folder: mtssl.job_folder, docs/job_folder.md).
+Runs as one of N ranks under torchrun or submitit. Exit codes: 0 done (completed or
 diverged, see results.json), 2 bad config, or an out_dir holding results or checkpoints of another
 training config, 3 stopped on a signal after a checkpoint (rerun the same command to resume), 1 failed.
 """

@@ -6,6 +6,7 @@
     python sweeps/launch.py ablation=predictor_sharing launcher=slurm       # SLURM, cluster=local profile
     python sweeps/launch.py ablation=backbone profile=imagenet_200ep launcher=slurm cluster=example_gpu \
         profile.data_root=/data/imagenet --dry-run
+    mtssl-sweep ablation=predictor_sharing                                  # the same, as the installed command
 
 A Hydra app (config: sweeps/conf/) composing an ablation (the grid), a scale profile, a launcher and a
 cluster profile (slurm/profiles/). Every job's config is composed and validated before anything is
@@ -33,24 +34,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):
-    # Run as a script: make the repository root importable.
-    sys.path.insert(0, str(REPO))
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+from submitit.core.utils import FailedSubmissionError, UncompletedJobError
 
-import hydra  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from submitit.core.utils import FailedSubmissionError, UncompletedJobError  # noqa: E402
-
-from mtssl.config import (ConfigError, compose_config, config_changes, config_hash, describe_recipe,  # noqa: E402
+from mtssl.config import (ConfigError, compose_config, config_changes, config_hash, describe_recipe,
                           format_changes, resolve_config, validate_config)
-from mtssl.job_folder import FINAL_STATUSES, SWEEP_SPEC, JobStatus, job_state  # noqa: E402
-from mtssl.run import OutDirConflict, out_dir_conflict  # noqa: E402
-from sweeps.grid import SweepJob, expand_grid, quote_value, random_init_job  # noqa: E402
-from sweeps.launchers import (Submission, SweepLauncher, TrackedJob, is_final, read_submissions,  # noqa: E402
+from mtssl.job_folder import FINAL_STATUSES, SWEEP_SPEC, JobStatus, job_state
+from mtssl.run import OutDirConflict, out_dir_conflict
+from sweeps.grid import SweepJob, expand_grid, quote_value, random_init_job
+from sweeps.launchers import (Submission, SweepLauncher, TrackedJob, is_final, read_submissions,
                               record_submissions, register_configs, scheduler_states, submitted_overrides)
-from sweeps.overrides import split_overrides  # noqa: E402
+from sweeps.overrides import split_overrides
+
+REPO = Path(__file__).resolve().parent.parent
 
 DRY_RUN_FLAG = "--dry-run"
 CLUSTER_PROFILES = REPO / "slurm" / "profiles"
@@ -384,6 +382,11 @@ def take_job_overrides(argv: list[str]) -> list[str]:
     return [argv[0]] + [arg for arg in argv[1:] if arg not in taken]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python sweeps/launch.py ...`` and its console command ``mtssl-sweep ...``."""
     sys.argv = take_job_overrides(sys.argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Show the state of every job of a sweep, running or finished.
 
-    python sweeps/status.py <sweep_dir> [--watch SECONDS]
+    python sweeps/status.py <sweep_dir> [--watch SECONDS]      # installed: mtssl-status <sweep_dir>
 
 One table, one line per job: its state (``completed``, ``diverged``, ``failed`` from results.json; else
 ``running`` or ``queued`` as the scheduler says; else ``unfinished``, started but not running now,

@@ -7,6 +7,7 @@ Fixture sweeps are written in tmp_path with known metrics; expected cells are co
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -439,8 +440,9 @@ def test_cli_reports_bad_input_without_traceback(tmp_path: Path, capsys: pytest.
 
 
 def test_script_runs_from_the_repository_root(view_sweep: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, "analysis/make_tables.py", str(view_sweep), "--no-plots"],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == f"wrote {view_sweep / 'tables' / 'README.md'}"
     assert table_rows((view_sweep / "tables" / "view_combination.md").read_text())[3] == ["global_cutout", "failed"]

@@ -34,6 +34,12 @@ from tests.conftest import make_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = [sys.executable, str(REPO / "sweeps" / "launch.py")]
+
+
+def checkout_env() -> dict[str, str]:
+    """The environment with this checkout first on PYTHONPATH: the scripts (and the jobs they start) import this
+    checkout's sweeps and mtssl whichever copy is installed."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 STEPS_PER_JOB = 2 * 16 // 8 * 3
 JOB_NAMES = ["predictor=separate", "predictor=shared"]
 LAUNCH_TIMEOUT_S = 360
@@ -298,7 +304,7 @@ def config_dir(tmp_path_factory, data_root) -> Path:
 
 
 def launch(*args: str, timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([*LAUNCH, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*LAUNCH, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=checkout_env())
 
 
 def tiny_sweep_args(config_dir: Path, sweep_dir: Path, *extra: str) -> list[str]:
@@ -456,7 +462,7 @@ def test_two_job_sweep_runs_to_completion_with_results_and_tables(finished_sweep
     assert len(table) == 1 + len(JOB_NAMES) and all(",completed," in row for row in table[1:])
     assert (sweep_dir / "tables" / "README.md").is_file()
     status = subprocess.run([sys.executable, str(REPO / "sweeps/status.py"), str(sweep_dir)], capture_output=True,
-                            text=True, check=True).stdout
+                            text=True, check=True, env=checkout_env()).stdout
     for job in JOB_NAMES:
         job_id = records[job][0]["job_id"]
         assert re.search(rf"^{re.escape(job)}\s+completed\s+{STEPS_PER_JOB}/{STEPS_PER_JOB}\s+\d+\.\d{{4}}\s+[\d.]+\s+0\s+"
@@ -565,7 +571,7 @@ def run_interrupted_job(config_dir: Path, sweep_dir: Path, extra=(), then=lambda
     """Launch the 'separate' job alone, hold it mid-training until SLURM signals it; return (stdout, job id)."""
     args, _ = slurm_args(config_dir, sweep_dir, "ablation.axes.predictor=[separate]", *extra)
     launcher = subprocess.Popen([*LAUNCH, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+                                text=True, env=checkout_env())
     try:
         hold_until_usr2(sweep_dir, "predictor=separate", 2, launcher, then)
         stdout, _ = launcher.communicate(timeout=LAUNCH_TIMEOUT_S)

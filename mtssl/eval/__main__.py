@@ -2,6 +2,7 @@
 
     python -m mtssl.eval runs/byol-... eval.knn_k=[10,20,50] eval.linear_epochs=100
     torchrun --nproc-per-node 8 -m mtssl.eval runs/byol-... eval.feature_dtype=bf16
+    mtssl-eval runs/byol-... eval.knn_k=[10,20,50]   # the same, as the installed command
 
 Reads ``out_dir/config.yaml`` and the exported ``out_dir/backbone.pth`` (online and target backbones,
 written at the end of training), applies the overrides, evaluates on every rank and merges the
