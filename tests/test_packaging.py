@@ -38,6 +38,7 @@ def test_every_console_command_names_an_entry_point():
         assert callable(getattr(__import__(module, fromlist=[function]), function)), name
 
 
+@pytest.mark.slow
 def test_hydra_commands_find_their_config_when_called_as_an_installed_entry_point(tmp_path):
     """A console script imports the module (no __main__), so Hydra looks its config up as a package. Both
     commands run in one process (one torch import), away from the repository root."""
