@@ -6,15 +6,15 @@ Which directories are jobs:
   * without it: every sub-directory holding ``results.json`` or ``config.yaml`` (or the directory itself, when it
     is a single job directory).
 
-The ``status`` column of a row is one of ``STATUSES``:
+The ``status`` column of a row is one of ``STATUSES``, the job folder's own (``mtssl.job_folder.job_state``):
   completed, diverged, failed  read from the job's ``results.json``;
-  running    the job has started (its directory holds config.yaml, train.log, tb/ or checkpoints/) but has no
-             ``results.json`` yet (unfinished, or killed before writing it); ``last_checkpoint_step`` says how far
-             it got;
-  missing    listed in ``sweep.json`` but not started: no job directory, or one holding none of those (pending);
-  malformed  ``results.json`` is not valid JSON, not an object, lacks ``status``, has an unknown status, is a
-             completed job without ``knn_top1`` (a partial file), or holds a metric that is not a number or null.
-             The ``message`` column says which.
+  malformed   ``results.json`` is not valid JSON, not an object, lacks ``status``, has an unknown status, is a
+              completed job without ``knn_top1`` (a partial file), or holds a metric that is not a number or null.
+              The ``message`` column says which;
+  unfinished  the job has started (its directory holds config.yaml, train.log, progress.json, tb/ or checkpoints/)
+              but has no ``results.json`` yet (running, stopped, or killed before writing it);
+              ``last_checkpoint_step`` says how far it got;
+  pending     listed in ``sweep.json`` but not started: no job directory, or one holding none of those.
 
 Configuration columns (method, views, predictor, backbone, data, seed, epochs) come from the job's axes in
 ``sweep.json`` first, then from ``results.json``; ``config.yaml`` is read only for jobs without a usable
@@ -23,7 +23,7 @@ so gathering stays fast. ``config_hash_without_seed`` (the training config's has
 of different training configs apart: the tables never put two of them in one cell. Metric columns are percentages
 (0..100) exactly as the job wrote them; nested entries are flattened (``knn.k10.top1`` -> ``knn_k10_top1``,
 ``final_losses.loss_local`` -> ``final_loss_local``). The research monitors' entry (``monitor``, see
-mtssl/train/monitors.py) becomes ``cos_<a>_<b>`` (mean over probes of the cosine of two tasks' gradients),
+mtssl/train/research_monitors.py) becomes ``cos_<a>_<b>`` (mean over probes of the cosine of two tasks' gradients),
 ``cos_mean`` (their mean over the pairs), ``gradnorm_<task>``, ``rankme_<type>`` (final), ``rankme_min_<type>``,
 ``unstable`` (true when a RankMe fell below the job's threshold) and ``unstable_reason``.
 """
@@ -41,10 +41,11 @@ from typing import Any, Iterable
 import pandas as pd
 import yaml
 
-from mtssl.distributed.progress import progress_bar
+from mtssl.job_folder import (CONFIG, FOLDER_STATUSES, RESULTS, SWEEP_SPEC, JobStatus, job_state,
+                              last_checkpoint_step)
+from mtssl.utils.progress_bar import progress_bar
 
-STATUSES = ("completed", "diverged", "failed", "running", "missing", "malformed")
-RESULT_STATUSES = ("completed", "diverged", "failed")
+STATUSES = tuple(s.value for s in FOLDER_STATUSES)
 
 ID_COLUMNS = ["sweep", "sweep_dir", "ablation", "profile", "axes", "job", "job_dir", "reference", "reference_job", "status",
               "message"]
@@ -62,8 +63,6 @@ AXIS_COLUMN_ALIASES = {"train.seed": "seed", "train.epochs": "epochs"}
 CONFIG_YAML_PATHS = {"method": ("method",), "views": ("views",), "predictor": ("predictor",),
                      "backbone": ("backbone",), "data": ("data",), "seed": ("train", "seed"),
                      "epochs": ("train", "epochs")}
-# What a job writes once it has started; a job directory without any of them is still pending.
-STARTED_MARKERS = ("config.yaml", "train.log", "tb", "checkpoints")
 # Sub-directories of a sweep that are never jobs.
 NON_JOB_DIRS = {"tables", ".submitit", "logs", "__pycache__"}
 
@@ -115,7 +114,7 @@ def _gather_one(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
         raise AnalysisError(f"{sweep_dir} is a file, not a sweep directory; pass the directory holding sweep.json")
 
     messages: list[str] = []
-    spec, spec_problem = _read_sweep_spec(sweep_dir / "sweep.json")
+    spec, spec_problem = _read_sweep_spec(sweep_dir / SWEEP_SPEC)
     if spec_problem:
         messages.append(spec_problem)
     sweep_info = {"sweep": sweep_dir.resolve().name, "sweep_dir": str(sweep_dir),
@@ -131,7 +130,7 @@ def _gather_one(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
         record["reference"], record["reference_job"] = job.get("reference"), job.get("reference_job")
         records.append(record)
 
-    if not spec and (sweep_dir / "results.json").is_file():
+    if not spec and (sweep_dir / RESULTS).is_file():
         # A single job directory passed on its own.
         records.append(_gather_job(sweep_dir, sweep_dir.name, {}, [], sweep_info))
         return records, messages
@@ -143,7 +142,7 @@ def _gather_one(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
                     or not entry.is_dir()):
                 continue
             job_dir = Path(entry.path)
-            if (job_dir / "results.json").is_file() or (job_dir / "config.yaml").is_file():
+            if (job_dir / RESULTS).is_file() or (job_dir / CONFIG).is_file():
                 unlisted.append(entry.name)
                 records.append(_gather_job(job_dir, entry.name, {}, spec_axes, sweep_info))
     if unlisted and spec:
@@ -155,7 +154,7 @@ def _gather_one(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
         found = "sweep.json lists no jobs" if spec else "no sweep.json"
         messages.append(f"{sweep_dir}: no jobs found ({found} and no job directories with results.json or "
                         f"config.yaml); pass the output directory of a sweep")
-    malformed = [r for r in records if r["status"] == "malformed"]
+    malformed = [r for r in records if r["status"] == JobStatus.MALFORMED]
     messages += [f"{r['job_dir']}: {r['message']}" for r in malformed[:MAX_LISTED_PROBLEMS]]
     if len(malformed) > MAX_LISTED_PROBLEMS:
         messages.append(f"{sweep_dir}: {len(malformed) - MAX_LISTED_PROBLEMS} more jobs with a malformed "
@@ -201,32 +200,21 @@ def _gather_job(job_dir: Path, name: str, axes: dict[str, Any], spec_axes: list[
     axis_columns = [AXIS_COLUMN_ALIASES.get(a, a) for a in (spec_axes or list(axes))]
     record.update(axes=",".join(axis_columns), job=name, job_dir=str(job_dir), message=None)
 
-    results, problem = None, None
-    try:
-        with open(job_dir / "results.json", encoding="utf-8") as f:
-            raw = json.load(f)
-        results, problem = _parse_results(raw)
-    except FileNotFoundError:
-        pass
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        problem = f"results.json is not valid JSON ({exc}); the job was probably interrupted while writing it"
-    except OSError as exc:
-        problem = f"results.json cannot be read ({exc})"
-
-    if problem is not None:
-        record.update(status="malformed", message=problem)
+    state = job_state(job_dir)
+    results = None if state.results is None else _result_columns(state.results)
+    record["status"] = state.status.value
+    if state.status == JobStatus.MALFORMED:
+        record["message"] = state.problem
     elif results is not None:
-        record.update({k: v for k, v in results.items() if k not in ID_COLUMNS or k == "status"})
-    elif any((job_dir / part).exists() for part in STARTED_MARKERS):
-        record.update(status="running", last_checkpoint_step=_last_checkpoint_step(job_dir / "checkpoints"))
-    else:
-        record["status"] = "missing"
+        record.update({k: v for k, v in results.items() if k not in ID_COLUMNS})
+    elif state.status == JobStatus.UNFINISHED:
+        record["last_checkpoint_step"] = last_checkpoint_step(job_dir)
 
     if results is None and job_dir.is_dir():
-        for key, value in _config_fields(job_dir / "config.yaml").items():
+        for key, value in _config_fields(job_dir / CONFIG).items():
             record.setdefault(key, value)
-    if record.get(CELL_HASH) is None and (job_dir / "config.yaml").is_file():
-        record[CELL_HASH] = _seedless_hash(job_dir / "config.yaml")
+    if record.get(CELL_HASH) is None and (job_dir / CONFIG).is_file():
+        record[CELL_HASH] = _seedless_hash(job_dir / CONFIG)
     # Axes from sweep.json describe the grid and take precedence over what the job recorded.
     for key, value in axes.items():
         record[AXIS_COLUMN_ALIASES.get(key, key)] = value
@@ -237,18 +225,8 @@ def _is_number_or_null(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
-def _parse_results(raw: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """Flatten a results.json object into columns; (None, problem) when it is malformed."""
-    if not isinstance(raw, dict):
-        return None, f"results.json holds a JSON {type(raw).__name__}, expected an object with a 'status' field"
-    status = raw.get("status")
-    if status is None:
-        return None, "results.json has no 'status' field (partial file?)"
-    if status not in RESULT_STATUSES:
-        return None, f"results.json status {status!r} is not one of {', '.join(RESULT_STATUSES)}"
-    if status == "completed" and "knn_top1" not in raw:
-        return None, "results.json of a completed job has no 'knn_top1' field (partial file?)"
-
+def _result_columns(raw: dict[str, Any]) -> dict[str, Any]:
+    """Flatten a results.json object (checked by mtssl.job_folder.read_results) into columns."""
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "knn" and isinstance(value, dict):
@@ -263,12 +241,7 @@ def _parse_results(raw: Any) -> tuple[dict[str, Any] | None, str | None]:
             out.update(_monitor_columns(value))
         elif isinstance(value, (str, int, float, bool)) or value is None:
             out[key] = value
-    numeric = [k for k in out if k in METRIC_COLUMNS or k.startswith(("knn_k", "final_") + MONITOR_PREFIXES)
-               or k in ("wall_time_s", "images_per_s")]
-    for key in numeric:
-        if not _is_number_or_null(out[key]):
-            return None, f"results.json field {key!r} is {out[key]!r}, expected a number or null"
-    return out, None
+    return out
 
 
 def _monitor_columns(monitor: dict[str, Any]) -> dict[str, Any]:
@@ -286,20 +259,6 @@ def _monitor_columns(monitor: dict[str, Any]) -> dict[str, Any]:
         out["unstable"] = bool(monitor["unstable"])
         out["unstable_reason"] = monitor.get("unstable_reason")
     return out
-
-
-def _last_checkpoint_step(checkpoints: Path) -> int | None:
-    """Step of the newest complete checkpoint (``step_XXXXXXXX/.metadata``), or None."""
-    steps = []
-    try:
-        with os.scandir(checkpoints) as entries:
-            for entry in entries:
-                if entry.name.startswith("step_") and entry.name[5:].isdigit():
-                    if os.path.exists(os.path.join(entry.path, ".metadata")):
-                        steps.append(int(entry.name[5:]))
-    except OSError:
-        return None
-    return max(steps) if steps else None
 
 
 def _config_fields(path: Path) -> dict[str, Any]:

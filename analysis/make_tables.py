@@ -2,6 +2,7 @@
 """Turn one or more sweep directories into result tables, plots and a one-page index.
 
     python analysis/make_tables.py <sweep_dir> [<sweep_dir> ...] [--out DIR] [--no-plots]
+    python -m analysis.make_tables ...   # the same; installed: mtssl-tables ...
 
 Output directory: ``<sweep_dir>/tables/`` for one sweep; for several, ``<their common parent>/tables_combined/``
 unless ``--out`` is given. It receives:
@@ -26,15 +27,12 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-if __package__ in (None, ""):
-    # Run as a script (python analysis/make_tables.py): make the repository root importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from analysis.gather import STATUSES, AnalysisError, gather_sweeps  # noqa: E402
-from analysis.plots import plot_jobs  # noqa: E402
-from analysis.tables import Table, build_tables, legend, to_markdown, write_table  # noqa: E402
+from analysis.gather import STATUSES, AnalysisError, gather_sweeps
+from analysis.plots import plot_jobs
+from analysis.tables import Table, build_tables, legend, to_markdown, write_table
+from mtssl.job_folder import RESULTS, JobStatus
 
 log = logging.getLogger("analysis.make_tables")
 
@@ -113,7 +111,7 @@ def _index(sweep_dirs: list[Path], frame: pd.DataFrame, sections: list[tuple[Tab
         if plot_paths:
             lines += [f"![{path.stem}]({link(path)})" for path in plot_paths] + [""]
 
-    unfinished = frame[frame["status"] != "completed"]
+    unfinished = frame[frame["status"] != JobStatus.COMPLETED]
     if not unfinished.empty:
         lines += ["## Jobs not completed", "", "| sweep | job | status | detail |", "|---|---|---|---|"]
         for job in unfinished.itertuples(index=False):
@@ -126,12 +124,12 @@ def _index(sweep_dirs: list[Path], frame: pd.DataFrame, sections: list[tuple[Tab
 
 def _detail(job) -> str:
     """One line on why a job has no result."""
-    if job.status == "missing":
+    if job.status == JobStatus.PENDING:
         text = "not started"
-    elif job.status == "running":
+    elif job.status == JobStatus.UNFINISHED:
         step = job.last_checkpoint_step
-        text = "no results.json yet" + (f"; last checkpoint at step {step}" if pd.notna(step) else "")
-    elif job.status == "malformed":
+        text = f"no {RESULTS} yet" + (f"; last checkpoint at step {step}" if pd.notna(step) else "")
+    elif job.status == JobStatus.MALFORMED:
         text = str(job.message)
     else:
         text = str(job.error) if pd.notna(job.error) else ""

@@ -40,7 +40,8 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis.events import read_scalars
 from analysis.tables import NOT_RANKED, Table
-from mtssl.distributed.progress import progress_bar
+from mtssl.job_folder import TENSORBOARD, JobStatus
+from mtssl.utils.progress_bar import progress_bar
 
 LOSS_TAGS = ["train/loss", "train/loss_global", "train/loss_local", "train/loss_cutout"]
 KNN_TAG = "eval/knn_top1"
@@ -78,8 +79,8 @@ def plot_jobs(jobs: pd.DataFrame, out_dir: Path, name: str, table: Table | None 
         paths.append(path)
 
     per_job: list[tuple[object, Curves]] = []
-    rows = [job for job in jobs.itertuples(index=False) if (Path(job.job_dir) / "tb").is_dir()]
-    tb_dirs = [Path(job.job_dir) / "tb" for job in rows]
+    rows = [job for job in jobs.itertuples(index=False) if (Path(job.job_dir) / TENSORBOARD).is_dir()]
+    tb_dirs = [Path(job.job_dir) / TENSORBOARD for job in rows]
     with _reader(len(tb_dirs)) as pool:
         read = pool.map(_read_job, tb_dirs, chunksize=16) if pool else map(_read_job, tb_dirs)
         for job, (scalars, problem) in zip(rows, progress_bar(read, desc=f"reading curves of {name}", unit="job",
@@ -88,7 +89,7 @@ def plot_jobs(jobs: pd.DataFrame, out_dir: Path, name: str, table: Table | None 
             if problem:
                 messages.append(problem)
             elif scalars:
-                per_job.append((job, Curves(str(job.job), scalars, job.status == "completed")))
+                per_job.append((job, Curves(str(job.job), scalars, job.status == JobStatus.COMPLETED)))
     if not per_job:
         messages.append(f"{name}: no TensorBoard scalars found in the job directories; no curve plots written")
         return paths, messages
@@ -110,7 +111,7 @@ def plot_jobs(jobs: pd.DataFrame, out_dir: Path, name: str, table: Table | None 
 def curve_figures(curves: list[Curves]) -> list[tuple[str, list[str], str]]:
     """The curve figures to draw: (file suffix, its panels' tags that some curve logged, y label); a figure
     only when one of its tags was logged (``eval/knn_top1``: by the kNN during training, ``eval.knn_every_epochs``,
-    and at the final step by the end-of-job evaluation)."""
+    and at the final step by the end-of-training evaluation)."""
     figures = []
     for suffix, tags, ylabel in (("loss", LOSS_TAGS, "loss"), ("knn", [KNN_TAG], "kNN top-1 (%)"),
                                  ("embedding_std", [EMBEDDING_STD_TAG], "embedding std"),
@@ -141,7 +142,7 @@ def _reader(n_jobs: int):
 def _covers(jobs: pd.DataFrame) -> str:
     """``12 jobs of sweep_a (10 completed)``: what a figure covers."""
     sweeps = sorted(set(map(str, jobs["sweep"]))) if "sweep" in jobs.columns else []
-    completed = int((jobs["status"] == "completed").sum()) if "status" in jobs.columns else 0
+    completed = int((jobs["status"] == JobStatus.COMPLETED).sum()) if "status" in jobs.columns else 0
     where = f" of {', '.join(sweeps)}" if sweeps and len(sweeps) <= 3 else (f" of {len(sweeps)} sweeps" if sweeps else "")
     return f"{len(jobs)} jobs{where} ({completed} completed)"
 

@@ -25,10 +25,10 @@ Cell format (accuracies with one decimal):
   ``72.3 ± 0.4 (n=3)``              mean ± sample standard deviation (ddof=1) over the completed seeds
   ``72.3 (n=1)``                    a single completed seed
   ``72.3 ± 0.4 (n=2); diverged``    jobs that did not complete are listed after the value, never averaged in
-  ``diverged``, ``failed ×2, running``   no completed seed: only the status marks
+  ``diverged``, ``failed ×2, unfinished``   no completed seed: only the status marks
   ``n/a``                           completed jobs that did not report this metric
   ``—``                             no job for this cell
-Status marks appear in the order diverged, failed, malformed, running, missing, n/a, with "×k" when k > 1.
+Status marks appear in the order diverged, failed, malformed, unfinished, pending, n/a, with "×k" when k > 1.
 Δ cells are the difference of the two means, signed, one decimal (``+1.2``, ``-0.3``), ``—`` when either side has
 no completed seed. The best (highest) mean of each accuracy column, compared at the displayed precision, is bold
 (``**…**`` in Markdown, ``\\textbf{…}`` in LaTeX, ``best`` column in CSV); ties are all marked, and nothing is
@@ -49,6 +49,8 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from mtssl.job_folder import FOLDER_STATUSES, JobStatus
+
 HEADLINE_METRICS = [("kNN", "knn_top1"), ("linear", "linear_top1")]
 MONITOR_METRICS = [("cos", "cos_mean")]  # shown when some completed job reports them
 DECIMALS = {"cos_mean": 2}  # shown decimals per metric (default 1)
@@ -57,7 +59,8 @@ RANDOM_INIT = "random_init"  # sweep.json's mark of a reference job (sweeps/grid
 REFERENCE_LABEL = "random init (train.epochs=0)"
 CELL_HASH = "config_hash_without_seed"  # the training config's hash without the seed: what one cell's jobs share
 CONFIG_AXIS = "config"
-MARK_ORDER = ("diverged", "failed", "malformed", "running", "missing", "n/a")
+N_A = "n/a"  # the mark of completed jobs that did not report a metric
+MARK_ORDER = (*(s.value for s in FOLDER_STATUSES if s != JobStatus.COMPLETED), N_A)
 # Configuration fields that can be table axes even when sweep.json does not name them.
 STANDARD_AXES = ["method", "views", "predictor", "backbone", "data"]
 CANONICAL_ORDER = {
@@ -203,7 +206,7 @@ def build_table(jobs: pd.DataFrame, ablation: str | None, name: str, title: str)
     if delta is not None and not all(v in column_values for v in delta):
         delta = None
 
-    completed = jobs["status"] == "completed"
+    completed = jobs["status"] == JobStatus.COMPLETED
     metrics = [(label, metric) for label, metric in HEADLINE_METRICS
                if metric in jobs.columns and jobs.loc[completed, metric].notna().any()]
     if not metrics:
@@ -336,11 +339,11 @@ def _ordered_rows(labels: pd.DataFrame, row_axes: list[str]) -> list[tuple[str, 
 
 
 def _cell(jobs: pd.DataFrame, metric: str) -> Cell:
-    completed = jobs[jobs["status"] == "completed"]
+    completed = jobs[jobs["status"] == JobStatus.COMPLETED]
     values = [float(v) for v in completed[metric].dropna()] if metric in jobs.columns else []
-    marks = Counter(jobs.loc[jobs["status"] != "completed", "status"])
+    marks = Counter(jobs.loc[jobs["status"] != JobStatus.COMPLETED, "status"])
     if len(completed) > len(values):
-        marks["n/a"] = len(completed) - len(values)
+        marks[N_A] = len(completed) - len(values)
     unstable = int((jobs["unstable"] == True).sum()) if "unstable" in jobs.columns else 0  # noqa: E712 (object column)
     return Cell(values=values, marks={m: marks[m] for m in MARK_ORDER if marks.get(m)},
                 decimals=DECIMALS.get(metric, 1), unstable=unstable)

@@ -24,7 +24,6 @@ Results: benchmarks/results/activation_memory.json.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -179,7 +178,6 @@ def main(argv=None) -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     results, rows = {}, []
     with tempfile.TemporaryDirectory() as out:
         for name in args.models:

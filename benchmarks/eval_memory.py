@@ -1,6 +1,6 @@
-"""Peak host memory per rank of the end-of-job evaluation on a synthetic feature bank: 1 rank vs 2 ranks.
+"""Peak host memory per rank of the end-of-training evaluation on a synthetic feature bank: 1 rank vs 2 ranks.
 
-Each rank runs what ``mtssl.eval.job`` runs on its share of the data, on the CPU (gloo): sharded
+Each rank runs what ``mtssl.eval.end_of_training`` runs on its share of the data, on the CPU (gloo): sharded
 feature extraction (``extract_feature_shard``) of a synthetic train and val set whose "images" are the
 features themselves (an identity backbone, so the bank size is exact), distributed kNN
 (``knn_classify_sharded``) and the lr-grid linear probe (``linear_probe_sharded``). Peak RSS growth
@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 from pathlib import Path
 
@@ -49,7 +48,6 @@ class SyntheticFeatures(torch.utils.data.Dataset):
 def measure_rank(rank: int, world_size: int, port: int, args, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch.distributed as dist
 
     from mtssl.eval.features import extract_feature_shard

@@ -5,14 +5,14 @@
                                         [--json benchmarks/results/gather_results.json]
 
 Builds a synthetic sweep in a temporary directory (sweep.json plus one directory per job; mostly completed jobs
-with a results.json of the real shape, and some diverged, failed, running with config.yaml and checkpoints,
-missing and malformed ones), then times, over several repeats:
+with a results.json of the real shape, and some diverged, failed, unfinished with config.yaml and checkpoints,
+pending and malformed ones), then times, over several repeats:
   gather   analysis.gather.gather_sweep (reads every results.json, config.yaml only for unfinished jobs);
   tables   analysis.tables.build_tables on the gathered frame;
   full     analysis.make_tables.make_tables without plots (gather, results.csv, tables, README.md);
   curves   analysis.events.read_scalars of every job's tb/ (a bounded number of points per curve);
   full + plots   make_tables with plots (tables, loss/kNN/embedding-std curves, the per-cell bar chart).
-Every job but the missing ones has TensorBoard events of realistic size: ``--logged-steps`` steps of the 9 scalars
+Every job but the pending ones has TensorBoard events of realistic size: ``--logged-steps`` steps of the 9 scalars
 the trainer logs (25,000 = 200 ImageNet epochs at batch 1024, logging every 10 steps: 225,000 events, ~11 MB).
 Writing 1,000 such files would take 11 GB, so ``--event-files`` distinct files are written and hard-linked
 into the job directories. For comparison, TensorBoard's EventAccumulator (which parses every event) reads one
@@ -39,12 +39,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from analysis.events import read_scalars  # noqa: E402
-from analysis.gather import gather_sweep  # noqa: E402
-from analysis.make_tables import make_tables  # noqa: E402
-from analysis.tables import build_tables  # noqa: E402
+from analysis.events import read_scalars
+from analysis.gather import STATUSES, gather_sweep
+from analysis.make_tables import make_tables
+from analysis.tables import build_tables
+from mtssl.job_folder import (CHECKPOINTS, CONFIG, DCP_METADATA, RANK_BUFFERS, RESULTS, SWEEP_SPEC, TENSORBOARD,
+                              TRAINER_STATE, JobStatus, checkpoint_name)
 
 # The scalars the trainer logs every train.log_every_steps (mtssl/train/trainer.py), for views=global_local_cutout.
 TAGS = ["train/loss", "train/loss_global", "train/loss_local", "train/loss_cutout", "train/embedding_std",
@@ -106,30 +106,32 @@ def build_sweep(sweep_dir: Path, n_jobs: int) -> dict[str, int]:
     jobs = [{"method": m, "predictor": p, "views": v, "seed": s} for s, m, p, v in itertools.islice(grid, n_jobs)]
     names = [",".join(f"{k}={v}" for k, v in axes.items()) for axes in jobs]
     sweep_dir.mkdir(parents=True)
-    (sweep_dir / "sweep.json").write_text(json.dumps({
+    (sweep_dir / SWEEP_SPEC).write_text(json.dumps({
         "ablation": "predictor_sharing", "profile": "cpu_quick", "axes": ["method", "predictor", "views", "seed"],
         "jobs": [{"name": name, "overrides": name.split(","), "axes": axes} for name, axes in zip(names, jobs)]}))
-    counts = dict.fromkeys(("completed", "diverged", "failed", "running", "missing", "malformed"), 0)
+    counts = dict.fromkeys(STATUSES, 0)
     for i, (name, axes) in enumerate(zip(names, jobs)):
-        # Every 50 jobs: 2 diverged, 1 failed, 1 running, 1 missing, 1 malformed (12% not completed).
-        kind = {0: "diverged", 1: "diverged", 2: "failed", 3: "running", 4: "missing", 5: "malformed"}.get(
-            i % 50, "completed")
-        counts[kind] += 1
-        if kind == "missing":
+        # Every 50 jobs: 2 diverged, 1 failed, 1 unfinished, 1 pending, 1 malformed (12% not completed).
+        kind = {0: JobStatus.DIVERGED, 1: JobStatus.DIVERGED, 2: JobStatus.FAILED, 3: JobStatus.UNFINISHED,
+                4: JobStatus.PENDING, 5: JobStatus.MALFORMED}.get(i % 50, JobStatus.COMPLETED)
+        counts[kind.value] += 1
+        if kind == JobStatus.PENDING:
             continue
         job_dir = sweep_dir / name
-        (job_dir / "tb").mkdir(parents=True)
-        (job_dir / "config.yaml").write_text(
+        (job_dir / TENSORBOARD).mkdir(parents=True)
+        (job_dir / CONFIG).write_text(
             f"method:\n  name: {axes['method']}\npredictor:\n  name: {axes['predictor']}\nviews:\n"
             f"  name: {axes['views']}\ntrain:\n  seed: {axes['seed']}\n  epochs: 2\n  batch_size: 256\n")
-        if kind == "running":
-            (job_dir / "checkpoints" / "step_00000100").mkdir(parents=True)
-            (job_dir / "checkpoints" / "step_00000100" / ".metadata").write_bytes(b"")
+        if kind == JobStatus.UNFINISHED:
+            checkpoint = job_dir / CHECKPOINTS / checkpoint_name(100)
+            checkpoint.mkdir(parents=True)
+            for part in (DCP_METADATA, TRAINER_STATE, RANK_BUFFERS.format(rank=0)):
+                (checkpoint / part).write_bytes(b"")
             continue
-        if kind == "malformed":
-            (job_dir / "results.json").write_text('{"status": "completed", "knn_to')
+        if kind == JobStatus.MALFORMED:
+            (job_dir / RESULTS).write_text('{"status": "completed", "knn_to')
             continue
-        knn = None if kind != "completed" else 40.0 + (i % 17) * 0.5
+        knn = None if kind != JobStatus.COMPLETED else 40.0 + (i % 17) * 0.5
         results = {
             "status": kind, **{k: v for k, v in axes.items()}, "backbone": "resnet18", "data": "cifar10",
             "epochs": 2, "steps": 200, "knn_top1": knn, "knn_top5": knn and knn + 30, "knn_top1_target": knn,
@@ -138,9 +140,9 @@ def build_sweep(sweep_dir: Path, n_jobs: int) -> dict[str, int]:
             "final_losses": {"loss": 1.2, "loss_global": 0.8, "loss_local": 0.3, "loss_cutout": 0.1},
             "wall_time_s": 120.0, "images_per_s": 850.0, "git_revision": "0123456789abcdef",
             "weights_sha256": "ab" * 32, "skipped_images": 0, "world_size": 1}
-        if kind != "completed":
-            results["error"] = "loss became nan at step 57" if kind == "diverged" else "RuntimeError: boom"
-        (job_dir / "results.json").write_text(json.dumps(results))
+        if kind != JobStatus.COMPLETED:
+            results["error"] = "loss became nan at step 57" if kind == JobStatus.DIVERGED else "RuntimeError: boom"
+        (job_dir / RESULTS).write_text(json.dumps(results))
     return counts
 
 

@@ -58,8 +58,8 @@ def measure_rank(rank: int, world_size: int, port: int, overrides: list[str], ba
     torch.set_num_threads(1)
     # timm backbones return a view of their pooled features; nothing here modifies it in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_step import Mode, make_views, step_runner  # the Trainer's own pieces, no copy
+    # The Trainer's own pieces, no copy; spawned ranks get the parent's sys.path, benchmarks/ first.
+    from train_step import Mode, make_views, step_runner
 
     from mtssl.config import compose_config, resolve_config
     from mtssl.distributed.process_group import destroy_distributed, init_distributed

@@ -45,6 +45,8 @@ from pathlib import Path
 import yaml
 from report import print_table, write_report
 
+from mtssl.job_folder import TRAIN_LOG
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "requeue_latency.json"
 STAGES = ["trigger_to_signal", "signal_to_checkpoint", "checkpoint_to_slurm_start", "slurm_start_to_job_started",
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
     command = [sys.executable, str(REPO / "sweeps" / "launch.py"), "--config-dir", str(config_dir),
                "ablation=requeue", "profile=requeue_bench", f"sweep_dir={sweep_dir}", "poll_s=1",
                "tables.plots=false", "launcher=slurm", "cluster=local", f"launcher.name={name}"]
-    log = sweep_dir / "predictor=separate" / "train.log"
+    log = sweep_dir / "predictor=separate" / TRAIN_LOG
     launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def wait_until(condition, what: str) -> None:

@@ -2,9 +2,11 @@
 
     python -m mtssl.run method=mocov3 views=global_local predictor=separate \
         backbone=resnet18 data=cifar10 scale=cpu out_dir=runs/demo
+    mtssl-run ...                                   # the same, as the installed command
 
 Writes ``out_dir/config.yaml`` (resolved config) at the start and ``out_dir/results.json`` at
-the end. Runs as one of N ranks under torchrun or submitit. Exit codes: 0 done (completed or
+the end (every file of the job folder: mtssl.job_folder, docs/job_folder.md).
+Runs as one of N ranks under torchrun or submitit. Exit codes: 0 done (completed or
 diverged, see results.json), 2 bad config, or an out_dir holding results or checkpoints of another
 training config, 3 stopped on a signal after a checkpoint (rerun the same command to resume), 1 failed.
 """
@@ -25,14 +27,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtssl.config import (ConfigError, changes_from_file, check_out_dir, config_hash, describe_changes, resolve_config,
                           validate_config)
-from mtssl.distributed.checkpoint import TRAINER_STATE, CheckpointManager, CheckpointMismatch, write_json_atomic
+from mtssl.distributed.checkpoint import CheckpointManager, CheckpointMismatch
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
-from mtssl.train.trainer import PretrainOutcome, StopRequest, Trainer, TrainingInterrupted, configure_determinism
+from mtssl.distributed.preemption import StopRequest, TrainingInterrupted
+from mtssl.job_folder import (CHECKPOINTS, CONFIG, FINAL_STATUSES, TENSORBOARD, TRAIN_LOG, TRAINER_STATE, JobStatus,
+                              Results, job_state, last_checkpoint_step, record_start, write_results)
+from mtssl.train.trainer import PretrainOutcome, Trainer, configure_determinism
 
 log = logging.getLogger("mtssl")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3
-FINAL_STATUSES = ("completed", "diverged")
 
 
 def git_revision() -> str:
@@ -59,16 +63,9 @@ def setup_logging(out_dir: Path, env: DistEnv) -> None:
     root.setLevel(logging.INFO if env.is_main else logging.WARNING)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(out_dir / "train.log")
+        file_handler = logging.FileHandler(out_dir / TRAIN_LOG)
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
-
-
-def read_results(out_dir: Path) -> dict | None:
-    try:
-        return json.loads((Path(out_dir) / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 @dataclass
@@ -92,15 +89,15 @@ def out_dir_conflict(cfg: DictConfig, out_dir: Path | str) -> OutDirConflict | N
     fields of the out_dir's config.yaml. A failed job without a checkpoint holds nothing to reuse.
     """
     out_dir = Path(out_dir)
-    results = read_results(out_dir)
-    if results and results.get("status") in FINAL_STATUSES:
-        holds, recorded_hash = f"final results (results.json status {results['status']})", results.get("config_hash")
-        recorded = out_dir / "config.yaml"
+    state = job_state(out_dir)
+    if state.status in FINAL_STATUSES:
+        holds, recorded_hash = f"final results (results.json status {state.status})", state.results.get("config_hash")
+        recorded = out_dir / CONFIG
     else:
-        found = CheckpointManager(out_dir / "checkpoints", 2).checkpoints()
+        found = CheckpointManager(out_dir / CHECKPOINTS, 2).checkpoints()
         if not found:
             return None
-        holds, recorded = f"a checkpoint ({found[0]})", found[0] / "config.yaml"
+        holds, recorded = f"a checkpoint ({found[0]})", found[0] / CONFIG
         recorded_hash = json.loads((found[0] / TRAINER_STATE).read_text()).get("config_hash")
     if recorded_hash == config_hash(cfg):
         return None
@@ -110,7 +107,7 @@ def out_dir_conflict(cfg: DictConfig, out_dir: Path | str) -> OutDirConflict | N
     return OutDirConflict(out_dir, holds, describe_changes(recorded, cfg, changes))
 
 
-def base_results(cfg: DictConfig, env: DistEnv) -> dict:
+def base_results(cfg: DictConfig, env: DistEnv) -> Results:
     return {
         "method": cfg.method.name,
         "views": cfg.views.name,
@@ -145,6 +142,8 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     setup_logging(out_dir, env)
     log.info("job started: %d rank(s), pid %d, SLURM job %s", env.world_size, os.getpid(),
              os.environ.get("SLURM_JOB_ID", "none"))
+    if env.is_main:
+        record_start(out_dir)
     try:
         cfg = resolve_config(cfg)
         validate_config(cfg, world_size=env.world_size)
@@ -155,17 +154,17 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     if conflict is not None:
         log.error("%s", conflict.message())
         return EXIT_BAD_CONFIG
-    previous = read_results(out_dir)
-    if previous and previous.get("status") in FINAL_STATUSES and _more_steps_asked(previous, cfg):
+    previous = job_state(out_dir)
+    if previous.status in FINAL_STATUSES and _more_steps_asked(previous.results, cfg):
         log.info("%s holds results of a run cut short at train.max_steps=%s; training on from its last checkpoint",
-                 out_dir, previous["max_steps"])
-    elif previous and previous.get("status") in FINAL_STATUSES:
+                 out_dir, previous.results["max_steps"])
+    elif previous.status in FINAL_STATUSES:
         log.info("%s already holds final results of this training config (status %s): nothing to do. Changed "
                  "fields outside the training config (eval.*) are not applied to them; re-evaluate with "
-                 "python -m mtssl.eval %s eval.<key>=...", out_dir, previous["status"], out_dir)
+                 "python -m mtssl.eval %s eval.<key>=...", out_dir, previous.status, out_dir)
         return EXIT_OK
     if env.is_main:
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (out_dir / CONFIG).write_text(OmegaConf.to_yaml(cfg))
     configure_determinism(cfg.train, env.device)
 
     results = base_results(cfg, env)
@@ -176,20 +175,20 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         if env.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            state_step = _latest_step(out_dir)
-            writer = SummaryWriter(str(out_dir / "tb"), purge_step=state_step)
+            state_step = last_checkpoint_step(out_dir)
+            writer = SummaryWriter(str(out_dir / TENSORBOARD), purge_step=state_step)
         monitor = None
         if cfg.eval.knn_every_epochs:
-            from mtssl.eval.monitor import KnnMonitor  # noqa: deferred, heavy
+            from mtssl.eval.knn_monitor import KnnMonitor  # noqa: deferred, heavy
 
             monitor = KnnMonitor(cfg, env, trainer.model.online.backbone, trainer.train_samples, out_dir, writer, stop,
-                                 resume_step=_latest_step(out_dir))
+                                 resume_step=last_checkpoint_step(out_dir))
         outcome = trainer.fit(stop, writer, on_epoch_end=monitor)
         results.update(_outcome_fields(outcome, cfg))
         if monitor is not None:
             results["knn_during_training"] = monitor.results(outcome.wall_time_s)
-        if outcome.status == "completed":
-            from mtssl.eval.job import EvaluationInterrupted, evaluate_backbones  # noqa: deferred, heavy
+        if outcome.status == JobStatus.COMPLETED:
+            from mtssl.eval.end_of_training import EvaluationInterrupted, evaluate_backbones  # noqa: deferred, heavy
 
             eval_start = time.monotonic()
             try:
@@ -210,17 +209,17 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         return EXIT_BAD_CONFIG
     except Exception as error:
         log.exception("job failed")
-        results.update(status="failed", error=f"{type(error).__name__}: {error}")
+        results.update(status=JobStatus.FAILED, error=f"{type(error).__name__}: {error}")
         if env.is_main:
-            write_json_atomic(out_dir / "results.json", results)
+            write_results(out_dir, results)
         return EXIT_FAILED
     finally:
         stop.restore()
         if writer is not None:
             writer.close()
     if env.is_main:
-        write_json_atomic(out_dir / "results.json", results)
-        if results["status"] == "completed" and cfg.train.final_checkpoint_only:
+        write_results(out_dir, results)
+        if results["status"] == JobStatus.COMPLETED and cfg.train.final_checkpoint_only:
             deleted = trainer.checkpoints.keep_only_newest()
             if deleted:
                 log.info("train.final_checkpoint_only: deleted %d earlier checkpoint(s)", len(deleted))
@@ -228,22 +227,15 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     return EXIT_OK
 
 
-def _more_steps_asked(previous: dict, cfg: DictConfig) -> bool:
+def _more_steps_asked(previous: Results, cfg: DictConfig) -> bool:
     """Whether completed results stopped at ``train.max_steps`` and this run allows more steps (train.max_steps
     is not a training field, so the config hashes agree)."""
     limit = previous.get("max_steps")
-    return (previous.get("status") == "completed" and limit is not None and previous.get("steps") == limit
+    return (previous.get("status") == JobStatus.COMPLETED and limit is not None and previous.get("steps") == limit
             and (cfg.train.max_steps is None or cfg.train.max_steps > limit))
 
 
-def _latest_step(out_dir: Path) -> int | None:
-    from mtssl.distributed.checkpoint import CheckpointManager
-
-    found = CheckpointManager(out_dir / "checkpoints", 2).checkpoints()
-    return int(found[0].name.split("_")[1]) if found else None
-
-
-def _outcome_fields(outcome: PretrainOutcome, cfg: DictConfig) -> dict:
+def _outcome_fields(outcome: PretrainOutcome, cfg: DictConfig) -> Results:
     fields = {
         "status": outcome.status,
         "steps": outcome.steps,

@@ -21,9 +21,10 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 
 from mtssl.config import compose_config
+from mtssl.distributed.preemption import StopRequest
 from mtssl.distributed.process_group import destroy_distributed
-from mtssl.run import EXIT_BAD_CONFIG, EXIT_INTERRUPTED, EXIT_OK, read_results, run_job
-from mtssl.train.trainer import StopRequest
+from mtssl.job_folder import TRAIN_LOG, JobStatus, job_state
+from mtssl.run import EXIT_BAD_CONFIG, EXIT_INTERRUPTED, EXIT_OK, run_job
 
 EXIT_MEANINGS = {EXIT_BAD_CONFIG: "invalid config", EXIT_INTERRUPTED: "stopped on a signal"}
 
@@ -51,11 +52,11 @@ class MtsslJob(submitit.helpers.Checkpointable):
         if code == EXIT_INTERRUPTED:
             return self._requeue(stop, out_dir, rank)
         if code != EXIT_OK:
-            meaning = EXIT_MEANINGS.get(code, "failed")
-            raise RuntimeError(f"mtssl job {out_dir} ended with exit code {code} ({meaning}); see {out_dir}/train.log")
+            meaning = EXIT_MEANINGS.get(code, JobStatus.FAILED.value)
+            raise RuntimeError(f"mtssl job {out_dir} ended with exit code {code} ({meaning}); see {out_dir / TRAIN_LOG}")
         if rank != 0:
             return {"rank": rank}
-        results = read_results(out_dir) or {}
+        results = job_state(out_dir).results or {}
         keys = ("status", "knn_top1", "linear_top1", "weights_sha256", "steps")
         return {"rank": 0, "out_dir": str(out_dir), **{k: results.get(k) for k in keys}}
 

@@ -6,6 +6,7 @@
     python sweeps/launch.py ablation=predictor_sharing launcher=slurm       # SLURM, cluster=local profile
     python sweeps/launch.py ablation=backbone profile=imagenet_200ep launcher=slurm cluster=example_gpu \
         profile.data_root=/data/imagenet --dry-run
+    mtssl-sweep ablation=predictor_sharing                                  # the same, as the installed command
 
 A Hydra app (config: sweeps/conf/) composing an ablation (the grid), a scale profile, a launcher and a
 cluster profile (slurm/profiles/). Every job's config is composed and validated before anything is
@@ -33,24 +34,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):
-    # Run as a script: make the repository root importable.
-    sys.path.insert(0, str(REPO))
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+from submitit.core.utils import FailedSubmissionError, UncompletedJobError
 
-import hydra  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from submitit.core.utils import FailedSubmissionError, UncompletedJobError  # noqa: E402
-
-from mtssl.config import (ConfigError, compose_config, config_changes, config_hash, describe_recipe,  # noqa: E402
+from mtssl.config import (ConfigError, compose_config, config_changes, config_hash, describe_recipe,
                           format_changes, resolve_config, validate_config)
-from mtssl.run import OutDirConflict, out_dir_conflict  # noqa: E402
-from sweeps.grid import SweepJob, expand_grid, quote_value, random_init_job  # noqa: E402
-from sweeps.launchers import (Submission, SweepLauncher, TrackedJob, is_final, read_submissions,  # noqa: E402
+from mtssl.job_folder import FINAL_STATUSES, SWEEP_SPEC, JobStatus, job_state
+from mtssl.run import OutDirConflict, out_dir_conflict
+from sweeps.grid import SweepJob, expand_grid, quote_value, random_init_job
+from sweeps.launchers import (Submission, SweepLauncher, TrackedJob, is_final, read_submissions,
                               record_submissions, register_configs, scheduler_states, submitted_overrides)
-from sweeps.overrides import split_overrides  # noqa: E402
-from sweeps.status import FINAL_STATUSES, job_state  # noqa: E402
+from sweeps.overrides import split_overrides
+
+REPO = Path(__file__).resolve().parent.parent
 
 DRY_RUN_FLAG = "--dry-run"
 CLUSTER_PROFILES = REPO / "slurm" / "profiles"
@@ -63,7 +61,7 @@ class PlannedJob:
 
     job: SweepJob
     out_dir: Path
-    state: str
+    state: JobStatus  # of its job folder, when planned
     backbone: str
     config: DictConfig | None = None  # resolved
     conflict: OutDirConflict | None = None  # out_dir holds results or a checkpoint of another training config
@@ -143,7 +141,7 @@ def plan_sweep(cfg: DictConfig, sweep_dir: Path, resources: Resources) -> list[P
 def plan_job(job: SweepJob, sweep_dir: Path, resources: Resources) -> PlannedJob:
     """Compose, resolve and validate one job; raise ConfigError naming the job."""
     out_dir = sweep_dir / job.name
-    candidate = PlannedJob(job, out_dir, job_state(out_dir), backbone="")
+    candidate = PlannedJob(job, out_dir, job_state(out_dir).status, backbone="")
     try:
         job_cfg = resolve_config(compose_job(candidate.overrides))
         validate_config(job_cfg, check_data=True, world_size=resources.ranks)
@@ -185,8 +183,8 @@ def hours_per_job(cfg: DictConfig, backbone: str) -> float:
 
 
 def print_plan(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob], resources: Resources, kind: str) -> None:
-    action = {"completed": "skip (done)", "diverged": "skip (done)", "failed": "rerun", "unfinished": "resume",
-              "pending": "submit"}
+    action = {JobStatus.COMPLETED: "skip (done)", JobStatus.DIVERGED: "skip (done)", JobStatus.FAILED: "rerun",
+              JobStatus.UNFINISHED: "resume", JobStatus.MALFORMED: "resume", JobStatus.PENDING: "submit"}
     print(f"Sweep {cfg.ablation.name} (profile {cfg.profile.name}, launcher {kind}): {len(planned)} jobs, "
           f"{resources.ranks} rank(s) each ({resources.nodes} node(s) x {resources.tasks_per_node} task(s)"
           f"{', 1 GPU per task' if resources.gpus else ', CPU'})")
@@ -215,9 +213,9 @@ def write_sweep_json(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob]
     axes = list(planned[0].job.axes) if planned else []
     spec = {"ablation": cfg.ablation.name, "profile": cfg.profile.name, "axes": axes,
             "jobs": [p.job.to_json() for p in planned]}
-    tmp = sweep_dir / "sweep.json.tmp"
+    tmp = sweep_dir / f"{SWEEP_SPEC}.tmp"
     tmp.write_text(json.dumps(spec, indent=2))
-    os.replace(tmp, sweep_dir / "sweep.json")
+    os.replace(tmp, sweep_dir / SWEEP_SPEC)
 
 
 def write_tables(cfg: DictConfig, sweep_dir: Path) -> None:
@@ -341,7 +339,7 @@ def submit_and_follow(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob
                        f"`python sweeps/status.py {sweep_dir}`, or launch again to follow them and write the tables")
             return 130
 
-    states = {p.job.name: job_state(p.out_dir) for p in planned}
+    states = {p.job.name: job_state(p.out_dir).status for p in planned}
     unfinished = {name: state for name, state in states.items() if state not in FINAL_STATUSES}
     write_tables(cfg, sweep_dir)
     if unfinished:
@@ -384,6 +382,11 @@ def take_job_overrides(argv: list[str]) -> list[str]:
     return [argv[0]] + [arg for arg in argv[1:] if arg not in taken]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python sweeps/launch.py ...`` and its console command ``mtssl-sweep ...``."""
     sys.argv = take_job_overrides(sys.argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()

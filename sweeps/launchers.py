@@ -32,7 +32,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 from omegaconf import OmegaConf
 from submitit.slurm.slurm import SlurmInfoWatcher
 
-from mtssl.distributed.progress import Progress
+from mtssl.utils.progress_bar import Progress
 from mtssl.submitit_job import MtsslJob
 
 SUBMISSIONS_FILE = Path(".submitit") / "submissions.json"

@@ -1,53 +1,35 @@
 #!/usr/bin/env python
 """Show the state of every job of a sweep, running or finished.
 
-    python sweeps/status.py <sweep_dir> [--watch SECONDS]
+    python sweeps/status.py <sweep_dir> [--watch SECONDS]      # installed: mtssl-status <sweep_dir>
 
 One table, one line per job: its state (``completed``, ``diverged``, ``failed`` from results.json; else
-``running`` or ``queued`` as the scheduler says; else ``unfinished``, started but not running now, or
-``pending``, nothing written yet), step / total steps, last loss and images/s (from its train.log or
-results.json), how many times it was requeued or restarted, its job id and log; then a one-line summary
-(``12 completed, 3 running, 1 failed (16 jobs)``). The scheduler is queried once for the whole sweep.
+``running`` or ``queued`` as the scheduler says; else ``unfinished``, started but not running now,
+``malformed``, an unusable results.json, or ``pending``, nothing written yet: mtssl.job_folder.JobStatus),
+step / total steps, last loss and images/s (from its progress.json or results.json), how many times it was
+requeued or restarted, its job id and log; then a one-line summary (``12 completed, 3 running, 1 failed
+(16 jobs)``). The scheduler is queried once for the whole sweep.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a script: make the repository root importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from mtssl.distributed.progress import progress_bar  # noqa: E402
-from sweeps.launchers import read_submissions, scheduler_states  # noqa: E402
+from mtssl.job_folder import RESULT_STATUSES, SWEEP_SPEC, TRAIN_LOG, JobStatus, job_state, read_progress
+from mtssl.utils.progress_bar import progress_bar
+from sweeps.launchers import read_submissions, scheduler_states
 
 PROGRESS_MIN_JOBS = 200  # show a progress bar when reading more jobs than this
-FINAL_STATUSES = ("completed", "diverged")  # results a relaunch never touches
-STARTED_MARKERS = ("config.yaml", "train.log", "tb", "checkpoints")
-
-
-def job_state(job_dir: Path) -> str:
-    """completed | diverged | failed (results.json), unfinished (started, no results) or pending."""
-    try:
-        status = json.loads((job_dir / "results.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        status = None
-    if status in ("completed", "diverged", "failed"):
-        return status
-    if any((job_dir / marker).exists() for marker in STARTED_MARKERS):
-        return "unfinished"
-    return "pending"
 
 
 def read_sweep(sweep_dir: Path) -> dict:
     """sweep.json of a sweep directory; raises SystemExit with a clear message when there is none."""
-    path = Path(sweep_dir) / "sweep.json"
+    path = Path(sweep_dir) / SWEEP_SPEC
     try:
         return json.loads(path.read_text())
     except OSError:
@@ -56,46 +38,28 @@ def read_sweep(sweep_dir: Path) -> dict:
         raise SystemExit(f"{path} is not valid JSON ({error})")
 
 
-# The trainer's progress line (mtssl/train/trainer.py) and the line each start of a job writes (mtssl/run.py).
-_STEP_LINE = re.compile(rb"step (\d+)/(\d+) epoch \d+ loss (\S+) .* ([0-9.]+) img/s")
-_TOTAL_LINE = re.compile(rb"pretraining \S+: (\d+) steps")
-_START_LINE = b"job started:"
-LOG_TAIL_BYTES = 1 << 16
 SCHEDULER_RUNNING = {"RUNNING", "COMPLETING"}
 SCHEDULER_QUEUED = {"PENDING", "REQUEUED", "CONFIGURING", "RESIZING", "SUSPENDED", "PREEMPTED"}
 
 
-def log_progress(train_log: Path) -> dict:
-    """From a job's train.log: last step, total steps, last loss, images/s and requeue count (None if unknown)."""
-    progress = {"step": None, "total": None, "loss": None, "images_per_s": None, "requeues": None}
-    try:
-        with open(train_log, "rb") as f:
-            data = f.read()  # one sequential read; counting starts needs the whole log
-    except OSError:
-        return progress
-    progress["requeues"] = max(0, data.count(_START_LINE) - 1)  # each (re)start of the job logs one
-    tail = data[-LOG_TAIL_BYTES:]
-    steps = _STEP_LINE.findall(tail)
-    if steps:
-        step, total, loss, speed = steps[-1]
-        progress.update(step=int(step), total=int(total), loss=float(loss), images_per_s=float(speed))
-    else:
-        totals = _TOTAL_LINE.findall(data)
-        if totals:
-            progress.update(step=0, total=int(totals[-1]))
-    return progress
+def job_progress(job_dir: Path) -> dict:
+    """From a job's progress.json: last step, total steps, last loss, images/s and requeue count (None if unknown)."""
+    progress = read_progress(job_dir) or {}
+    starts = progress.get("starts")
+    return {"step": progress.get("step"), "total": progress.get("total_steps"), "loss": progress.get("loss"),
+            "images_per_s": progress.get("images_per_s"), "requeues": None if starts is None else max(0, starts - 1)}
 
 
-def display_state(job_state_: str, scheduler: str | None) -> str:
+def display_state(state: JobStatus, scheduler: str | None) -> JobStatus:
     """One state per job: completed/diverged/failed from results, else running/queued from the scheduler,
-    else unfinished (started, not running now) or pending (nothing written, nothing queued)."""
-    if job_state_ in ("completed", "diverged", "failed"):
-        return job_state_
+    else the folder's own (unfinished: started, not running now; malformed; pending: nothing written or queued)."""
+    if state in RESULT_STATUSES:
+        return state
     if scheduler in SCHEDULER_RUNNING:
-        return "running"
+        return JobStatus.RUNNING
     if scheduler in SCHEDULER_QUEUED:
-        return "queued"
-    return job_state_
+        return JobStatus.QUEUED
+    return state
 
 
 def sweep_rows(sweep_dir: Path, query_scheduler: bool = True) -> list[dict]:
@@ -113,11 +77,12 @@ def sweep_rows(sweep_dir: Path, query_scheduler: bool = True) -> list[dict]:
         job_dir = sweep_dir / job["name"]
         sub = latest.get(job["name"])
         scheduler = states.get(sub.job_id) if sub else None
-        row = {"name": job["name"], "state": display_state(job_state(job_dir), scheduler),
+        state = job_state(job_dir)
+        row = {"name": job["name"], "state": display_state(state.status, scheduler),
                "job_id": sub.job_id if sub else None, "scheduler": scheduler,
-               "log": sub.stdout if sub else (str(job_dir / "train.log") if (job_dir / "train.log").exists() else None),
-               **log_progress(job_dir / "train.log")}
-        results = _read_json(job_dir / "results.json")
+               "log": sub.stdout if sub else (str(job_dir / TRAIN_LOG) if (job_dir / TRAIN_LOG).exists() else None),
+               **job_progress(job_dir)}
+        results = state.results
         if results:  # final numbers of a finished job
             row["step"] = results.get("steps", row["step"])
             row["total"] = row["total"] or row["step"]
@@ -125,14 +90,6 @@ def sweep_rows(sweep_dir: Path, query_scheduler: bool = True) -> list[dict]:
             row["images_per_s"] = results.get("images_per_s", row["images_per_s"])
         rows.append(row)
     return rows
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _cell(value, fmt: str = "{}") -> str:

@@ -7,6 +7,7 @@ Fixture sweeps are written in tmp_path with known metrics; expected cells are co
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from analysis.make_tables import main, make_tables
 from analysis.plots import read_scalars
 from analysis.tables import build_tables, to_csv_frame, to_latex, to_markdown
 from tests.support.sweep_files import (
-    PNG_SIGNATURE, job_name, only_table, table_rows, write_events, write_result, write_running, write_sweep,
+    PNG_SIGNATURE, job_name, only_table, table_rows, write_events, write_result, write_sweep, write_unfinished,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def predictor_sweep(tmp_path: Path) -> Path:
     byol    shared    kNN 70, 71, 72  -> 71.0 ± 1.0   linear 60, 61, 62 -> 61.0 ± 1.0
     byol    separate  kNN 74, 75, 76  -> 75.0 ± 1.0   linear 63, 63, 63 -> 63.0 ± 0.0
     simsiam shared    kNN 60, 62 + diverged -> 61.0 ± 1.4 (sqrt 2)   linear 50, 52 -> 51.0 ± 1.4
-    simsiam separate  kNN 59.5 + running + missing                   linear 64.0
+    simsiam separate  kNN 59.5 + unfinished + pending                linear 64.0
     Δ kNN:    byol 75 - 71 = +4.0, simsiam 59.5 - 61 = -1.5
     Δ linear: byol 63 - 61 = +2.0, simsiam 64 - 51 = +13.0
     """
@@ -50,8 +51,8 @@ def predictor_sweep(tmp_path: Path) -> Path:
             write_result(sweep, {"method": method, "predictor": predictor, "seed": seed}, knn=knn, linear=linear)
     write_result(sweep, {"method": "simsiam", "predictor": "shared", "seed": 2}, status="diverged",
                  error="loss became nan at step 7\nTraceback details", final_losses={"loss": float("nan")})
-    write_running(sweep, {"method": "simsiam", "predictor": "separate", "seed": 2})
-    # simsiam/separate/seed=1 has an empty directory (created, never started): missing.
+    write_unfinished(sweep, {"method": "simsiam", "predictor": "separate", "seed": 2})
+    # simsiam/separate/seed=1 has an empty directory (created, never started): pending.
     (sweep / job_name({"method": "simsiam", "predictor": "separate", "seed": 1})).mkdir()
     return sweep
 
@@ -76,11 +77,11 @@ def test_gather_statuses_seeds_and_checkpoint_progress(predictor_sweep: Path) ->
     assert len(frame) == 12
     status = dict(zip(frame["job"], frame["status"]))
     assert status["method=simsiam,predictor=shared,seed=2"] == "diverged"
-    assert status["method=simsiam,predictor=separate,seed=1"] == "missing"
-    assert status["method=simsiam,predictor=separate,seed=2"] == "running"
+    assert status["method=simsiam,predictor=separate,seed=1"] == "pending"
+    assert status["method=simsiam,predictor=separate,seed=2"] == "unfinished"
     assert sum(s == "completed" for s in status.values()) == 9
     running = frame.set_index("job").loc["method=simsiam,predictor=separate,seed=2"]
-    assert running["last_checkpoint_step"] == 40  # step 60 has no .metadata
+    assert running["last_checkpoint_step"] == 40  # step 60 has only .metadata: incomplete
     assert running["method"] == "simsiam" and running["predictor"] == "separate"
     assert str(frame["seed"].dtype) == "Int64"
     assert list(frame["seed"]) == [0, 1, 2] * 4
@@ -94,12 +95,12 @@ def test_gather_statuses_seeds_and_checkpoint_progress(predictor_sweep: Path) ->
 def test_gather_without_sweep_json_reads_config_of_unfinished_jobs(tmp_path: Path) -> None:
     loose = tmp_path / "loose"
     write_result(loose, {"method": "byol", "seed": 1}, knn=50.0)
-    write_running(loose, {"method": "mocov3", "seed": 3})
+    write_unfinished(loose, {"method": "mocov3", "seed": 3})
     (loose / "notes").mkdir()  # not a job: no results.json or config.yaml
     gathered = gather_sweep(loose)
     frame = gathered.frame.set_index("job")
     assert sorted(frame.index) == ["method=byol,seed=1", "method=mocov3,seed=3"]
-    assert frame.loc["method=mocov3,seed=3", "status"] == "running"
+    assert frame.loc["method=mocov3,seed=3", "status"] == "unfinished"
     assert frame.loc["method=mocov3,seed=3", "method"] == "mocov3"  # from config.yaml method.name
     assert frame.loc["method=mocov3,seed=3", "seed"] == 3  # from config.yaml train.seed
 
@@ -153,8 +154,8 @@ def test_predictor_sharing_table_cells_delta_marks_and_best(predictor_sweep: Pat
          "Δ(separate − shared) kNN", "Δ(separate − shared) linear"],
         ["byol", "**71.0 ± 1.0 (n=3)**", "**61.0 ± 1.0 (n=3)**", "**75.0 ± 1.0 (n=3)**", "63.0 ± 0.0 (n=3)",
          "+4.0", "+2.0"],
-        ["simsiam", "61.0 ± 1.4 (n=2); diverged", "51.0 ± 1.4 (n=2); diverged", "59.5 (n=1); running, missing",
-         "**64.0 (n=1)**; running, missing", "-1.5", "+13.0"],
+        ["simsiam", "61.0 ± 1.4 (n=2); diverged", "51.0 ± 1.4 (n=2); diverged", "59.5 (n=1); unfinished, pending",
+         "**64.0 (n=1)**; unfinished, pending", "-1.5", "+13.0"],
     ]
 
 
@@ -337,11 +338,11 @@ def test_make_tables_writes_plots_and_index(predictor_sweep: Path) -> None:
     readme = (out / "README.md").read_text()
     assert "](plots/predictor_sharing_loss.png)" in readme
     assert "[LaTeX](predictor_sharing.tex)" in readme and "[results.csv](results.csv)" in readme
-    assert "Jobs: 9 completed, 1 diverged, 1 running, 1 missing." in readme
+    assert "Jobs: 9 completed, 1 diverged, 1 unfinished, 1 pending." in readme
     assert "| predictor_sweep | method=simsiam,predictor=shared,seed=2 | diverged | loss became nan at step 7 |" \
         in readme
     assert "no results.json yet; last checkpoint at step 40" in readme
-    assert "| predictor_sweep | method=simsiam,predictor=separate,seed=1 | missing | not started |" in readme
+    assert "| predictor_sweep | method=simsiam,predictor=separate,seed=1 | pending | not started |" in readme
     assert "**75.0 ± 1.0 (n=3)**" in readme  # the table is inline
     # A second run over the same sweep ignores its own tables/ directory.
     make_tables([predictor_sweep], plots=False)
@@ -369,8 +370,9 @@ def test_cli_reports_bad_input_without_traceback(tmp_path: Path, capsys: pytest.
 
 
 def test_script_runs_from_the_repository_root(view_sweep: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, "analysis/make_tables.py", str(view_sweep), "--no-plots"],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == f"wrote {view_sweep / 'tables' / 'README.md'}"
     assert table_rows((view_sweep / "tables" / "view_combination.md").read_text())[3] == ["global_cutout", "failed"]

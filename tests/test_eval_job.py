@@ -1,4 +1,4 @@
-"""The end-of-job evaluation as phases: stop and resume give the uninterrupted results; `python -m mtssl.eval`
+"""The end-of-training evaluation as phases: stop and resume give the uninterrupted results; `python -m mtssl.eval`
 re-evaluates a finished job without touching its training fields."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from tests.support.data import make_image_folder
 from mtssl.config import compose_config, resolve_config
 from mtssl.distributed.process_group import DistEnv
-from mtssl.eval.job import EVAL_STATE, EvaluationInterrupted, evaluate_states
+from mtssl.eval.end_of_training import EVAL_STATE, EvaluationInterrupted, evaluate_states
 from mtssl.model.siamese import build_backbone
 
 TINY = [

@@ -323,7 +323,8 @@ def test_gpu_pipeline_trains_and_resumes_exactly(tmp_path, monkeypatch):
     # 2 steps, then a new Trainer resuming to 4, equals 4 uninterrupted steps; every loss finite.
     from mtssl.config import compose_config, resolve_config
     from mtssl.distributed.process_group import destroy_distributed, init_distributed
-    from mtssl.train.trainer import StopRequest, Trainer
+    from mtssl.distributed.preemption import StopRequest
+    from mtssl.train.trainer import Trainer
     from tests.support.data import make_image_folder
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

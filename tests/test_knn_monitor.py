@@ -1,5 +1,5 @@
-"""kNN during pretraining (``eval.knn_every_epochs``, mtssl/eval/monitor.py): it leaves training bitwise unchanged,
-its last evaluation is the end-of-job kNN, a resumed run keeps the earlier evaluations, and 2 ranks give 1 rank's."""
+"""kNN during pretraining (``eval.knn_every_epochs``, mtssl/eval/knn_monitor.py): it leaves training bitwise unchanged,
+its last evaluation is the end-of-training kNN, a resumed run keeps the earlier evaluations, and 2 ranks give 1 rank's."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from mtssl.config import ConfigError, compose_config, resolve_config, validate_c
 from mtssl.distributed.fsdp import full_state_dict, state_sha256
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
 from mtssl.eval.features import extract_features
-from mtssl.eval.job import eval_transform, evaluate_states
+from mtssl.eval.end_of_training import eval_transform, evaluate_states
 from mtssl.eval.knn import knn_classify
-from mtssl.eval.monitor import KNN_DURING_TRAINING, KnnMonitor
+from mtssl.eval.knn_monitor import KNN_DURING_TRAINING, KnnMonitor
 from mtssl.data.image_folder import EvalImageFolder, class_balanced_subset, list_image_folder
 from mtssl.model.siamese import backbone_kwargs, build_backbone
-from mtssl.train.trainer import StopRequest, Trainer
+from mtssl.distributed.preemption import StopRequest
+from mtssl.train.trainer import Trainer
 
 TINY = [
     "data.subset=null", "train.batch_size=8", "train.epochs=2", "data.num_workers=0", "backbone=resnet18",
@@ -51,7 +52,7 @@ def _fit(cfg, out_dir, with_monitor: bool):
 
 def test_knn_during_training_leaves_training_unchanged_and_ends_at_the_end_of_job_knn(single_process, tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=8)
-    # The same val subset for the monitor and the end-of-job kNN (eval.* fields never change training).
+    # The same val subset for the monitor and the end-of-training kNN (eval.* fields never change training).
     cfg = _config(root, "eval.knn_every_epochs=1", "eval.knn_during_training_val_subset=12", "eval.val_subset=12")
     plain = _config(root)
     watched, watched_outcome, monitor = _fit(cfg, tmp_path / "watched", with_monitor=True)

@@ -2,7 +2,9 @@
 
 Layers, lowest first (a module may import its own layer's package and any layer below):
 
-    data, loss, distributed      views and datasets, pair and multi-task losses, process groups / FSDP / DCP
+    utils                        atomic file writes, progress bars (no torch, nothing else from mtssl)
+    data, loss, distributed,     views and datasets, pair and multi-task losses, process groups / FSDP / DCP,
+    job_folder                   the preemption protocol; the job folder's files, status words and schemas
     config                       composition and validation (checks names against the data and loss registries)
     model                        backbone, heads, the multi-task Siamese network
     train, eval                  the training loop; frozen-feature evaluation
@@ -21,11 +23,12 @@ import pytest
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "mtssl"
 
 LAYER = {
-    "data": 0, "loss": 0, "distributed": 0,
-    "config": 1,
-    "model": 2,
-    "train": 3, "eval": 3,
-    "run": 4, "submitit_job": 4,
+    "utils": 0,
+    "data": 1, "loss": 1, "distributed": 1, "job_folder": 1,
+    "config": 2,
+    "model": 3,
+    "train": 4, "eval": 4,
+    "run": 5, "submitit_job": 5,
 }
 # Packages of one layer that must not import each other either (siblings stay independent).
 INDEPENDENT = [{"data", "loss"}, {"train", "eval"}]

@@ -15,7 +15,8 @@ from mtssl.config import compose_config, resolve_config
 from mtssl.data.device_prefetch import DevicePrefetcher
 from mtssl.data.image_folder import GlobalBatchSampler
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
-from mtssl.train.trainer import StopRequest, Trainer
+from mtssl.distributed.preemption import StopRequest
+from mtssl.train.trainer import Trainer
 from tests.support.data import make_image_folder
 
 

@@ -1,4 +1,4 @@
-"""Research monitors (mtssl/train/monitors.py): gradient cosines and norms against hand values, RankMe of a
+"""Research monitors (mtssl/train/research_monitors.py): gradient cosines and norms against hand values, RankMe of a
 rank-k matrix against a hand computation, the probe's per-task gradients against separate backwards of each task
 loss, training bitwise unchanged with the probe on (plain and FSDP), the unstable flag, and means over probes that
 survive a resume."""
@@ -17,8 +17,9 @@ from mtssl.distributed.checkpoint import TrainerState
 from mtssl.distributed.fsdp import full_state_dict, state_sha256
 from mtssl.distributed.process_group import destroy_distributed, init_distributed
 from mtssl.loss.multitask import multitask_loss
-from mtssl.train.monitors import TrainingMonitors, gradient_norms, pairwise_cosines, rank_unstable, rankme
-from mtssl.train.trainer import StopRequest, Trainer
+from mtssl.train.research_monitors import TrainingMonitors, gradient_norms, pairwise_cosines, rank_unstable, rankme
+from mtssl.distributed.preemption import StopRequest
+from mtssl.train.trainer import Trainer
 from tests.support.data import make_image_folder
 from tests.support.jobs import global_views, random_views, tiny_trainer
 from tests.support.jobs import TINY_STEP as TINY

@@ -177,7 +177,7 @@ def _evaluation_worker(rank, world_size, port, root, out):
     torch.set_num_threads(1)
     from mtssl.distributed.fsdp import state_sha256
     from mtssl.distributed.process_group import destroy_distributed, init_distributed
-    from mtssl.eval.job import evaluate_backbones
+    from mtssl.eval.end_of_training import evaluate_backbones
     from mtssl.train.trainer import PretrainOutcome, Trainer
 
     env = init_distributed("cpu")

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from mtssl.config import ConfigError
+from mtssl.job_folder import record_start, update_progress
 from sweeps.grid import expand_grid, job_name
 from sweeps.launchers import Submission, SweepLauncher, TrackedJob, record_submissions, scheduler_states
 from sweeps.overrides import split_overrides
@@ -33,6 +34,12 @@ from tests.support.data import make_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = [sys.executable, str(REPO / "sweeps" / "launch.py")]
+
+
+def checkout_env() -> dict[str, str]:
+    """The environment with this checkout first on PYTHONPATH: the scripts (and the jobs they start) import this
+    checkout's sweeps and mtssl whichever copy is installed."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 STEPS_PER_JOB = 2 * 16 // 8 * 3
 JOB_NAMES = ["predictor=separate", "predictor=shared"]
 LAUNCH_TIMEOUT_S = 360
@@ -213,16 +220,12 @@ def test_status_table_reads_progress_and_queries_sacct_once(fake_sacct, tmp_path
     record_submissions(sweep, [Submission(n, s.job_id, *list(vars(s).values())[2:]) for n, s in zip(names, subs)])
     (sweep / "a").mkdir()
     (sweep / "a" / "results.json").write_text(json.dumps(
-        {"status": "completed", "steps": 40, "final_losses": {"loss": 0.25}, "images_per_s": 80.0}))
-    (sweep / "b").mkdir()
-    (sweep / "b" / "train.log").write_text(
-        "2026-01-01 00:00:00.000 [rank 0] INFO mtssl.run: job started: 1 rank(s), pid 1, SLURM job 1001\n"
-        "2026-01-01 00:00:01.000 [rank 0] INFO mtssl.train.trainer: pretraining byol: 40 steps (8/epoch), ...\n"
-        "2026-01-01 00:00:02.000 [rank 0] INFO mtssl.train.trainer: step 10/40 epoch 1 loss 1.5000 (global=1.5) "
-        "lr 0.1 tau 0.99 grad 1 std 0.1 12.5 img/s\n"
-        "2026-01-01 00:01:00.000 [rank 0] INFO mtssl.run: job started: 1 rank(s), pid 2, SLURM job 1001\n"
-        "2026-01-01 00:01:02.000 [rank 0] INFO mtssl.train.trainer: step 20/40 epoch 2 loss 1.2500 (global=1.25) "
-        "lr 0.1 tau 0.99 grad 1 std 0.1 20.0 img/s\n")
+        {"status": "completed", "steps": 40, "final_losses": {"loss": 0.25}, "images_per_s": 80.0, "knn_top1": 50.0}))
+    # "b" started, logged step 10, was requeued and logged step 20: progress.json as run.py and the trainer write it.
+    record_start(sweep / "b")
+    update_progress(sweep / "b", step=10, total_steps=40, loss=1.5, images_per_s=12.5)
+    record_start(sweep / "b")
+    update_progress(sweep / "b", step=20, total_steps=40, loss=1.25, images_per_s=20.0)
     rows = {r["name"]: r for r in sweep_rows(sweep)}
     assert calls(fake_sacct) == 1
     assert (rows["a"]["state"], rows["a"]["step"], rows["a"]["total"], rows["a"]["loss"]) == ("completed", 40, 40, 0.25)
@@ -244,7 +247,7 @@ def test_sigint_stops_a_submitit_job_without_requeueing_it(tmp_path):
     from submitit.core.utils import UncompletedJobError
 
     from mtssl.submitit_job import MtsslJob
-    from mtssl.train.trainer import StopRequest
+    from mtssl.distributed.preemption import StopRequest
 
     requeued: list[int] = []
     saved = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGINT)}
@@ -301,7 +304,7 @@ def config_dir(tmp_path_factory, data_root) -> Path:
 
 
 def launch(*args: str, timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([*LAUNCH, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*LAUNCH, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=checkout_env())
 
 
 def tiny_sweep_args(config_dir: Path, sweep_dir: Path, *extra: str) -> list[str]:
@@ -459,7 +462,7 @@ def test_two_job_sweep_runs_to_completion_with_results_and_tables(finished_sweep
     assert len(table) == 1 + len(JOB_NAMES) and all(",completed," in row for row in table[1:])
     assert (sweep_dir / "tables" / "README.md").is_file()
     status = subprocess.run([sys.executable, str(REPO / "sweeps/status.py"), str(sweep_dir)], capture_output=True,
-                            text=True, check=True).stdout
+                            text=True, check=True, env=checkout_env()).stdout
     for job in JOB_NAMES:
         job_id = records[job][0]["job_id"]
         assert re.search(rf"^{re.escape(job)}\s+completed\s+{STEPS_PER_JOB}/{STEPS_PER_JOB}\s+\d+\.\d{{4}}\s+[\d.]+\s+0\s+"
@@ -568,7 +571,7 @@ def run_interrupted_job(config_dir: Path, sweep_dir: Path, extra=(), then=lambda
     """Launch the 'separate' job alone, hold it mid-training until SLURM signals it; return (stdout, job id)."""
     args, _ = slurm_args(config_dir, sweep_dir, "ablation.axes.predictor=[separate]", *extra)
     launcher = subprocess.Popen([*LAUNCH, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+                                text=True, env=checkout_env())
     try:
         hold_until_usr2(sweep_dir, "predictor=separate", 2, launcher, then)
         stdout, _ = launcher.communicate(timeout=LAUNCH_TIMEOUT_S)

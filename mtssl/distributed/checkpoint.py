@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,22 +24,11 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from mtssl.distributed.collectives import host_barrier, world_size
 from mtssl.distributed.process_group import host_group
+# The checkpoint's file names are the job folder's (mtssl.job_folder), which readers without torch share.
+from mtssl.job_folder import (CHECKPOINT_PREFIX, CONFIG, RANK_BUFFERS, RANK_RNG, TRAINER_STATE, checkpoint_name,
+                              is_complete_checkpoint)
 
 log = logging.getLogger(__name__)
-
-TRAINER_STATE = "trainer_state.json"
-# BatchNorm statistics are per rank (each rank normalises its own batch) while DCP stores one copy
-# of unsharded tensors; each rank therefore also saves its own buffers.
-RANK_BUFFERS = "buffers_rank{rank}.pt"
-# Each rank's generator states (CPU, and its own GPU's when it has one).
-RANK_RNG = "rng_rank{rank}.pt"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename: readers never see half a file."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 class CheckpointMismatch(RuntimeError):
@@ -56,7 +44,7 @@ class TrainerState:
     world_size: int = 1
     skipped_images: int = 0  # distinct unreadable files met so far (len(skipped_files))
     skipped_files: list[str] = field(default_factory=list)  # their paths, sorted
-    monitor: dict = field(default_factory=dict)  # running sums of the research monitors (mtssl.train.monitors)
+    monitor: dict = field(default_factory=dict)  # running sums of the research monitors (mtssl.train.research_monitors)
 
 
 class ModelAndOptimizer(Stateful):
@@ -89,11 +77,7 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def _step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:08d}"
-
-
-def is_complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in (".metadata", TRAINER_STATE, RANK_BUFFERS.format(rank=0)))
+    return root / checkpoint_name(step)
 
 
 class CheckpointManager:
@@ -110,8 +94,8 @@ class CheckpointManager:
         if not self.root.is_dir():
             return []
         found = []
-        for path in sorted(self.root.glob("step_*"), reverse=True):
-            if is_complete(path):
+        for path in sorted(self.root.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True):
+            if is_complete_checkpoint(path):
                 found.append(path)
             else:
                 log.warning("ignoring incomplete checkpoint %s (no .metadata or %s)", path, TRAINER_STATE)
@@ -144,7 +128,7 @@ class CheckpointManager:
         host_barrier()
         if self.is_main:
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
-            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / CONFIG).write_text(config_yaml)
             if final.exists():  # re-saving a step (e.g. stop right after a periodic save)
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -164,8 +148,8 @@ class CheckpointManager:
         for path in self.checkpoints():
             state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
             if state.config_hash != config_hash:
-                fields = (changed_fields(path / "config.yaml") if changed_fields is not None
-                          else f"hash {state.config_hash[:12]} vs {config_hash[:12]}, see {path / 'config.yaml'}")
+                fields = (changed_fields(path / CONFIG) if changed_fields is not None
+                          else f"hash {state.config_hash[:12]} vs {config_hash[:12]}, see {path / CONFIG}")
                 raise CheckpointMismatch(
                     f"{self.root.parent} holds a checkpoint ({path}) of a different training config: {fields}. "
                     f"Use a new out_dir (out_dir=...), or delete {self.root.parent} to run this config from scratch."

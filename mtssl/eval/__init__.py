@@ -1,1 +1,1 @@
-"""Frozen-feature evaluation: extraction, kNN, linear probe, and the end-of-job evaluation."""
+"""Frozen-feature evaluation: extraction, kNN, linear probe, and the end-of-training evaluation."""

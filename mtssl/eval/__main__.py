@@ -2,6 +2,7 @@
 
     python -m mtssl.eval runs/byol-... eval.knn_k=[10,20,50] eval.linear_epochs=100
     torchrun --nproc-per-node 8 -m mtssl.eval runs/byol-... eval.feature_dtype=bf16
+    mtssl-eval runs/byol-... eval.knn_k=[10,20,50]   # the same, as the installed command
 
 Reads ``out_dir/config.yaml`` and the exported ``out_dir/backbone.pth`` (online and target backbones,
 written at the end of training), applies the overrides, evaluates on every rank and merges the
@@ -13,37 +14,42 @@ Under submitit, submit ``reevaluate(out_dir, overrides)``. Exit codes: 0 done, 2
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from mtssl.config import ConfigError, config_changes, format_changes, validate_config
-from mtssl.distributed.checkpoint import write_json_atomic
 from mtssl.distributed.process_group import destroy_distributed, init_distributed
-from mtssl.eval.job import evaluate_states
+from mtssl.eval.end_of_training import evaluate_states
+from mtssl.job_folder import BACKBONE_EXPORT, CONFIG, RESULTS, JobStatus, Results, job_state, write_results
 
 log = logging.getLogger("mtssl")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_ARGS = 0, 1, 2
 
 
-def load_job(out_dir: Path, overrides: Sequence[str]):
+def load_job(out_dir: Path, overrides: Sequence[str]) -> tuple[DictConfig, Results]:
     """(config with the overrides applied, results.json) of a finished job; ConfigError when it cannot be re-evaluated."""
     out_dir = Path(out_dir)
+    state = job_state(out_dir)
+    if state.status == JobStatus.MALFORMED:
+        raise ConfigError(f"{out_dir}: {state.problem}")
     try:
-        trained = OmegaConf.load(out_dir / "config.yaml")
-        results = json.loads((out_dir / "results.json").read_text())
+        trained = OmegaConf.load(out_dir / CONFIG)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"{out_dir} is not a finished mtssl job (config.yaml and results.json are needed): {error}") from error
-    if results.get("status") != "completed":
-        raise ConfigError(f"{out_dir}: results.json has status {results.get('status')!r}; only completed jobs are re-evaluated")
-    if not (out_dir / "backbone.pth").exists():
-        raise ConfigError(f"{out_dir}/backbone.pth is missing; rerun the job (python -m mtssl.run) to export it")
+        raise ConfigError(f"{out_dir} is not a finished mtssl job ({CONFIG} and {RESULTS} are needed): {error}") from error
+    if state.results is None:
+        raise ConfigError(f"{out_dir} is not a finished mtssl job ({CONFIG} and {RESULTS} are needed): no {RESULTS} "
+                          f"(status {state.status})")
+    results = state.results
+    if results["status"] != JobStatus.COMPLETED:
+        raise ConfigError(f"{out_dir}: {RESULTS} has status {results['status']!r}; only completed jobs are re-evaluated")
+    if not (out_dir / BACKBONE_EXPORT).exists():
+        raise ConfigError(f"{out_dir / BACKBONE_EXPORT} is missing; rerun the job (python -m mtssl.run) to export it")
     try:
         cfg = OmegaConf.merge(trained, OmegaConf.from_dotlist(list(overrides)))
     except Exception as error:  # omegaconf raises several types for a malformed dotlist
@@ -70,14 +76,14 @@ def reevaluate(out_dir: str | Path, overrides: Sequence[str] = ()) -> int:
     code = EXIT_FAILED
     try:
         validate_config(cfg, world_size=env.world_size)
-        export = torch.load(out_dir / "backbone.pth", map_location="cpu", weights_only=True)
+        export = torch.load(out_dir / BACKBONE_EXPORT, map_location="cpu", weights_only=True)
         fields = evaluate_states(cfg, env, export["state_dict"], export.get("target_state_dict"), None, out_dir)
         if fields["weights_sha256"] != results.get("weights_sha256"):
-            raise ConfigError(f"{out_dir}/backbone.pth (sha256 {fields['weights_sha256'][:12]}) is not the network "
-                              f"results.json describes ({str(results.get('weights_sha256'))[:12]})")
+            raise ConfigError(f"{out_dir / BACKBONE_EXPORT} (sha256 {fields['weights_sha256'][:12]}) is not the network "
+                              f"{RESULTS} describes ({str(results.get('weights_sha256'))[:12]})")
         if env.is_main:
             fields["eval_config"] = OmegaConf.to_container(cfg.eval, resolve=True)
-            write_json_atomic(out_dir / "results.json", {**results, **fields})
+            write_results(out_dir, {**results, **fields})
             log.info("re-evaluated %s: kNN top-1 %.2f, linear top-1 %.2f", out_dir, fields["knn_top1"], fields["linear_top1"])
         code = EXIT_OK
     except ConfigError as error:

@@ -24,7 +24,7 @@ from torchvision.transforms import v2
 from mtssl.distributed.collectives import device_sum, rank, world_size
 from mtssl.eval.accuracy import topk_correct
 from mtssl.eval.features import FeatureShard
-from mtssl.distributed.progress import progress_bar
+from mtssl.utils.progress_bar import progress_bar
 
 
 class ProbeStopped(Exception):

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from mtssl.config import FEATURE_DTYPE_NAMES
 from mtssl.distributed.collectives import collective_device, device_all_gather_stack, rank as current_rank, world_size as current_world_size
-from mtssl.distributed.progress import progress_bar
+from mtssl.utils.progress_bar import progress_bar
 
 FEATURE_DTYPES = dict(zip(FEATURE_DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))  # eval.feature_dtype
 
@@ -115,7 +115,7 @@ def extract_features(
     """Features and labels of every item of `dataset`, in dataset order, on every rank (small datasets only).
 
     Returns (features [N, D] float32 on CPU, labels [N] int64 on CPU). Built on ``extract_feature_shard``;
-    with W ranks the shards are all-gathered, so every rank holds the whole bank: the end-of-job
+    with W ranks the shards are all-gathered, so every rank holds the whole bank: the end-of-training
     evaluation never calls this, it works on shards.
     """
     shard = extract_feature_shard(forward_fn, dataset, batch_size, num_workers, device)

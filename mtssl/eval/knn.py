@@ -12,7 +12,7 @@ from torch import Tensor
 from mtssl.eval.accuracy import topk_correct
 from mtssl.distributed.collectives import collective_device, device_all_gather_cat, device_all_gather_stack, world_size
 from mtssl.eval.features import FeatureShard, check_feature_pair
-from mtssl.distributed.progress import progress_bar
+from mtssl.utils.progress_bar import progress_bar
 
 
 def knn_classify(

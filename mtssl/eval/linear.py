@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from mtssl.distributed.collectives import collective_device, device_all_gather_cat, device_sum, world_size
 from mtssl.eval.accuracy import topk_correct
 from mtssl.eval.features import FeatureShard, check_feature_pair
-from mtssl.distributed.progress import progress_bar
+from mtssl.utils.progress_bar import progress_bar
 
 BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # nn.BatchNorm1d's defaults
 

@@ -5,7 +5,8 @@ under stop-gradient for SimSiam) sees only the global views, the multi-task loss
 the method's pair loss, one backward, the optimiser step, then the EMA update.
 
 Runs survive the cluster: SIGUSR2, SIGTERM and a first SIGINT only set a flag; at the next step
-boundary all ranks agree on it, write a synchronous checkpoint and stop (``TrainingInterrupted``).
+boundary all ranks agree on it, write a synchronous checkpoint and stop (``TrainingInterrupted``; the
+protocol is mtssl.distributed.preemption).
 Randomness is a function of (seed, rank, step) and of (seed, epoch, sample), so a resumed run is
 bitwise equal to an uninterrupted one on CPU.
 """
@@ -17,7 +18,6 @@ import functools
 import hashlib
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +33,11 @@ from mtssl.config import ConfigError, config_hash, describe_changes
 from mtssl.data.device_prefetch import DevicePrefetcher
 from mtssl.data.image_folder import AugmentedImageFolder, GlobalBatchSampler, class_balanced_subset, collate_views, list_image_folder
 from mtssl.distributed.collectives import device_mean_, host_any, host_union
+from mtssl.distributed.preemption import StopRequest, TrainingInterrupted, ignore_interrupts
 from mtssl.distributed.process_group import DistEnv
+from mtssl.job_folder import CHECKPOINTS, JobStatus, update_progress
 from mtssl.train.ema import ema_momentum, ema_update
-from mtssl.train.monitors import TrainingMonitors
+from mtssl.train.research_monitors import TrainingMonitors
 from mtssl.data.pipelines import AUGMENTATION_PIPELINES
 from mtssl.distributed.fsdp import backbone_blocks, compute_parameters, precision_kernels, shard_model
 from mtssl.model.activation_checkpoint import checkpoint_backbone_blocks
@@ -46,64 +48,6 @@ from mtssl.train.optim import build_optimizer, lr_at_step, peak_learning_rate, s
 from mtssl.data.views import ViewLayout, build_view_layout
 
 log = logging.getLogger(__name__)
-
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
-SIGINT_NOTICE = (b"mtssl: SIGINT: stopping at the next step boundary after a checkpoint (exit 3, rerun to resume); "
-                 b"press Ctrl-C again to abort at once, losing the steps since the last checkpoint\n")
-
-
-class TrainingInterrupted(Exception):
-    """Training stopped on a signal after writing a checkpoint; rerun (requeue) to resume."""
-
-    def __init__(self, signum: int | None, checkpoint: Path, step: int, signal_age_s: float | None = None):
-        reason = signal.Signals(signum).name if signum else "another rank's signal"
-        age = f" {signal_age_s:.3f} s after the signal" if signal_age_s is not None else ""
-        super().__init__(f"stopped on {reason} at step {step}{age}; checkpoint {checkpoint}")
-        self.signum = signum
-        self.checkpoint = checkpoint
-        self.step = step
-
-
-class StopRequest:
-    """Signal handler that only records the signal; the loop acts on it between steps.
-
-    The first SIGINT (Ctrl-C) counts like SIGTERM and gives SIGINT back its default action, so a second one ends
-    the process at once, even inside a long C call (Python runs handlers only between bytecodes).
-    """
-
-    def __init__(self, signals=STOP_SIGNALS):
-        self.signum: int | None = None  # the latest signal
-        self.received: list[int] = []  # every signal, in order
-        self.received_at: float | None = None  # time.monotonic() of the first signal
-        self.previous_handlers = {s: signal.signal(s, self._record) for s in signals}
-
-    def _record(self, signum, frame) -> None:
-        if self.received_at is None:
-            self.received_at = time.monotonic()
-        self.signum = signum
-        self.received.append(signum)
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.write(2, SIGINT_NOTICE)  # no logging in a handler: it may interrupt a log call holding its lock
-
-    def age_s(self) -> float | None:
-        """Seconds since the first signal arrived (None without one)."""
-        return None if self.received_at is None else time.monotonic() - self.received_at
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def restore(self) -> None:
-        for s, handler in self.previous_handlers.items():
-            signal.signal(s, handler)
-
-
-def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGINT, which a terminal's Ctrl-C sends to the whole process
-    group; torch's worker loop would otherwise end on the KeyboardInterrupt, and the main process then fails with
-    "DataLoader worker exited unexpectedly" before its stop checkpoint. The main process decides when to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StepOutput(NamedTuple):
@@ -118,7 +62,7 @@ class StepOutput(NamedTuple):
 
 @dataclass
 class PretrainOutcome:
-    status: str  # completed | diverged
+    status: JobStatus  # COMPLETED | DIVERGED
     model: MultiTaskSiamese
     layout: ViewLayout
     train_samples: list
@@ -128,7 +72,7 @@ class PretrainOutcome:
     images_per_s: float = 0.0
     skipped_files: list[str] = field(default_factory=list)  # distinct unreadable training files, sorted
     error: str | None = None
-    monitor: dict = field(default_factory=dict)  # the research monitors' summary (mtssl.train.monitors)
+    monitor: dict = field(default_factory=dict)  # the research monitors' summary (mtssl.train.research_monitors)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -240,7 +184,7 @@ class Trainer:
         self.dataset = AugmentedImageFolder(self.train_samples, self.transform, cfg.train.seed)
         if hasattr(self.transform, "decode_on_device"):  # data.gpu_decode: nvJPEG, on CUDA only
             self.transform.decode_on_device = bool(cfg.data.gpu_decode) and env.device.type == "cuda"
-        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_checkpoints, env.rank)
+        self.checkpoints = CheckpointManager(self.out_dir / CHECKPOINTS, cfg.train.keep_checkpoints, env.rank)
         self.config_hash = config_hash(cfg)
         self.config_yaml = OmegaConf.to_yaml(cfg)
         self.monitors = TrainingMonitors(cfg.get("monitor"), self.layout.task_names)
@@ -393,7 +337,7 @@ class Trainer:
         last_step = self.total_steps if cfg.train.max_steps is None else min(self.total_steps, cfg.train.max_steps)
         step = state.step
         skipped_local: set[str] = set()  # unreadable files met on this rank since the last checkpoint
-        outcome = PretrainOutcome("completed", self.model, self.layout, self.train_samples, step,
+        outcome = PretrainOutcome(JobStatus.COMPLETED, self.model, self.layout, self.train_samples, step,
                                   skipped_files=list(state.skipped_files))
         if step >= last_step:
             log.info("pretraining already done (%d steps)", step)
@@ -419,6 +363,8 @@ class Trainer:
             cfg.method.name, last_step, self.sampler.steps_per_epoch, cfg.train.batch_size, env.world_size,
             self.layout.num_views, self.peak_lr,
         )
+        if env.is_main:
+            update_progress(self.out_dir, step=step, total_steps=last_step, epoch=step // self.sampler.steps_per_epoch)
         self.model.train()
         # One loader for the rest of the run; closing it on the way out (break, exception) stops its workers now.
         with contextlib.closing(iter(DevicePrefetcher(self.train_loader(step, last_step), env.device))) as batches:
@@ -428,7 +374,7 @@ class Trainer:
                 due = env.is_main and time.monotonic() - last_save > 60 * cfg.train.checkpoint_every_min
                 stop_now, save_now, diverged = host_any([stop.requested, due, last_nonfinite])
                 if diverged:
-                    outcome.status, outcome.error = "diverged", f"non-finite loss at step {step - 1}"
+                    outcome.status, outcome.error = JobStatus.DIVERGED, f"non-finite loss at step {step - 1}"
                     log.error("loss is not finite at step %d: stopping, status diverged", step - 1)
                     break
                 if stop_now:
@@ -464,10 +410,10 @@ class Trainer:
                 seconds = epoch_end()
                 hook_seconds += seconds
                 window_start += seconds
-        if outcome.status == "completed" and last_nonfinite:
-            outcome.status, outcome.error = "diverged", f"non-finite loss at step {step - 1}"
+        if outcome.status == JobStatus.COMPLETED and last_nonfinite:
+            outcome.status, outcome.error = JobStatus.DIVERGED, f"non-finite loss at step {step - 1}"
         state.step = step
-        if outcome.status == "completed":
+        if outcome.status == JobStatus.COMPLETED:
             self.save(state, skipped_local)
             hook_seconds += epoch_end()
         elapsed = time.monotonic() - start_time
@@ -500,5 +446,8 @@ class Trainer:
             step, last_step, (step - 1) // self.sampler.steps_per_epoch, values["loss"], tasks, values["lr"],
             values["tau"], values["grad_norm"], values["embedding_std"], values["images_per_s"],
         )
+        if self.env.is_main:  # what sweeps/status.py shows
+            update_progress(self.out_dir, step=step, total_steps=last_step, epoch=step // self.sampler.steps_per_epoch,
+                            loss=values["loss"], images_per_s=values["images_per_s"])
         return values
 

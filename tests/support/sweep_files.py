@@ -42,7 +42,7 @@ def write_result(sweep_dir: Path, axes: dict, status: str = "completed", knn=Non
     return job_dir
 
 
-def write_running(sweep_dir: Path, axes: dict, checkpoint_steps=(20, 40)) -> Path:
+def write_unfinished(sweep_dir: Path, axes: dict, checkpoint_steps=(20, 40)) -> Path:
     """A started job: config.yaml and checkpoints, no results.json yet."""
     job_dir = sweep_dir / job_name(axes)
     job_dir.mkdir(parents=True)
@@ -52,8 +52,10 @@ def write_running(sweep_dir: Path, axes: dict, checkpoint_steps=(20, 40)) -> Pat
     for step in checkpoint_steps:
         checkpoint = job_dir / "checkpoints" / f"step_{step:08d}"
         checkpoint.mkdir(parents=True)
-        (checkpoint / ".metadata").write_bytes(b"x")
-    (job_dir / "checkpoints" / "step_00000060").mkdir()  # incomplete: no .metadata
+        for part in (".metadata", "trainer_state.json", "buffers_rank0.pt"):
+            (checkpoint / part).write_bytes(b"x")
+    (job_dir / "checkpoints" / "step_00000060").mkdir()  # incomplete: nothing in it yet
+    (job_dir / "checkpoints" / "step_00000060" / ".metadata").write_bytes(b"x")
     return job_dir
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-import mtssl.distributed.progress as progress
-from mtssl.distributed.progress import progress_bar
+import mtssl.utils.progress_bar as progress
+from mtssl.utils.progress_bar import progress_bar
 
 
 class Terminal(io.StringIO):

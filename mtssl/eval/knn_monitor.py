@@ -1,6 +1,6 @@
 """kNN of the online backbone during pretraining (``eval.knn_every_epochs``), called by the trainer at epoch ends.
 
-The protocol is the end-of-job kNN's (``mtssl.eval.job``): the online backbone in eval mode with its BN statistics
+The protocol is the end-of-training kNN's (``mtssl.eval.end_of_training``): the online backbone in eval mode with its BN statistics
 averaged over ranks, the validation transform, features extracted per rank (``extract_feature_shard``) and the
 exact sharded kNN (``knn_classify_sharded``); every rank takes part, so FSDP-sharded backbones work as they are.
 It leaves training untouched: the global RNG states (CPU and the device's) are restored afterwards, the BN
@@ -26,16 +26,16 @@ from torch import nn
 
 from mtssl.config import ConfigError
 from mtssl.data.image_folder import EvalImageFolder, class_balanced_subset
-from mtssl.distributed.checkpoint import write_json_atomic
+from mtssl.utils.atomic_write import write_json_atomic
 from mtssl.distributed.collectives import average_buffers_over_ranks_, host_any, world_size
 from mtssl.distributed.process_group import DistEnv
 from mtssl.eval.features import FEATURE_DTYPES, extract_feature_shard
-from mtssl.eval.job import eval_transform, evaluation_samples
+from mtssl.eval.end_of_training import eval_transform, evaluation_samples
 from mtssl.eval.knn import knn_classify_sharded
+from mtssl.job_folder import KNN_DURING_TRAINING
 
 log = logging.getLogger(__name__)
 
-KNN_DURING_TRAINING = "knn_during_training.json"
 # What an evaluation's numbers depend on besides the weights: a resumed run with other values starts a new list.
 SETTINGS = ("knn_k", "knn_temperature", "feature_dtype", "train_subset", "val_subset",
             "knn_during_training_train_subset", "knn_during_training_val_subset")
@@ -82,7 +82,7 @@ class KnnMonitor:
         if max(self.ks) > len(train):
             raise ConfigError(f"eval.knn_k: k={max(self.ks)} exceeds the {len(train)} images of the kNN bank during "
                               f"training; lower eval.knn_k or raise eval.knn_during_training_train_subset")
-        self.headline = f"k{max(self.ks)}"  # the end-of-job headline: both write eval/knn_top1
+        self.headline = f"k{max(self.ks)}"  # the end-of-training headline: both write eval/knn_top1
         transform = eval_transform(cfg)
         self.train_set, self.val_set = EvalImageFolder(train, transform), EvalImageFolder(val, transform)
         self.num_classes = 1 + max(label for _, label in train + val)

@@ -1,4 +1,4 @@
-"""End-of-job evaluation: kNN (online and target backbones) and the frozen-feature linear probe, plus exports.
+"""End-of-training evaluation: kNN (online and target backbones) and the frozen-feature linear probe, plus exports.
 
 kNN and the ``frozen_features`` probe use frozen backbone features (pre-projector; the CLS token for ViTs) in eval mode
 with the validation transform. The backbones are gathered unsharded onto every rank; each rank then
@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtssl.data.image_folder import EvalImageFolder, class_balanced_subset, list_image_folder
 from mtssl.data.torchvision_augment import build_eval_transform
-from mtssl.distributed.checkpoint import write_json_atomic
+from mtssl.utils.atomic_write import write_json_atomic
 from mtssl.distributed.collectives import average_buffers_over_ranks_, host_any, host_barrier, host_union
 from mtssl.distributed.fsdp import full_state_dict, state_sha256
 from mtssl.distributed.process_group import DistEnv
@@ -30,16 +30,15 @@ from mtssl.eval.augmented import ProbeStopped, augmented_linear_probe, augmented
 from mtssl.eval.features import FEATURE_DTYPES, FeatureShard, extract_feature_shard
 from mtssl.eval.knn import knn_classify_sharded
 from mtssl.eval.linear import linear_probe_sharded
+from mtssl.job_folder import AUGMENTED_STATE, BACKBONE_EXPORT, EVAL_STATE
 from mtssl.model.siamese import backbone_kwargs, build_backbone
 
 log = logging.getLogger(__name__)
 
-EVAL_STATE = "eval_state.json"
-AUGMENTED_STATE = "eval_augmented.pt"  # the augmented probe's head and optimiser after its last finished epoch
 # Online kNN, the online probes, target kNN: one bank alive at a time.
 PHASES = ("knn", "linear", "linear_augmented", "knn_target")
 UNREADABLE = "unreadable_files"  # eval_state.json: the files replaced by black images so far
-# eval.* fields of the kNN during pretraining (mtssl.eval.monitor): the end-of-job phases do not depend on them.
+# eval.* fields of the kNN during pretraining (mtssl.eval.knn_monitor): the end-of-training phases do not depend on them.
 DURING_TRAINING_FIELDS = ("knn_every_epochs", "knn_during_training_val_subset", "knn_during_training_train_subset")
 
 
@@ -96,7 +95,7 @@ def evaluate_backbones(cfg: DictConfig, env: DistEnv, outcome, out_dir: Path, wr
         export = {"backbone": cfg.backbone.timm_name, "state_dict": online_state}
         if target_state is not None:
             export["target_state_dict"] = target_state
-        torch.save(export, out_dir / "backbone.pth")
+        torch.save(export, out_dir / BACKBONE_EXPORT)
     fields = evaluate_states(cfg, env, online_state, target_state, outcome.train_samples, out_dir, stop)
     if writer is not None and env.is_main:
         for key in ("knn_top1", "knn_top1_target", "linear_top1"):
