@@ -8,7 +8,7 @@ into a temporary folder when hydra-core, omegaconf, antlr4 or submitit are absen
 location and makes its data on the spot (synthetic JPEGs of ImageNet size: baseline, progressive, grayscale, CMYK
 and corrupt ones). Stages run in priority order, each within a time budget, and each is reported pass / fail /
 skipped with its numbers. After every stage DIR/gpu_acceptance.json and DIR/gpu_acceptance.md are rewritten (the
-stage about to run is marked "running"), so a run cut short keeps everything it measured.
+stage about to run is marked "in progress"), so a run cut short keeps everything it measured.
 
 Stages (docs/gpu_acceptance.md lists each check and its pass criterion):
   preflight        versions, /dev/shm, imports, nccl and gloo at world size 1, CUDA JPEG decode of special files
@@ -65,8 +65,8 @@ TRAVELLING_PACKAGES = {"omegaconf": "omegaconf", "hydra": "hydra-core", "antlr4"
                        "submitit": "submitit"}
 RESULTS_JSON, RESULTS_MD, TRACE_FILE = "gpu_acceptance.json", "gpu_acceptance.md", "prefetch_trace.json.gz"
 TRACE_MAX_BYTES = 15 * 2**20  # files above 16 MiB do not come back from the device machine
-# Stage and check statuses; "measured": a number without a pass criterion; "running": the stage in progress.
-PASS, FAIL, SKIPPED, MEASURED, RUNNING = "pass", "fail", "skipped", "measured", "running"
+# Stage and check statuses; "measured": a number without a pass criterion; "in progress": the stage running now.
+PASS, FAIL, SKIPPED, MEASURED, RUNNING = "pass", "fail", "skipped", "measured", "in progress"
 CUDA_ONLY = "needs CUDA: CPU rehearsal"
 
 
@@ -666,7 +666,8 @@ def stage_sync_audit(run: Run, stage: Stage) -> None:
             continue
         seconds = time.monotonic() - start
         losses = list(outcome.final_losses.values())
-        stage.check(f"{name}: fit completed", outcome.status == "completed" and outcome.steps == steps and finite(losses),
+        from mtssl.job_folder import JobStatus
+        stage.check(f"{name}: fit completed", outcome.status == JobStatus.COMPLETED and outcome.steps == steps and finite(losses),
                     f"{outcome.status}, {outcome.steps} steps, loss {outcome.final_losses.get('loss', float('nan')):.4f}, "
                     f"{outcome.images_per_s:.0f} img/s, {seconds:.1f} s", f"completed {steps} steps, losses finite",
                     images_per_s=outcome.images_per_s, skipped_files=len(outcome.skipped_files))
@@ -1059,7 +1060,8 @@ def stage_resume(run: Run, stage: Stage) -> None:
     stage.measure("ops without a deterministic kernel (warnings)", "; ".join(nondeterministic) or "none",
                   ops=nondeterministic)
     bitwise, largest = compare_states(uninterrupted, resumed)
-    stage.check("runs completed", whole.status == first.status == resumed_outcome.status == "completed"
+    from mtssl.job_folder import JobStatus
+    stage.check("runs completed", whole.status == first.status == resumed_outcome.status == JobStatus.COMPLETED
                 and resumed_outcome.steps == total, f"{whole.steps} steps; {first.steps} + {total - first.steps} resumed",
                 f"{total} steps each")
     stage.check(f"resumed at step {half} vs uninterrupted ({total} steps, ResNet-18, cuda_deterministic)", bitwise,

@@ -56,6 +56,11 @@ def test_hydra_commands_find_their_config_when_called_as_an_installed_entry_poin
     assert "name: simsiam" in run_cfg, run_cfg
 
 
+# The GPU acceptance run goes to a borrowed machine where nothing is installed: it finds this checkout, and the
+# wheels it unpacks into a temporary folder, by path.
+MAY_EDIT_SYS_PATH = {"benchmarks/gpu_acceptance.py"}
+
+
 def test_no_module_outside_the_tests_edits_sys_path():
     edits = []
     for root in ("mtssl", "sweeps", "analysis", "benchmarks"):
@@ -63,6 +68,7 @@ def test_no_module_outside_the_tests_edits_sys_path():
             for node in ast.walk(ast.parse(path.read_text())):
                 target = node.func if isinstance(node, ast.Call) else None
                 if (isinstance(target, ast.Attribute) and target.attr in ("insert", "append", "extend")
-                        and ast.unparse(target.value) == "sys.path"):
+                        and ast.unparse(target.value) == "sys.path"
+                        and str(path.relative_to(REPO)) not in MAY_EDIT_SYS_PATH):
                     edits.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not edits, f"import the installed packages instead: {edits}"
