@@ -27,7 +27,6 @@ import fnmatch
 import importlib
 import importlib.util
 import io
-import json
 import re
 import runpy
 import shlex
@@ -188,6 +187,8 @@ def parse_commands(snippet: Snippet) -> list[Command]:
     segments.append(current)
     commands, cwd = [], REPO
     for segment in segments:
+        redirects = [i for i, t in enumerate(segment) if re.fullmatch(r"\d*[<>].*", t)]
+        segment = segment[:redirects[0]] if redirects else segment  # `2>&1 | tee log`: the shell's part
         if segment[:1] == ["cd"] and len(segment) == 2:
             cwd = (cwd / segment[1]).resolve()
             continue
@@ -246,11 +247,12 @@ def placeholders(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MTSSL_DATA_ROOT", str(data))
         from mtssl.config import compose_config, resolve_config
+        from mtssl.job_folder import JobStatus, write_results
 
         job = root / "job"
         job.mkdir()
         (job / "config.yaml").write_text(OmegaConf.to_yaml(resolve_config(compose_config([f"out_dir={job}"]))))
-        (job / "results.json").write_text(json.dumps({"status": "completed"}))
+        write_results(job, {"status": JobStatus.COMPLETED.value, "knn_top1": 50.0, "linear_top1": 50.0})
         (job / "backbone.pth").write_bytes(b"")
         yield {"data": data, "job": job, "sweep": root / "sweep", "cwd": root}
 
