@@ -107,24 +107,29 @@ def adjust_hue(image: torch.Tensor, shift: float | torch.Tensor, bound: float = 
 
     The same map as torchvision's rgb -> hsv -> rgb, written directly: value v (max) and chroma c
     (max - min) are kept, and channel n becomes v - c * clamp(2 - d_n, 0, 1), d_n the distance on
-    the hue circle (6 units around) from the rotated hue 6 h' to 3, 5, 1 for R, G, B. No ``where``
-    or ``remainder``: on the CPU those run 10-30x slower per element than arithmetic, so the sextant
-    of torchvision's hue is picked with lerp (exact at weights 0 and 1) and the wrap uses floor.
+    the hue circle (6 units around) from the rotated hue 6 h' to 3, 5, 1 for R, G, B. No ``where``,
+    comparison or ``remainder``: on the CPU those run 5-30x slower per element than arithmetic, so
+    torchvision's sextant is picked by lerp (exact at weights 0 and 1) and the wrap uses floor.
     """
     red, green, blue = image.unbind(-3)
     maxc = torch.maximum(torch.maximum(red, green), blue)  # faster than aminmax over dim 0
     minc = torch.minimum(torch.minimum(red, green), blue)
     chroma = maxc - minc
-    red_below = (red < maxc).to(image.dtype)  # 0 where red is the max (torchvision's first branch)
-    green_below = (green < maxc).to(image.dtype)
+    # 0 where the channel is the max, else 1 (a gap below 1e-30 of the 0..bound scale would blend the
+    # two sextants' hues of a pixel whose chroma is below 1e-30: no visible difference)
+    red_below = (maxc - red).mul_(1e30).clamp_(max=1.0)
+    green_below = (maxc - green).mul_(1e30).clamp_(max=1.0)
     # 6 h' * chroma: g - b if red is the max, else b - r + 2c if green is, else r - g + 4c
     not_red = torch.lerp((blue - red).add_(chroma, alpha=2.0), (red - green).add_(chroma, alpha=4.0), green_below)
     hue6 = torch.lerp(green - blue, not_red, red_below)
     hue6.mul_(torch.reciprocal(chroma.clamp_min(1e-12 * bound)))  # chroma 0 -> any hue, output = v
     hue6.add_(6.0 * shift + 6.0)  # wrapped to [0, 6) for any shift
     hue6.sub_(torch.floor(hue6 * (1.0 / 6.0)).mul_(6.0))
-    distance = torch.stack([hue6 - 3.0, hue6 - 5.0, hue6 - 1.0], dim=-3).abs_()  # in [0, 5]: no constant tensor to copy to the device
-    weight = torch.maximum(2.0 - distance, distance.sub_(4.0)).clamp_(0.0, 1.0)  # the shorter way round
+    distance = torch.empty_like(image)  # no constant tensor to copy to the device
+    for channel, centre in enumerate((3.0, 5.0, 1.0)):
+        torch.sub(hue6, centre, out=distance.select(-3, channel))
+    # |6 h' - centre| in [0, 5]; the shorter way round is 3 - | |.| - 3 |, so 2 - d = | |.| - 3 | - 1
+    weight = distance.abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
     return maxc.unsqueeze(-3) - weight.mul_(chroma.unsqueeze(-3))
 
 
