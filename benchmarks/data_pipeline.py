@@ -32,7 +32,7 @@ Sources: ``WxH`` synthetic photo-like JPEGs of that size, or ``photo``: crops of
 (matplotlib's sample image grace_hopper.jpg) re-encoded at sizes drawn from 375-640 px per side,
 as ImageNet's photos are.
 
-``--profile`` adds the per-stage split of official_order_v2 and mtssl_fast_lazy_jpeg: one more pass
+``--profile`` adds the per-stage split of official_order_v2, mtssl_v2_uint8 and mtssl_fast_lazy_jpeg: one more pass
 over the images with each stage's function wrapped by a timer (exclusive time: a stage called inside
 another counts once), ms per source image and share of the total; "other" is the rest (random draws,
 flip, float conversion, cutout, grayscale, Python).
@@ -432,7 +432,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 5, quick 3)")
     parser.add_argument("--sizes", nargs="+", default=["500x375", "1600x1200"],
                         help="JPEG sources: WxH synthetic photo-like images, or 'photo' (crops of a real photo at 375-640 px); default 500x375 1600x1200")
-    parser.add_argument("--profile", action="store_true", help="also the per-stage split of official_order_v2 and mtssl_fast_lazy_jpeg")
+    parser.add_argument("--profile", action="store_true", help="also the per-stage split of official_order_v2, mtssl_v2_uint8 and mtssl_fast_lazy_jpeg")
     parser.add_argument("--batch", type=int, default=16, help="batch of the gpu pipeline's device part (default 16)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -449,7 +449,7 @@ def main(argv=None) -> None:
             rows += benchmark(paths, reps, size, args.batch)
             if args.profile:
                 pipelines = make_pipelines(imagenet_layout())
-                profiled = ["official_order_v2", "mtssl_fast_lazy_jpeg"]
+                profiled = ["official_order_v2", "mtssl_v2_uint8", "mtssl_fast_lazy_jpeg"]
                 for name in profiled:
                     run_epoch(paths[:2], *pipelines[name], epoch=-1)  # warm-up
                 profiles[size] = profile_stages(paths, pipelines, profiled)

@@ -35,6 +35,7 @@ Results: benchmarks/results/peers.json. Timings never fail; the correctness rows
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib
 import importlib.metadata
@@ -43,7 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -59,6 +60,7 @@ from mtssl.data.views import VIEW_TYPES, ViewLayout
 from mtssl.distributed.process_group import destroy_distributed, init_distributed
 from mtssl.loss.multitask import multitask_loss
 from mtssl.loss.objectives import byol_pair_loss
+from mtssl.model.siamese import backbone_kwargs, build_backbone
 from data_pipeline import IMAGENET_MEAN, IMAGENET_STD, PHOTO, source_jpegs
 from report import print_table, write_report
 from train_step import Mode, make_views, step_runner
@@ -215,6 +217,29 @@ def benchmark_data(args, layout: ViewLayout, peers: dict, folder: Path) -> list[
 
 
 # ---------------------------------------------------------------------------------------------------- training step
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a parameter, gradient or buffer that may be an FSDP2 DTensor (the Trainer shards on CUDA)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: full(value).detach().cpu().clone() for name, value in module.state_dict().items()}
+
+
+def peer_backbone(cfg, source: torch.nn.Module) -> torch.nn.Module:
+    """A fresh copy of the Trainer's backbone for a peer: the same timm model, the same weights (on the CPU)."""
+    backbone = build_backbone(cfg.backbone.timm_name, small_images=cfg.data.small_images, **backbone_kwargs(cfg.backbone))
+    backbone.load_state_dict(plain_state(source))
+    return backbone
+
+
+def autocast(precision: str, device: torch.device):
+    """The peers' step under bf16 autocast when mtssl's runs in bf16 (FSDP2's bf16 policy)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def byol_pairs(predictions: list[torch.Tensor], targets: list[torch.Tensor], target_indices: list[int], pair_loss) -> torch.Tensor:
     """Mean of ``pair_loss(p_v, z_g)`` over every view v and target view g != v (a single predictor: the peers' loop)."""
     terms = [pair_loss(p, z) for v, p in enumerate(predictions) for g, z in zip(target_indices, targets) if g != v]
@@ -229,7 +254,6 @@ class StepEntry:
     step: Callable[[int], None]
     count: int = 0
     error: str | None = None
-    times: list[float] = field(default_factory=list)
 
 
 class LightlyByol:
@@ -307,11 +331,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_config(args, views: str, batch: int):
+def step_config(args, views: str, batch: int, precision: str | None = None):
     from mtssl.config import compose_config, resolve_config
 
-    overrides = ["method=byol", f"views={views}", "backbone=resnet18", "data=imagefolder", "data.root=/unused",
-                 f"train.batch_size={batch}", f"views.types.global.size={args.global_size}"]
+    overrides = ["method=byol", f"views={views}", "backbone=resnet18", "data=imagefolder", "data.root=/unused", f"train.batch_size={batch}",
+                 f"train.precision={precision or args.precision}", f"views.types.global.size={args.global_size}"]
     if "local" in views:
         overrides.append(f"views.types.local.size={args.local_size}")
     return resolve_config(compose_config(overrides))
@@ -332,15 +356,23 @@ def benchmark_step(args, peers: dict, env, out_dir: Path) -> list[dict]:
     for name, trainer in trainers.items():
         entries.append(StepEntry(name, lambda i, t=trainer: t.training_step(views, i)))
     backbone = first.model.online.backbone  # the same initial weights for the peers
+
+    def under_autocast(step):
+        def run(i):
+            with autocast(args.precision, device):
+                step()
+        return run
+
     if "lightly" in peers:
-        lightly_byol = LightlyByol(peers["lightly"], copy.deepcopy(backbone), feature_dim, lr, weight_decay)
+        lightly_byol = LightlyByol(peers["lightly"], peer_backbone(cfg, backbone), feature_dim, lr, weight_decay)
         for module in lightly_byol.modules():
             module.to(device).train()
-        entries.append(StepEntry("lightly (BYOL heads, LARS, update_momentum)", lambda i: lightly_byol.step(views, target_indices)))
+        entries.append(StepEntry("lightly (BYOL heads, LARS, update_momentum)", under_autocast(lambda: lightly_byol.step(views, target_indices))))
     if "stable-pretraining" in peers:
-        spt_byol = SptByol(peers["stable-pretraining"], copy.deepcopy(backbone).cpu(), lr, weight_decay)
+        spt_byol = SptByol(peers["stable-pretraining"], peer_backbone(cfg, backbone), lr, weight_decay)
         spt_byol.module.to(device)
-        entries.append(StepEntry("stable-pretraining (methods.BYOL parts, LARS, update_teacher)", lambda i: spt_byol.step(views, target_indices)))
+        entries.append(StepEntry("stable-pretraining (methods.BYOL parts, LARS, update_teacher)",
+                                 under_autocast(lambda: spt_byol.step(views, target_indices))))
     for entry in entries:  # warm-up outside the timed rounds
         try:
             for _ in range(args.warmup):
@@ -364,7 +396,7 @@ def benchmark_step(args, peers: dict, env, out_dir: Path) -> list[dict]:
     rows = []
     for entry in entries:
         row = {"row": "training step", "implementation": entry.name, "batch": batch, "steps_per_round": args.steps,
-               "views": f"2 x {args.global_size} + 2 x {args.local_size}"}
+               "views": f"2 x {args.global_size} + 2 x {args.local_size}", "precision": args.precision}
         if entry.error:
             rows.append({**row, "error": entry.error})
             continue
@@ -419,8 +451,8 @@ def head_loss_rows(peers: dict, device: torch.device, batch: int, tolerance: flo
 def copy_mlp(source: torch.nn.Module, target: torch.nn.Module) -> None:
     """mtssl's Linear(no bias)-BN-ReLU-Linear into a peer's head of the same layers (lightly: the same
     tensors; stable-pretraining: plus a bias on the hidden Linear, set to 0, which BN cancels anyway)."""
-    src = list(source.state_dict().values())
-    names = [n for n, t in target.state_dict().items() if not (n == "0.bias")]  # spt's hidden bias
+    src = list(plain_state(source).values())
+    names = [n for n in target.state_dict() if n != "0.bias"]  # all but stable-pretraining's hidden bias
     state = target.state_dict()
     if len(names) != len(src):
         raise RuntimeError(f"head layouts differ: {list(source.state_dict())} vs {list(state)}")
@@ -435,39 +467,48 @@ def copy_mlp(source: torch.nn.Module, target: torch.nn.Module) -> None:
 
 def network_rows(args, peers: dict, env, out_dir: Path, tolerance: float) -> list[dict]:
     """The 2-view BYOL step's loss and every online gradient: mtssl's Trainer (views=global) against each
-    peer's modules holding the same weights, on the same 2 views."""
+    peer's modules holding the same weights, on the same 2 views; fp32 (on CUDA without TF32)."""
+    cfg = step_config(args, "global", args.batch, precision="fp32")
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _network_rows(args, peers, env, out_dir, tolerance, cfg)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _network_rows(args, peers: dict, env, out_dir: Path, tolerance: float, cfg) -> list[dict]:
     device = env.device
-    cfg = step_config(args, "global", args.batch)
     trainer = step_runner(cfg, Mode("per_view", False), env, out_dir)
     model = trainer.model
-    weights = copy.deepcopy(model.state_dict())
+    weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
     views = [v + 0.1 * i for i, v in enumerate(make_views(trainer.layout, args.batch, device))]  # 2 distinct views
     targets = list(trainer.target_indices)
     trainer.optimizer.step = lambda closure=None: None  # keep the weights: read the gradients of this step
     loss = trainer.training_step(views, 0).loss.item()
     online = dict(model.online.backbone.named_parameters())
     expected = {
-        "backbone": {n: p.grad.detach().clone() for n, p in online.items()},
-        "projector": [p.grad.detach().clone() for p in model.online.projector.parameters()],
-        "predictor": [p.grad.detach().clone() for p in model.predictors["global"].parameters()],
+        "backbone": {n: full(p.grad).detach().clone() for n, p in online.items()},
+        "projector": [full(p.grad).detach().clone() for p in model.online.projector.parameters()],
+        "predictor": [full(p.grad).detach().clone() for p in model.predictors["global"].parameters()],
     }
     model.load_state_dict(weights)
     rows = []
     for name, peer in peers.items():
-        backbone = copy.deepcopy(model.online.backbone).cpu()
+        backbone = peer_backbone(cfg, model.online.backbone)
         if name == "lightly":
             impl = LightlyByol(peer, backbone, backbone.num_features, lr=0.0, weight_decay=0.0)
             copy_mlp(model.online.projector, impl.projection_head.layers)
             copy_mlp(model.target.projector, impl.projection_head_momentum.layers)
             copy_mlp(model.predictors["global"], impl.prediction_head.layers)
-            impl.backbone_momentum.load_state_dict(model.target.backbone.state_dict())
+            impl.backbone_momentum.load_state_dict(plain_state(model.target.backbone))
             backbone_params = dict(impl.backbone.named_parameters())
             heads = (list(impl.projection_head.parameters()), list(impl.prediction_head.parameters()))
         else:
             impl = SptByol(peer, backbone, lr=0.0, weight_decay=0.0)
             m = impl.module
-            m.backbone.student.load_state_dict(model.online.backbone.state_dict())
-            m.backbone.teacher.load_state_dict(model.target.backbone.state_dict())
+            m.backbone.student.load_state_dict(plain_state(model.online.backbone))
+            m.backbone.teacher.load_state_dict(plain_state(model.target.backbone))
             copy_mlp(model.online.projector, m.projector.student)
             copy_mlp(model.target.projector, m.projector.teacher)
             copy_mlp(model.predictors["global"], m.predictor)
@@ -549,11 +590,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per implementation (default 1)")
     parser.add_argument("--global-size", type=int, default=224)
     parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="mtssl's train.precision; bf16 (CUDA only) runs the peers' step under bf16 autocast (default fp32)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="relative difference the correctness rows accept (default 1e-4)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
+    if args.precision == "bf16" and args.device != "cuda":
+        parser.error("--precision bf16: CUDA only (CPU bf16 steps are not what users run)")
     args.batch = args.batch or (64 if args.device == "cuda" else 8)
     peers, skipped = load_peers(args.peers)
     for name, reason in skipped.items():
