@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import mtssl.data.fast_augment as fast_augment
 from mtssl.config import compose_config, resolve_config
-from mtssl.data.fast_augment import FastMultiViewTransform, gaussian_taps, sample_crop_box, separable_blur
+from mtssl.data.fast_augment import FastMultiViewTransform, adjust_hue, gaussian_taps, sample_crop_box, separable_blur, solarize
 from mtssl.data.torchvision_augment import MultiViewTransform
 from mtssl.data.views import VIEW_TYPES, ViewLayout, build_view_layout
 from tests.support.view_spec import (
@@ -243,6 +243,49 @@ def test_separable_blur_matches_torchvision_gaussian_blur(size, sigma, k):
     expected = TF.gaussian_blur(image, [k, k], [sigma, sigma])
     got = separable_blur(image, gaussian_taps(k, sigma))
     assert (got - expected).abs().max() < 0.05  # levels of 255: taps beyond 4 sigma are dropped
+
+
+def hue_test_image(size: int = 64, seed: int = 13) -> torch.Tensor:
+    """[3, size, size] on 0..255: random colours, plus rows of grays (chroma 0), of ties for the max
+    (red = green, green = blue, blue = red) and of saturated and near-black colours."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.rand(3, size, size, generator=generator) * 255
+    image[:, 0:4] = image[0:1, 0:4]  # grays
+    image[1, 4:8] = image[0, 4:8]  # red = green
+    image[2, 8:12] = image[1, 8:12]  # green = blue
+    image[0, 12:16] = image[2, 12:16]  # blue = red
+    image[:, 16:20] = (image[:, 16:20] > 127).float() * 255  # the corners of the RGB cube
+    image[:, 20:24] *= 1e-3  # near black
+    return image
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.02, -0.07, 0.1, -0.1, 1 / 6, -1 / 3, 0.5, -0.5])
+def test_hue_rotation_equals_torchvision(shift):
+    # adjust_hue is torchvision's rgb -> hsv -> rotate -> rgb written without branches; same map to float rounding.
+    image = hue_test_image()
+    expected = TF.adjust_hue(image / 255, shift) * 255
+    assert (adjust_hue(image, shift) - expected).abs().max() < 1e-3  # levels of 255
+
+
+def test_batched_hue_rotation_equals_one_image_at_a_time():
+    # The gpu pipeline rotates a batch with one shift per image ([B, 1, 1]).
+    images = torch.stack([hue_test_image(32, seed) for seed in range(4)])
+    shifts = torch.tensor([0.1, -0.25, 0.0, 0.5])
+    batched = adjust_hue(images, shifts.view(4, 1, 1))
+    for image, shift, got in zip(images, shifts, batched):
+        torch.testing.assert_close(got, adjust_hue(image, float(shift)), rtol=0, atol=1e-4)
+        assert (got - TF.adjust_hue(image / 255, float(shift)) * 255).abs().max() < 1e-3
+
+
+def test_solarize_inverts_from_the_threshold_on():
+    # v2.RandomSolarize(128) on uint8 inverts x >= 128; on the float scale values just below 128 stay.
+    values = torch.tensor([0.0, 1.5, 127.0, 127.99, 128.0, 128.01, 200.25, 255.0])
+    image = torch.cat([values, torch.rand(56, generator=torch.Generator().manual_seed(14)) * 255]).view(1, 8, 8).expand(3, -1, -1)
+    got = solarize(image)
+    expected = np.where(image.numpy() >= 128, np.float32(255) - image.numpy(), image.numpy())
+    np.testing.assert_array_equal(got.numpy(), expected)
+    uint8 = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).expand(3, -1, -1)
+    assert torch.equal(solarize(uint8.float()).to(torch.uint8), TF.solarize(uint8, 128))
 
 
 @pytest.mark.parametrize("data", ["cifar10", "imagefolder"])

@@ -14,15 +14,18 @@ time goes, per source image, all on the CPU worker:
    decoded (``Image.open`` without ``convert``); a decoded image is used as it is.
 3. Crop + bicubic antialiased resize on uint8 channels-last (torch's vectorised uint8 kernel),
    then the flip, on the small uint8 crop.
-4. One uint8 -> float conversion per view, kept in the 0..255 range, and one rounding back to
-   uint8 at the end (what crosses to the main process); the 1/255 is folded into the
-   normalisation on the device (one ``addcmul`` in ``to_views``).
+4. One uint8 -> float conversion per view, to planar (contiguous CHW) layout, kept in the 0..255
+   range, and one rounding back to uint8 at the end (what crosses to the main process); the 1/255
+   is folded into the normalisation on the device (one ``addcmul`` in ``to_views``).
 5. Colour jitter on the small crop: brightness, contrast and saturation as single
    ``mul``/``lerp`` ops (clamped only when a factor can leave the range), hue as a direct
-   HSV rotation; grayscale drops to one channel, so blur and solarize then touch a third of
-   the data (broadcast back to three channels on uint8).
+   HSV rotation without ``where``/``remainder`` (10-30x slower per element than arithmetic on
+   the CPU; solarize likewise); grayscale drops to one channel, so blur and solarize then touch
+   a third of the data (broadcast back to three channels on uint8).
 6. Separable Gaussian blur as shifted adds (2 x taps ops, vs k^2 MACs per pixel of the 2-D
    kernel), with reflect padding as in torchvision.
+
+``benchmarks/data_pipeline.py --profile`` times each of these stages.
 
 All randomness comes from torch's global RNG, so ``AugmentedImageFolder``'s per-sample seeding
 keeps the stream a function of (seed, epoch, index).
@@ -102,26 +105,37 @@ def adjust_hue(image: torch.Tensor, shift: float | torch.Tensor, bound: float = 
     """Rotate the HSV hue of a [..., 3, H, W] image in [0, bound] by ``shift`` turns (a number, or a
     tensor broadcasting against [..., H, W], e.g. [B, 1, 1]: one shift per image).
 
-    The same map as torchvision's rgb -> hsv -> rgb, written directly: value (max) and chroma
-    (max - min) are kept, and channel n becomes v - c * clamp(min(k, 4 - k), 0, 1) with
-    k = (n + 6 h') mod 6, n = 5, 3, 1 for R, G, B.
+    The same map as torchvision's rgb -> hsv -> rgb, written directly: value v (max) and chroma c
+    (max - min) are kept, and channel n becomes v - c * clamp(2 - d_n, 0, 1), d_n the distance on
+    the hue circle (6 units around) from the rotated hue 6 h' to 3, 5, 1 for R, G, B. No ``where``,
+    comparison or ``remainder``: on the CPU those run 5-30x slower per element than arithmetic, so
+    torchvision's sextant is picked by lerp (exact at weights 0 and 1) and the wrap uses floor.
     """
     red, green, blue = image.unbind(-3)
     maxc = torch.maximum(torch.maximum(red, green), blue)  # faster than aminmax over dim 0
     minc = torch.minimum(torch.minimum(red, green), blue)
     chroma = maxc - minc
-    inv = torch.reciprocal(chroma.clamp_min(1e-12 * bound))  # chroma 0 -> any hue, output = v
-    hue6 = torch.where(
-        maxc == red,
-        (green - blue).mul_(inv),
-        torch.where(maxc == green, (blue - red).mul_(inv).add_(2.0), (red - green).mul_(inv).add_(4.0)),
-    )
-    hue6.add_(6.0 * shift + 6.0).remainder_(6.0)  # in [0, 6)
-    k = torch.stack([hue6 + 5.0, hue6 + 3.0, hue6 + 1.0], dim=-3)  # no constant tensor to copy to the device
-    k = torch.where(k >= 6.0, k - 6.0, k)
-    k = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return maxc.unsqueeze(-3) - k.mul_(chroma.unsqueeze(-3))
+    # 0 where the channel is the max, else 1 (a gap below 1e-30 of the 0..bound scale would blend the
+    # two sextants' hues of a pixel whose chroma is below 1e-30: no visible difference)
+    red_below = (maxc - red).mul_(1e30).clamp_(max=1.0)
+    green_below = (maxc - green).mul_(1e30).clamp_(max=1.0)
+    # 6 h' * chroma: g - b if red is the max, else b - r + 2c if green is, else r - g + 4c
+    not_red = torch.lerp((blue - red).add_(chroma, alpha=2.0), (red - green).add_(chroma, alpha=4.0), green_below)
+    hue6 = torch.lerp(green - blue, not_red, red_below)
+    hue6.mul_(torch.reciprocal(chroma.clamp_min(1e-12 * bound)))  # chroma 0 -> any hue, output = v
+    hue6.add_(6.0 * shift + 6.0)  # wrapped to [0, 6) for any shift
+    hue6.sub_(torch.floor(hue6 * (1.0 / 6.0)).mul_(6.0))
+    distance = torch.empty_like(image)  # no constant tensor to copy to the device
+    for channel, centre in enumerate((3.0, 5.0, 1.0)):
+        torch.sub(hue6, centre, out=distance.select(-3, channel))
+    # |6 h' - centre| in [0, 5]; the shorter way round is 3 - | |.| - 3 |, so 2 - d = | |.| - 3 | - 1
+    weight = distance.abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
+    return maxc.unsqueeze(-3) - weight.mul_(chroma.unsqueeze(-3))
 
+
+def solarize(image: torch.Tensor, threshold: float = SOLARIZE_THRESHOLD, bound: float = 255.0) -> torch.Tensor:
+    """``bound - x`` where ``x >= threshold``, else ``x`` (a lerp on the mask: ``where`` is slow on the CPU)."""
+    return torch.lerp(image, bound - image, (image >= threshold).to(image.dtype))
 
 
 @dataclass(frozen=True)
@@ -184,8 +198,7 @@ class FastMultiViewTransform:
         width, height = image.size
         boxes = [sample_crop_box(height, width, v.scale) for v in self.views]
         image, boxes = self._decode(image, boxes)
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # H, W, 3
-        source = pixels.permute(2, 0, 1).unsqueeze(0)  # 1, 3, H, W with channels-last strides
+        source = image_tensor(image)
         return [self._view(source, box, view) for box, view in zip(boxes, self.views)]
 
     def to_views(self, batch: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -204,12 +217,10 @@ class FastMultiViewTransform:
         return image, new_boxes
 
     def _view(self, source: torch.Tensor, box, view: _ViewSpec) -> torch.Tensor:
-        top, left, h, w = box
-        crop = source[..., top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
-        crop = F.interpolate(crop, size=(view.size, view.size), mode="bicubic", antialias=True)[0]
+        crop = crop_resize(source, box, view.size)
         if _happens(FLIP_P):
             crop = crop.flip(-1)
-        x = crop.to(torch.float32)  # 0..255 from here on
+        x = crop.to(torch.float32, memory_format=torch.contiguous_format)  # 0..255 from here on; planar: the colour ops read whole channels
         if view.cutout_area is not None:  # after the flip, before colour jitter
             ct, cl, ch, cw = Cutout.sample_box(view.size, view.size, view.cutout_area, CROP_RATIO)
             x[:, ct : ct + ch, cl : cl + cw] = self.cutout_fill
@@ -220,7 +231,7 @@ class FastMultiViewTransform:
         if _happens(view.blur_p):
             x = separable_blur(x, gaussian_taps(view.blur_kernel, _uniform(*BLUR_SIGMA)))
         if _happens(view.solarize_p):
-            x = torch.where(x >= SOLARIZE_THRESHOLD, 255.0 - x, x)
+            x = solarize(x)
         return x
 
     def _color_jitter(self, x: torch.Tensor, strengths: Sequence[float]) -> torch.Tensor:
@@ -251,6 +262,20 @@ class FastMultiViewTransform:
         return x
 
 
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """A decoded RGB image -> uint8 [1, 3, H, W] with channels-last strides (one copy of the pixels)."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # H, W, 3
+    return pixels.permute(2, 0, 1).unsqueeze(0)
+
+
+def crop_resize(source: torch.Tensor, box, size: int) -> torch.Tensor:
+    """The ``box`` (top, left, h, w) of a uint8 [1, 3, H, W] image, bicubic-antialias resized to
+    ``size`` x ``size`` on uint8 channels-last (torch's vectorised uint8 kernel): uint8 [3, size, size]."""
+    top, left, h, w = box
+    crop = source[..., top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
+    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
+
+
 def decode_for_crops(image: Image.Image, boxes, sizes: Sequence[int]):
     """Decode ``image`` to RGB, at reduced size (JPEG DCT scaling) when every crop box still covers at
     least its output size, and return (decoded image, boxes on it); the boxes are the same list when
@@ -259,6 +284,7 @@ def decode_for_crops(image: Image.Image, boxes, sizes: Sequence[int]):
     factor = min(min(h, w) / size for (_, _, h, w), size in zip(boxes, sizes))
     if factor >= 2 and getattr(image, "format", None) == "JPEG":
         image.draft(None, (math.ceil(width / factor), math.ceil(height / factor)))
+    image.load()  # decode here (a lazily opened file would decode on first access)
     if image.mode != "RGB":
         image = image.convert("RGB")
     new_width, new_height = image.size
@@ -269,8 +295,9 @@ def decode_for_crops(image: Image.Image, boxes, sizes: Sequence[int]):
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """A float 0..255 view -> uint8 [3, H, W] (round half to even; a grayscale view is broadcast)."""
-    return x.clamp(0.0, 255.0).round_().to(torch.uint8).expand(3, -1, -1).contiguous()
+    """A float 0..255 view -> uint8 [3, H, W] (round half to even; a grayscale view is broadcast).
+    Rounds ``x`` in place: the worker's float views are temporaries."""
+    return x.clamp_(0.0, 255.0).round_().to(torch.uint8).expand(3, -1, -1).contiguous()
 
 
 def _scale_box(box, sy: float, sx: float, height: int, width: int) -> tuple[int, int, int, int]:
