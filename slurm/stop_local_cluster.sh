@@ -87,27 +87,30 @@ stop_daemon "$STATE_DIR/mysql/mysqld.pid" mariadbd
 stop_daemon "$STATE_DIR/munge/munged.pid" munged
 
 # What the start script made for the nodes (start_local_cluster.sh --nodes N), once no daemon uses it:
-# processes still in their network namespaces (job steps that outlived their slurmd), the namespaces, this
-# machine's ends of the links (each takes its peer along; the links between nodes go with the namespaces),
-# and last the route that keeps the range's packets on this machine.
+# processes still in their network namespaces (job steps that outlived their slurmd), this machine's ends of
+# the links (each takes its peer along), the namespaces (with the links between nodes), and last the route
+# that keeps the range's packets on this machine.
 if [[ -s $STATE_DIR/network ]]; then
     while read -r kind name; do
         [[ $kind == netns && -e /run/netns/$name ]] || continue
         pids=$(ip netns pids "$name" 2>/dev/null || true)
-        if [[ -n $pids ]]; then
-            log "killing processes left in $name: ${pids//$'\n'/ }"
-            # shellcheck disable=SC2086  # one argument per pid
-            kill -KILL $pids 2>/dev/null || true
-            for ((i = 0; i < 20; i++)); do
-                [[ -z $(ip netns pids "$name" 2>/dev/null) ]] && break
-                sleep 0.5
-            done
-        fi
-        ip netns delete "$name" && log "removed network namespace $name"
+        [[ -n $pids ]] || continue
+        log "killing processes left in $name: ${pids//$'\n'/ }"
+        # shellcheck disable=SC2086  # one argument per pid
+        kill -KILL $pids 2>/dev/null || true
+        for ((i = 0; i < 20; i++)); do
+            [[ -z $(ip netns pids "$name" 2>/dev/null) ]] && break
+            sleep 0.5
+        done
     done <"$STATE_DIR/network"
     while read -r kind name; do
         if [[ $kind == link ]] && ip link show dev "$name" >/dev/null 2>&1; then
             ip link delete "$name" && log "removed link $name"
+        fi
+    done <"$STATE_DIR/network"
+    while read -r kind name; do
+        if [[ $kind == netns && -e /run/netns/$name ]]; then
+            ip netns delete "$name" && log "removed network namespace $name"
         fi
     done <"$STATE_DIR/network"
     while read -r kind type prefix; do

@@ -137,8 +137,8 @@ def slurm_gloo_interface(environ) -> tuple[str | None, str]:
         interface = route_interface(peer)
     except OSError as error:
         return None, (f"no interface found toward {peer} ({error}); gloo falls back to the address of this host's "
-                      f"name, which may be unreachable from the other nodes. If the first collective hangs, set "
-                      f"GLOO_SOCKET_IFNAME in the cluster profile's launcher setup (docs/multi_node.md)")
+                      f"name, which may be unreachable from the other nodes. If the first collective hangs, export "
+                      f"GLOO_SOCKET_IFNAME in launcher.setup (docs/multi_node.md)")
     if interface == "lo":  # another node's name resolves to this machine: the rendezvous cannot work either
         return None, (f"the route from {here} to {peer} goes through the loopback interface: {peer} resolves to an "
                       f"address of this machine; fix the name resolution of the nodes (docs/multi_node.md)")
@@ -206,6 +206,7 @@ def init_distributed(device_preference: str = "auto", collective_timeout_s: floa
     default and the host group and the wait for the other ranks at the rendezvous: past it the waiting rank
     raises, so a rank whose peer died (a node lost) fails instead of waiting forever.
     """
+    global _TIMEOUT
     launched_by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
     slurm_task = None if launched_by_torchrun else slurm_task_env(os.environ)
     task = slurm_task or (None if launched_by_torchrun else submitit_local_task_env())
@@ -226,13 +227,13 @@ def init_distributed(device_preference: str = "auto", collective_timeout_s: floa
         elif task is not None:
             if slurm_task is not None and "GLOO_SOCKET_IFNAME" not in os.environ and len(slurm_step_nodes(os.environ)) > 1:
                 _choose_gloo_interface(rank)
-            serves = serves_rendezvous(os.environ) if slurm_task is not None else local_rank == 0
-            init_method = f"{TASK_RENDEZVOUS}://{task['MASTER_ADDR']}:{task['MASTER_PORT']}?serve={int(serves)}"
+            serves = serves_rendezvous(os.environ) if slurm_task is not None else local_rank == 0  # one host
+            host = f"[{task['MASTER_ADDR']}]" if ":" in task["MASTER_ADDR"] else task["MASTER_ADDR"]  # IPv6
+            init_method = f"{TASK_RENDEZVOUS}://{host}:{task['MASTER_PORT']}?serve={int(serves)}"
             dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                     timeout=timeout, device_id=device_id)
         else:
             dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id)
-        global _TIMEOUT
         _TIMEOUT = timeout
     host_group()  # created now, while every rank is here (new_group is a collective)
     return DistEnv(rank, world_size, local_rank, device)
