@@ -20,6 +20,7 @@ images, 6 steps). The tests need root (namespaces) and the running cluster; they
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -110,6 +111,12 @@ def config_dir(tmp_path_factory) -> Path:
     return root / "conf"
 
 
+def cluster_settings() -> dict[str, str]:
+    """The settings the cluster was started with (its state dir's start.env, written by the start script)."""
+    lines = (STATE_DIR / "start.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
 def sweep_args(config_dir: Path, sweep_dir: Path, *extra: str, name: str | None = None) -> list[str]:
     """The issue's command: the predictor_sharing ablation on the two-node cluster profile, one of its jobs."""
     return ["--config-dir", str(config_dir), "ablation=predictor_sharing", "profile=tiny_2node", "launcher=slurm",
@@ -131,13 +138,30 @@ def start_launch(args: list[str], **env: str) -> subprocess.Popen:
                             env={**os.environ, **env})
 
 
-def finish(launcher: subprocess.Popen, timeout_s: float = LAUNCH_TIMEOUT_S) -> str:
+@contextlib.contextmanager
+def launched(args: list[str], name: str, **env: str):
+    """A launcher running ``args``; when the block fails, it is killed and its SLURM job cancelled at once."""
+    launcher = start_launch(args, **env)
+    try:
+        yield launcher
+    except BaseException:
+        launcher.kill()
+        launcher.communicate()
+        cancel(name)
+        raise
+
+
+def finish(launcher: subprocess.Popen, name: str | None = None, timeout_s: float = LAUNCH_TIMEOUT_S) -> str:
+    """The launcher's output once it ended with status 0; on the way out, its SLURM job (``name``) is cancelled:
+    nothing, unless the test failed with the job still queued or running."""
     try:
         out, _ = launcher.communicate(timeout=timeout_s)
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.communicate()
+        if name is not None:
+            cancel(name)
     assert launcher.returncode == 0, out
     return out
 
@@ -178,19 +202,20 @@ def reference(two_node_cluster, config_dir, tmp_path_factory):
     """The job run across both nodes, and the same job as 2 ranks on one node (this machine, submitit's local
     executor, 1 thread per rank as on the cluster), launched side by side."""
     root = tmp_path_factory.mktemp("reference")
-    across = start_launch(sweep_args(config_dir, root / "two_nodes"))
+    name = job_name()
+    across = start_launch(sweep_args(config_dir, root / "two_nodes", name=name))
     one_node = start_launch(sweep_args(config_dir, root / "one_node", "launcher=local"), OMP_NUM_THREADS="1")
-    return root / "two_nodes", finish(across), root / "one_node", finish(one_node)
+    try:
+        across_out = finish(across, name)
+    finally:
+        one_node_out = finish(one_node)
+    return root / "two_nodes", across_out, root / "one_node", one_node_out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. The cluster
 
 
-def cluster_setting(key: str) -> str:
-    """A setting the cluster was started with (its state dir's start.env, written by the start script)."""
-    settings = dict(line.split("=", 1) for line in (STATE_DIR / "start.env").read_text().splitlines() if "=" in line)
-    return settings[key]
 
 
 def test_nodes_have_their_own_names_and_resolve_each_other(two_node_cluster, tmp_path):
@@ -203,7 +228,7 @@ def test_nodes_have_their_own_names_and_resolve_each_other(two_node_cluster, tmp
     lines = sorted(" ".join(line.split()) for line in out.stdout.splitlines())
     # Each node's own name is a loopback address there (as in Debian's /etc/hosts); the other's is its address.
     # No default route: a packet to any address but the cluster's own goes nowhere.
-    net = cluster_setting("MTSSL_SLURM_NET")
+    net = cluster_settings()["MTSSL_SLURM_NET"]
     assert lines == [f"0 node1 127.0.1.1 node1 {net}.12 node2 0", f"1 node2 {net}.11 node1 127.0.1.1 node2 0"], lines
 
 
@@ -288,10 +313,8 @@ def test_preempted_job_comes_back_on_the_nodes_in_the_other_order_with_the_same_
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node1\nnode2\n")
     name = job_name()
-    launcher = start_launch(sweep_args(config_dir, sweep_dir, 'launcher.srun_args=["--distribution=arbitrary"]',
-                                       name=name), SLURM_HOSTFILE=str(hostfile))
-    high = None
-    try:
+    with launched(sweep_args(config_dir, sweep_dir, 'launcher.srun_args=["--distribution=arbitrary"]', name=name),
+                  name, SLURM_HOSTFILE=str(hostfile)) as launcher:
         # Freeze the ranks mid-training, so that SLURM's signal surely lands before the end.
         wait_for(lambda: reached_step(sweep_dir, 2), "training to reach step 2", 240, launcher)
         pids = rank_pids(sweep_dir)
@@ -309,12 +332,7 @@ def test_preempted_job_comes_back_on_the_nodes_in_the_other_order_with_the_same_
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        finish(launcher)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.communicate()
-        cancel(name)  # nothing, unless the test failed with the job still queued
+    finish(launcher, name)
     record = submission(sweep_dir)
     assert rank_hosts(record) == [{0: "node1", 1: "node2"}, {0: "node2", 1: "node1"}]
     log = (sweep_dir / JOB / "train.log").read_text()
@@ -365,12 +383,16 @@ def kill_node(node: str) -> list[int]:
     return pids
 
 
-def restart_nodes() -> None:
-    """Bring back what is missing of the cluster (a dead node's links and slurmd), with its own settings."""
-    settings = dict(line.split("=", 1) for line in (STATE_DIR / "start.env").read_text().splitlines() if "=" in line)
-    out = subprocess.run(["bash", str(START), "--nodes", "2"], capture_output=True, text=True, timeout=180,
-                         env={**os.environ, **settings})
-    assert out.returncode == 0, out.stdout + out.stderr
+@contextlib.contextmanager
+def restored_nodes():
+    """On the way out, bring back what is missing of the cluster (a dead node's links and slurmd), with the
+    settings it was started with."""
+    try:
+        yield
+    finally:
+        out = subprocess.run(["bash", str(START), "--nodes", "2"], capture_output=True, text=True, timeout=180,
+                             env={**os.environ, **cluster_settings()})
+        assert out.returncode == 0, out.stdout + out.stderr
 
 
 def wait_until(condition, what: str, timeout_s: float) -> float:
@@ -389,9 +411,8 @@ def test_a_dead_node_fails_the_surviving_rank_after_the_collective_timeout_and_t
     sweep_dir = tmp_path / "node_death"
     job_dir = sweep_dir / JOB
     name = job_name()
-    launcher = start_launch(sweep_args(config_dir, sweep_dir, f"train.collective_timeout_s={COLLECTIVE_TIMEOUT_S}",
-                                       name=name))
-    try:
+    with launched(sweep_args(config_dir, sweep_dir, f"train.collective_timeout_s={COLLECTIVE_TIMEOUT_S}", name=name),
+                  name) as launcher, restored_nodes():
         wait_for(lambda: (job_dir / "checkpoints" / "step_00000002").is_dir() and reached_step(sweep_dir, 3),
                  "a checkpoint and a step after it", 240, launcher)
         pids = rank_pids(sweep_dir)
@@ -414,12 +435,7 @@ def test_a_dead_node_fails_the_surviving_rank_after_the_collective_timeout_and_t
               f"{COLLECTIVE_TIMEOUT_S} s); sacct: {accounted(job_id)}; node2: {node_state}")
         assert failed_after_s <= COLLECTIVE_TIMEOUT_S + 15, failed_after_s
         assert results(sweep_dir)["status"] == "failed"  # the requeued run waits for node2: nothing ran
-    finally:
-        restart_nodes()  # node2 returns (ReturnToService=2): the requeued job runs again
-    try:
-        finish(launcher)
-    finally:
-        cancel(name)
+    finish(launcher, name)  # node2 is back (ReturnToService=2): the requeued job ran again
     log = (job_dir / "train.log").read_text()
     resumed = [int(s) for s in re.findall(r"resumed from \S+/checkpoints/step_(\d+)", log)]
     assert resumed and 2 <= resumed[-1] < STEPS, log
