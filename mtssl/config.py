@@ -46,6 +46,7 @@ NON_TRAINING_FIELDS = (
     "train.max_steps",
     "train.device",
     "train.activation_checkpointing",  # recomputes the same forward: bitwise the same results on CPU (tested)
+    "train.collective_timeout_s",  # when a waiting rank gives up, not what it computes
     "eval",
     "monitor",  # measured beside training, bitwise unchanged (tests/test_monitors.py)
 )
@@ -288,6 +289,7 @@ FIELD_CHECKS: dict[str, Check] = {
     "train.precision": choice(["auto", "fp32", "bf16"]),  # auto is resolved (resolve_config) before the hash
     "train.deterministic": boolean(),
     "train.cuda_deterministic": boolean(),
+    "train.collective_timeout_s": number(0, low_open=True),
     "monitor": section(),
     "monitor.interference_every": integer(0, null=True),
     "monitor.rankme": boolean(),
@@ -318,7 +320,9 @@ OPTIONAL_PATTERNS = tuple(f"backbone.optim.{k}" for k in _OPTIM_OVERRIDE) + tupl
     f"method.optim.{k}" for k in _OPTIM_OVERRIDE if k not in ("name", "base_lr", "weight_decay")) + (
     # Recipe fields a preset may leave out (read with oc.select / .get, null when absent).
     "backbone.projector_hidden_dims", "backbone.zero_init_last", "backbone.drop_path_rate", "method.batch_size",
-    *(f"method.two_view.{k}" for k in ("scale", "blur_p", "solarize_p", "jitter")))
+    *(f"method.two_view.{k}" for k in ("scale", "blur_p", "solarize_p", "jitter")),
+    "train.collective_timeout_s",  # absent from the config.yaml of older jobs (re-evaluation): the default
+)
 
 
 def field_check(path: str) -> Check | None:

@@ -25,8 +25,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mtssl.config import (ConfigError, changes_from_file, check_out_dir, config_hash, describe_changes, resolve_config,
-                          validate_config)
+from mtssl.config import (FIELD_CHECKS, ConfigError, changes_from_file, check_out_dir, config_hash, describe_changes,
+                          resolve_config, validate_config)
 from mtssl.distributed.checkpoint import CheckpointManager, CheckpointMismatch
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
 from mtssl.distributed.preemption import StopRequest, TrainingInterrupted
@@ -132,7 +132,12 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     ``stop``: stop-signal handlers the caller installed itself, so it can read afterwards which
     signal stopped the job (mtssl.submitit_job requeues on SIGUSR2); by default installed here.
     """
-    env = init_distributed(OmegaConf.select(cfg, "train.device") or "auto")
+    timeout_s = OmegaConf.select(cfg, "train.collective_timeout_s")
+    problem = FIELD_CHECKS["train.collective_timeout_s"](timeout_s) if timeout_s is not None else None
+    if problem:  # init_distributed needs it before validate_config runs
+        print(f"invalid config: train.collective_timeout_s: {problem}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    env = init_distributed(OmegaConf.select(cfg, "train.device") or "auto", timeout_s)
     out_dir = Path(cfg.out_dir)
     try:
         check_out_dir(out_dir)  # before the log file is opened in it

@@ -114,7 +114,8 @@ def job_resources(cfg: DictConfig, executor_kind: str) -> Resources:
         raise ConfigError(f"profile.resources.ranks_per_job: must be >= 1, got {ranks}")
     if nodes < 1 or ranks % nodes:
         raise ConfigError(f"cluster.nodes: {ranks} ranks per job (profile.resources.ranks_per_job) do not split "
-                          f"evenly over {nodes} nodes; use a divisor of {ranks}")
+                          f"evenly over {nodes} nodes; set cluster.nodes to a divisor of {ranks}, or "
+                          f"profile.resources.ranks_per_job to a multiple of {max(nodes, 1)}")
     return Resources(ranks, gpus, nodes)
 
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import submitit
 from hydra.core.config_store import ConfigStore
@@ -37,10 +37,12 @@ from mtssl.submitit_job import MtsslJob
 
 SUBMISSIONS_FILE = Path(".submitit") / "submissions.json"
 
-# sacct states after which a SLURM job never runs again. PREEMPTED is not among them: with
-# PreemptMode=REQUEUE it is followed by PENDING; it only counts as final once it lasted PREEMPTED_FINAL_S.
-SLURM_FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+# sacct states after which a SLURM job never runs again. PREEMPTED and NODE_FAIL are not among them: with
+# PreemptMode=REQUEUE, and for a node lost under a requeueable job (JobRequeue=1, sbatch --requeue), SLURM
+# requeues the job, so they are followed by PENDING; they only count as final once they lasted PREEMPTED_FINAL_S.
+SLURM_FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL",
                       "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
+SLURM_REQUEUED_STATES = {"PREEMPTED", "NODE_FAIL"}
 PREEMPTED_FINAL_S = 300
 LOCAL_FINAL_STATES = {"FINISHED", "INTERRUPTED", "NO PROCESS AND NO RESULT", "EXITED"}
 
@@ -132,7 +134,7 @@ class TrackedJob:
     def __init__(self, name: str, submission: Submission, job: submitit.Job | None = None):
         self.name, self.submission, self.job = name, submission, job
         self.state = "SUBMITTED"
-        self._preempted_since: float | None = None
+        self._requeued_since: float | None = None  # when it was last seen PREEMPTED or NODE_FAIL
 
     @property
     def cluster(self) -> str:
@@ -146,14 +148,15 @@ class TrackedJob:
             state = polled.get(self.submission.job_id, "UNKNOWN")
         if state == "UNKNOWN":
             return self.state  # not in accounting yet (slurmdbd lags sbatch by ~1 s): keep the last state
-        self._preempted_since = (self._preempted_since or time.monotonic()) if state == "PREEMPTED" else None
+        requeued = self.cluster == "slurm" and state in SLURM_REQUEUED_STATES
+        self._requeued_since = (self._requeued_since or time.monotonic()) if requeued else None
         self.state = state
         return state
 
     @property
     def final(self) -> bool:
-        if self._preempted_since is not None:
-            return time.monotonic() - self._preempted_since > PREEMPTED_FINAL_S  # preempted and not requeued
+        if self._requeued_since is not None:
+            return time.monotonic() - self._requeued_since > PREEMPTED_FINAL_S  # and not requeued after all
         return is_final(self.cluster, self.state)
 
 
@@ -270,6 +273,7 @@ class LocalSweepQueueConf(LocalQueueConf):
 @dataclass
 class SlurmSweepQueueConf(SlurmQueueConf):
     _target_: str = "sweeps.launchers.SlurmSweepLauncher"
+    srun_args: Optional[List[str]] = None  # extra srun options of each job's step, e.g. [--cpu-bind=none]
 
 
 def register_configs(cluster_profiles: Path) -> None:

@@ -29,9 +29,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """The SLURM tests share one small cluster: under ``--dist loadgroup`` they run one after another on one worker."""
+    """The SLURM tests of one cluster run one after another on one worker (under ``--dist loadgroup``): a module
+    that uses another cluster names its own group (``pytest.mark.xdist_group``)."""
     for item in items:
-        if item.get_closest_marker("slurm"):
+        if item.get_closest_marker("slurm") and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
 
 

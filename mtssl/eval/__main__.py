@@ -70,7 +70,7 @@ def reevaluate(out_dir: str | Path, overrides: Sequence[str] = ()) -> int:
     except ConfigError as error:
         log.error("%s", error)
         return EXIT_BAD_ARGS
-    env = init_distributed(cfg.train.get("device", "auto"))
+    env = init_distributed(cfg.train.get("device", "auto"), cfg.train.get("collective_timeout_s"))
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING, force=True,
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
     code = EXIT_FAILED
