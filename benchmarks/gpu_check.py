@@ -181,7 +181,8 @@ def main(argv=None) -> int:
         return 1
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS handle
 
-    from mtssl.config import compose_config, resolve_config, validate_config
+    from mtssl.config import compose_config, resolve_config
+    from mtssl.config.validate import validate_config
     from mtssl.distributed.fsdp import full_state_dict
     from mtssl.distributed.process_group import destroy_distributed, init_distributed
     from mtssl.train.trainer import configure_determinism

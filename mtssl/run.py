@@ -23,8 +23,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mtssl.config import (ConfigError, changes_from_file, check_out_dir, config_hash, describe_changes, resolve_config,
-                          validate_config)
+from mtssl.config import ConfigError, changes_from_file, config_hash, describe_changes, resolve_config
+from mtssl.config.validate import check_device, check_out_dir, validate_config, validate_data
+from mtssl.data.cifar10 import prepare_data
+from mtssl.data.image_folder import DataError
 from mtssl.distributed.checkpoint import TRAINER_STATE, CheckpointManager, CheckpointMismatch, write_json_atomic
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
 from mtssl.train.trainer import PretrainOutcome, StopRequest, Trainer, TrainingInterrupted, configure_determinism
@@ -135,20 +137,23 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     ``stop``: stop-signal handlers the caller installed itself, so it can read afterwards which
     signal stopped the job (mtssl.submitit_job requeues on SIGUSR2); by default installed here.
     """
-    env = init_distributed(OmegaConf.select(cfg, "train.device") or "auto")
     out_dir = Path(cfg.out_dir)
     try:
+        check_device(cfg)  # before the process group is set up on that device
         check_out_dir(out_dir)  # before the log file is opened in it
     except ConfigError as error:
         print(f"invalid config: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    env = init_distributed(OmegaConf.select(cfg, "train.device") or "auto")
     setup_logging(out_dir, env)
     log.info("job started: %d rank(s), pid %d, SLURM job %s", env.world_size, os.getpid(),
              os.environ.get("SLURM_JOB_ID", "none"))
     try:
         cfg = resolve_config(cfg)
         validate_config(cfg, world_size=env.world_size)
-    except ConfigError as error:
+        if prepare_data(cfg):  # the data step: CIFAR-10 fetched into an absent data.root (data.download)
+            validate_data(cfg)
+    except (ConfigError, DataError) as error:
         log.error("invalid config: %s", error)
         return EXIT_BAD_CONFIG
     conflict = out_dir_conflict(cfg, out_dir)

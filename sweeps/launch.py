@@ -44,7 +44,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from submitit.core.utils import FailedSubmissionError, UncompletedJobError  # noqa: E402
 
 from mtssl.config import (ConfigError, compose_config, config_changes, config_hash, describe_recipe,  # noqa: E402
-                          format_changes, resolve_config, validate_config)
+                          format_changes, resolve_config)
+from mtssl.config.validate import validate_config  # noqa: E402
 from mtssl.run import OutDirConflict, out_dir_conflict  # noqa: E402
 from sweeps.grid import SweepJob, expand_grid, quote_value, random_init_job  # noqa: E402
 from sweeps.launchers import (Submission, SweepLauncher, TrackedJob, is_final, read_submissions,  # noqa: E402

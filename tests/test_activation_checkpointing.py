@@ -13,7 +13,8 @@ import contextlib
 import pytest
 import torch
 
-from mtssl.config import ConfigError, compose_config, config_hash, resolve_config, validate_config
+from mtssl.config import ConfigError, compose_config, config_hash, resolve_config
+from mtssl.config.validate import validate_config
 from mtssl.distributed.process_group import destroy_distributed, init_distributed
 from mtssl.model.activation_checkpoint import CheckpointedForward
 from mtssl.train.trainer import Trainer

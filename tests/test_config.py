@@ -9,8 +9,9 @@ import sys
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from mtssl.config import (FIELD_CHECKS, OPEN_SECTIONS, ConfigError, available, check_fields, compose_config,
-                          field_check, resolve_config, validate_config)
+from mtssl.config import ConfigError, available, compose_config, resolve_config
+from mtssl.config.schema import FIELD_CHECKS, OPEN_SECTIONS, check_fields, field_check
+from mtssl.config.validate import validate_config
 from tests.conftest import REPO, make_image_folder
 
 
@@ -133,19 +134,29 @@ def test_out_dir_that_cannot_be_created(tiny_folder, tmp_path):
 
 
 def test_missing_default_root_without_network_says_what_to_do(tmp_path, monkeypatch):
+    """Validation never downloads; the job's data step does, and says what to do when it cannot."""
     import urllib.error
 
     import mtssl.data.cifar10
+    from mtssl.data.cifar10 import prepare_data
+    from mtssl.data.image_folder import DataError
+
+    attempts = []
 
     def offline(root):
+        attempts.append(root)
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(mtssl.data.cifar10, "download_cifar10", offline)
-    with pytest.raises(ConfigError) as info:
-        check([f"data.root={tmp_path / 'cifar10'}"])
+    cfg = resolve_config(compose_config([f"data.root={tmp_path / 'cifar10'}"]))
+    validate_config(cfg)  # no network I/O: the absent folder is left to the data step
+    assert attempts == []
+    with pytest.raises(DataError) as info:
+        prepare_data(cfg)
     message = str(info.value)
     assert "data.root:" in message and "downloading CIFAR-10 there failed" in message
     assert "MTSSL_DATA_ROOT" in message and "data.download=false" in message
+    assert len(attempts) == 1
 
 
 def test_default_data_root_does_not_depend_on_the_cwd(tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import make_image_folder
-from mtssl.config import ConfigError, compose_config, resolve_config, validate_config
+from mtssl.config import ConfigError, compose_config, resolve_config
+from mtssl.config.validate import validate_config
 from mtssl.distributed.fsdp import full_state_dict, state_sha256
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
 from mtssl.eval.features import extract_features

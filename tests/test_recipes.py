@@ -18,7 +18,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torchvision.transforms import v2
 
-from mtssl.config import resolve_config, validate_config
+from mtssl.config import resolve_config
+from mtssl.config.validate import validate_config
 from mtssl.data.torchvision_augment import MultiViewTransform, build_eval_transform
 from mtssl.data.views import build_view_layout
 from mtssl.distributed.process_group import DistEnv

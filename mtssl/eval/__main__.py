@@ -22,7 +22,8 @@ from typing import Sequence
 import torch
 from omegaconf import OmegaConf
 
-from mtssl.config import ConfigError, config_changes, format_changes, validate_config
+from mtssl.config import ConfigError, config_changes, format_changes
+from mtssl.config.validate import validate_config
 from mtssl.distributed.checkpoint import write_json_atomic
 from mtssl.distributed.process_group import destroy_distributed, init_distributed
 from mtssl.eval.job import evaluate_states

@@ -1,0 +1,132 @@
+"""Composition and resolution: the job config as Hydra composes it, then with every derived value filled in.
+
+``compose_config`` composes ``mtssl/conf`` with Hydra's compose API, as ``python -m mtssl.run`` does;
+``resolve_config`` resolves the interpolations and writes the values the job will use (the precision of
+``train.precision=auto``, the absolute data root, every view type's fields), so the resolved config is the
+effective one: it is what ``out_dir/config.yaml`` holds and what the run's hash covers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from mtssl.config.errors import ConfigError
+from mtssl.data.views import build_view_layout
+
+CONFIG_MODULE = "mtssl.conf"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The repository root: relative defaults (data.root of data=cifar10) resolve against it, not the cwd.
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+if not OmegaConf.has_resolver("mtssl.repo"):
+    OmegaConf.register_new_resolver("mtssl.repo", lambda: str(REPO_ROOT))
+
+
+def available(group: str) -> list[str]:
+    """Preset names of a config group, e.g. ``available('method')``."""
+    folder = CONFIG_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose the job config with Hydra's compose API (as ``python -m mtssl.run`` would)."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(f"bad override in {list(overrides)}: {error}") from error
+
+
+def _merged_optim(cfg: DictConfig) -> dict:
+    """optim = method default < backbone default (ViT) < explicit non-null ``optim.*`` values."""
+    merged = dict(OmegaConf.to_container(cfg.optim, resolve=True))
+    defaults = dict(OmegaConf.to_container(cfg.method.optim, resolve=True))
+    if cfg.backbone.get("optim"):
+        defaults.update(OmegaConf.to_container(cfg.backbone.optim, resolve=True))
+    for key, value in defaults.items():
+        if merged.get(key) is None:
+            merged[key] = value
+    return merged
+
+
+def resolve_config(cfg: DictConfig) -> DictConfig:
+    """Fill derived defaults (optimiser, EMA tau, absolute data root) and resolve interpolations."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    except OmegaConfBaseException as error:  # missing mandatory value, bad interpolation
+        raise ConfigError(_omegaconf_message(error)) from error
+    cfg.optim = _merged_optim(cfg)
+    if cfg.train.ema_tau is None:
+        cfg.train.ema_tau = cfg.backbone.ema_tau
+    if cfg.train.get("precision", "auto") == "auto":
+        cfg.train.precision = default_precision(cfg.train.device)
+    if cfg.data.root is not None:
+        cfg.data.root = os.path.abspath(os.path.expanduser(str(cfg.data.root)))
+    _fill_view_types(cfg)
+    return cfg
+
+
+def default_precision(device: str) -> str:
+    """``train.precision=auto``: bf16 where the job runs on CUDA (as ``train.device`` selects it), else fp32.
+
+    Resolved before the config is hashed, so the hash names the precision that trained: a bf16
+    checkpoint is not resumed in fp32 (set ``train.precision`` explicitly to move a run).
+    """
+    import torch
+
+    on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "bf16" if on_cuda else "fp32"
+
+
+def _fill_view_types(cfg: DictConfig) -> None:
+    """Write every view type's effective fields into the config, so config.yaml shows them."""
+    try:
+        layout = build_view_layout(OmegaConf.to_container(cfg.views.types), dict(cfg.data.view_sizes or {}))
+    except (ValueError, TypeError):
+        return  # reported by validate_config with the field name
+    for view in layout.types:
+        fields = {k: v for k, v in asdict(view).items() if k != "name"}
+        cfg.views.types[view.name] = OmegaConf.create(
+            {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+        )
+
+
+def describe_recipe(cfg: DictConfig) -> str:
+    """One line with the recipe items of a resolved job config (what ``--dry-run`` shows per job)."""
+    from mtssl.loss.objectives import build_objective
+
+    o, m, b = cfg.optim, cfg.method, cfg.backbone
+    tau = cfg.train.ema_tau if build_objective(m).ema_target else "- (no EMA)"
+    peak = o.base_lr * cfg.train.batch_size / 256
+    heads = "-".join(str(d) for d in [*m.projector.hidden_dims, m.projector.out_dim])
+    views = ", ".join(
+        f"{name} {v.count}x{v.size} w {v.weight:.4g} scale {list(v.scale)} blur k{v.blur_kernel}"
+        for name, v in cfg.views.types.items()
+    )
+    return (
+        f"{cfg.train.epochs} ep, batch {cfg.train.batch_size}; {o.name} base lr {o.base_lr:g} (peak {peak:g}), "
+        f"wd {o.weight_decay:g} ({'every parameter' if o.weight_decay_1d else 'not 1-D'}), warmup {o.warmup_epochs} ep, "
+        f"cosine per {o.schedule_per} to {o.final_lr_ratio:g} x peak, clip {o.clip_grad}; tau0 "
+        f"{tau}; projector {heads}; drop-path "
+        f"{b.get('drop_path_rate') or 0:g}; zero_init_last {b.get('zero_init_last')}; views: {views}"
+    )
+
+
+def _omegaconf_message(error: Exception) -> str:
+    key = getattr(error, "full_key", None)
+    if key:
+        hint = " (e.g. data.root=/path/to/imagenet)" if key == "data.root" else ""
+        return f"{key}: {error.msg if hasattr(error, 'msg') else error}. Set it on the command line: {key}=...{hint}"
+    return str(error)
+
+
