@@ -1,7 +1,7 @@
 """One complete job: validate, pretrain (resuming if possible), evaluate, write results.
 
     python -m mtssl.run method=mocov3 views=global_local predictor=separate \
-        backbone=resnet18 data=cifar10 scale=cpu out_dir=runs/demo
+        backbone=resnet18 data=cifar10 regime=cpu out_dir=runs/demo
 
 Writes ``out_dir/config.yaml`` (resolved config) at the start and ``out_dir/results.json`` at
 the end. Runs as one of N ranks under torchrun or submitit. Exit codes: 0 done (completed or

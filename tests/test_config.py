@@ -66,7 +66,7 @@ def check(overrides, world_size=1):
     (["views.types.global.jitter=[0.4,0.4,0.2]"], "views.types.global.jitter", "must hold 4 values"),
     (["views.types.global.jitter=[0.4,0.4,0.2,0.7]"], "views.types.global.jitter", "hue <= 0.5"),
     (["data.eval_interpolation=lanczos"], "data.eval_interpolation", "bilinear"),
-    (["backbone=vit_tiny", "+backbone.zero_init_last=false"], "backbone.zero_init_last", "zero_init_last=null"),
+    (["backbone=vit_tiny", "backbone.zero_init_last=false"], "backbone.zero_init_last", "zero_init_last=null"),
     (["backbone.drop_path_rate=1.5"], "backbone.drop_path_rate", "[0, 1)"),
     (["method.batch_size=0"], "method.batch_size", "must be >= 1"),
     (["method.projector.hidden_dims=[0]"], "method.projector.hidden_dims", "must be >= 1"),
@@ -89,10 +89,9 @@ def preset_configs():
     for group in ("method", "views", "predictor", "backbone", "data"):
         for name in available(group):
             yield compose_config([f"{group}={name}"] + (["data.root=/x"] if name == "imagefolder" else []))
-    for scale in available("scale"):  # each scale with each method and backbone: their parts too
-        for group in ("method", "backbone"):
-            for name in available(group):
-                yield compose_config([f"scale={scale}", f"{group}={name}"])
+    for regime in available("regime"):  # each regime with each method and backbone family: their parts too
+        for choice in [f"method={m}" for m in available("method")] + ["backbone=resnet18", "backbone=vit_small"]:
+            yield compose_config([f"regime={regime}", choice, "data.root=/x"])
 
 
 def leaf_paths(node, path=""):
@@ -254,21 +253,47 @@ def test_config_hash_survives_the_config_yaml_round_trip(tiny_folder, tmp_path):
     assert changes_from_file(tmp_path / "missing.yaml", cfg) is None
 
 
-def test_scale_sets_its_values_and_the_command_line_wins(tiny_folder):
-    """scale=cpu replaces config.yaml's and the presets' values, its per-method part applies to its method
-    only, and an explicit override still wins over both."""
+def test_regime_sets_its_values_and_the_command_line_wins(tiny_folder):
+    """regime=cpu replaces config.yaml's and the presets' values, its per-method part applies to its method
+    only, its ResNet part to ResNets only, and an explicit override still wins over all of them."""
     official = compose_config(["method=mocov3"])
-    cpu = compose_config(["scale=cpu", "method=mocov3"])
+    cpu = compose_config(["regime=cpu", "method=mocov3"])
     assert (official.train.epochs, official.method.objective_kwargs.temperature) == (100, 1.0)
     assert (cpu.train.epochs, cpu.train.batch_size, cpu.data.subset) == (20, 128, 2500)
     assert (cpu.method.objective_kwargs.temperature, cpu.train.ema_tau) == (0.2, 0.99)
-    assert compose_config(["scale=cpu", "method=byol"]).train.ema_tau == 0.9
-    assert "temperature" not in compose_config(["scale=cpu", "method=byol"]).method.objective_kwargs
+    assert compose_config(["regime=cpu", "method=byol"]).train.ema_tau == 0.9
+    assert "temperature" not in compose_config(["regime=cpu", "method=byol"]).method.objective_kwargs
     assert cpu.backbone.zero_init_last is True and official.backbone.zero_init_last is False
-    assert "zero_init_last" not in compose_config(["scale=cpu", "backbone=vit_small"]).backbone  # ResNets only
-    mine = compose_config(["scale=cpu", "method=mocov3", "train.epochs=3", "method.objective_kwargs.temperature=0.5"])
-    assert (mine.train.epochs, mine.method.objective_kwargs.temperature) == (3, 0.5)
+    assert compose_config(["regime=cpu", "backbone=vit_small"]).backbone.zero_init_last is None  # ResNets only
+    mine = compose_config(["regime=cpu", "method=mocov3", "train.epochs=3", "method.objective_kwargs.temperature=0.5",
+                           "optim.base_lr=0.1"])
+    assert (mine.train.epochs, mine.method.objective_kwargs.temperature, mine.optim.base_lr) == (3, 0.5, 0.1)
     for method in available("method"):
-        cfg = compose_config(["scale=cpu", f"method={method}", f"data.root={tiny_folder}", "train.batch_size=4",
+        cfg = compose_config(["regime=cpu", f"method={method}", f"data.root={tiny_folder}", "train.batch_size=4",
                               "data.subset=null", "eval.val_subset=null"])
         validate_config(resolve_config(cfg))
+
+
+def test_a_regime_inherits_its_parent_with_the_parents_parts():
+    """cpu_quick is cpu with 16 epochs: cpu's values and its method and ResNet parts, its own values on top;
+    imagenet_800ep is imagenet_200ep with 800 epochs and 4 local views."""
+    for method in available("method"):
+        cpu = resolve_config(compose_config(["regime=cpu", f"method={method}"]))
+        quick = resolve_config(compose_config(["regime=cpu_quick", f"method={method}"]))
+        assert (quick.train.epochs, quick.train.device, quick.monitor.interference_every) == (16, "cpu", 20)
+        assert (cpu.train.epochs, cpu.monitor.interference_every) == (20, None)
+        for section in ("optim", "method", "backbone", "data", "views"):
+            assert quick[section] == cpu[section], (method, section)
+        assert quick.train.ema_tau == cpu.train.ema_tau
+    short = resolve_config(compose_config(["regime=imagenet_200ep", "data.root=/x"]))
+    long = resolve_config(compose_config(["regime=imagenet_800ep", "data.root=/x"]))
+    assert (short.train.epochs, long.train.epochs) == (200, 800)
+    assert (short.views.types.local.count, long.views.types.local.count) == (2, 4)
+    assert short.optim == long.optim and short.data == long.data and short.backbone == long.backbone
+
+
+def test_a_regime_cannot_add_a_view_type_the_views_preset_lacks():
+    """imagenet_800ep sets views.types.local.count=4; with views=global that would add a local task of default
+    views: refused, naming the field, instead."""
+    with pytest.raises(ConfigError, match=r"views.types.local: views=global has no local views"):
+        resolve_config(compose_config(["regime=imagenet_800ep", "views=global", "data.root=/x"]))

@@ -1,5 +1,5 @@
 """The official recipes, item by item: each run of the official commands composed as the sweep launcher
-composes it (profile + ablation + axis values, ``sweeps/launch.py: compose_job``), then compared with the
+composes it (budget's regime + ablation + axis values, ``sweeps/launch.py: compose_job``), then compared with the
 values of the official code, written out here from the reference (official-recipe.md), never taken from
 mtssl. Where it matters the behaviour is checked too: the lr at chosen steps, which parameters get weight
 decay, the blur kernels, the BN gamma at init, drop-path on the online network only, the kNN resize.
@@ -75,13 +75,13 @@ FAKE_ROOT = "/unused/imagenet"
 def sweep_configs(*overrides: str) -> dict[str, object]:
     """{job name: resolved job config} of a sweep, composed as ``sweeps/launch.py`` composes its jobs."""
     with initialize_config_dir(config_dir=str(REPO / "sweeps" / "conf"), version_base="1.3"):
-        sweep = compose("config", overrides=[f"profile.data_root={FAKE_ROOT}", *overrides])
+        sweep = compose("config", overrides=list(overrides))
         jobs = expand_grid(
             axes=OmegaConf.to_container(sweep.ablation.axes, resolve=True), seeds=list(sweep.ablation.seeds),
-            fixed=list(sweep.ablation.fixed), profile_overrides=list(sweep.profile.overrides),
+            fixed=list(sweep.ablation.fixed), regime=sweep.budget.regime, job_overrides=[f"data.root={FAKE_ROOT}"],
         )
         configs = {job.name: resolve_config(compose_job(list(job.overrides))) for job in jobs}
-        ranks = int(sweep.profile.resources.ranks_per_job)
+        ranks = int(sweep.budget.resources.ranks_per_job)
     for cfg in configs.values():
         validate_config(cfg, check_data=False, world_size=ranks)
     return configs
@@ -89,17 +89,17 @@ def sweep_configs(*overrides: str) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def method_runs():
-    return sweep_configs("ablation=method", "profile=imagenet_200ep")
+    return sweep_configs("ablation=method", "budget=imagenet_200ep")
 
 
 @pytest.fixture(scope="module")
 def baseline_runs():
-    return sweep_configs("ablation=method", "profile=imagenet_200ep", "+ablation.axes.views=[global]")
+    return sweep_configs("ablation=method", "budget=imagenet_200ep", "+ablation.axes.views=[global]")
 
 
 @pytest.fixture(scope="module")
 def backbone_runs():
-    return sweep_configs("ablation=backbone", "profile=imagenet_200ep")
+    return sweep_configs("ablation=backbone", "budget=imagenet_200ep")
 
 
 def official_runs(method_runs, backbone_runs):
@@ -207,13 +207,13 @@ def test_local_blur_kernel_is_23_at_96_px(method_runs):
 
 
 def test_800_epoch_run():
-    runs = sweep_configs("ablation=method", "profile=imagenet_800ep", "ablation.axes.method=[byol]")
+    runs = sweep_configs("ablation=method", "budget=imagenet_800ep", "ablation.axes.method=[byol]")
     (cfg,) = runs.values()
     assert cfg.method.name == "byol" and cfg.train.epochs == 800 and cfg.train.batch_size == 1024
     assert {t: v.count for t, v in cfg.views.types.items()} == {"global": 2, "local": 4, "cutout": 1}
     with initialize_config_dir(config_dir=str(REPO / "sweeps" / "conf"), version_base="1.3"):
-        profile = compose("config", overrides=["profile=imagenet_800ep"]).profile
-    assert profile.resources.ranks_per_job == 8 and profile.resources.gpus
+        budget = compose("config", overrides=["budget=imagenet_800ep"]).budget
+    assert budget.regime == "imagenet_800ep" and budget.resources.ranks_per_job == 8 and budget.resources.gpus
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def light(cfg, **changes):
 
 def trainer_for(cfg, tmp_path, steps_per_epoch=10):
     placeholders = [("unused", 0)] * (cfg.train.batch_size * steps_per_epoch)
-    # The GPU profile resolves to bf16; one fp32 CPU process builds the same optimiser without a process group.
+    # The GPU regime resolves to bf16; one fp32 CPU process builds the same optimiser without a process group.
     cfg = OmegaConf.merge(cfg, {"train": {"device": "cpu", "precision": "fp32"}})
     return Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu")), tmp_path, train_samples=placeholders)
 
@@ -343,8 +343,8 @@ def test_dry_run_shows_the_official_runs(tmp_path):
 
     root = make_image_folder(tmp_path / "imagenet", classes=2, per_class=520, size=8)  # >= one 1024 batch
     proc = subprocess.run(
-        [sys.executable, str(REPO / "sweeps" / "launch.py"), "ablation=method", "profile=imagenet_200ep",
-         f"profile.data_root={root}", f"sweep_dir={tmp_path / 'sweep'}", "--dry-run"],
+        [sys.executable, str(REPO / "sweeps" / "launch.py"), "ablation=method", "budget=imagenet_200ep",
+         f"data.root={root}", f"sweep_dir={tmp_path / 'sweep'}", "--dry-run"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

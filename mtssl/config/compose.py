@@ -9,14 +9,14 @@ effective one: it is what ``out_dir/config.yaml`` holds and what the run's hash 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields as dataclass_fields
 from pathlib import Path
 from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from mtssl.config.errors import ConfigError
-from mtssl.data.views import build_view_layout
+from mtssl.data.views import ViewType, build_view_layout
 
 CONFIG_MODULE = "mtssl.conf"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -45,29 +45,16 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError(f"bad override in {list(overrides)}: {error}") from error
 
 
-def _merged_optim(cfg: DictConfig) -> dict:
-    """optim = method default < backbone default (ViT) < explicit non-null ``optim.*`` values."""
-    merged = dict(OmegaConf.to_container(cfg.optim, resolve=True))
-    defaults = dict(OmegaConf.to_container(cfg.method.optim, resolve=True))
-    if cfg.backbone.get("optim"):
-        defaults.update(OmegaConf.to_container(cfg.backbone.optim, resolve=True))
-    for key, value in defaults.items():
-        if merged.get(key) is None:
-            merged[key] = value
-    return merged
-
-
 def resolve_config(cfg: DictConfig) -> DictConfig:
-    """Fill derived defaults (optimiser, EMA tau, absolute data root) and resolve interpolations."""
+    """The effective config: interpolations resolved, ``train.precision=auto`` decided, the data root made
+    absolute and every view type's fields written out. Nothing else is filled in: every recipe value comes
+    from composition, by the precedence rule of ``mtssl.config``."""
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     except OmegaConfBaseException as error:  # missing mandatory value, bad interpolation
         raise ConfigError(_omegaconf_message(error)) from error
-    cfg.optim = _merged_optim(cfg)
-    if cfg.train.ema_tau is None:
-        cfg.train.ema_tau = cfg.backbone.ema_tau
     if cfg.train.get("precision", "auto") == "auto":
         cfg.train.precision = default_precision(cfg.train.device)
     if cfg.data.root is not None:
@@ -90,10 +77,20 @@ def default_precision(device: str) -> str:
 
 def _fill_view_types(cfg: DictConfig) -> None:
     """Write every view type's effective fields into the config, so config.yaml shows them."""
+    types = OmegaConf.to_container(cfg.views.types)
     try:
-        layout = build_view_layout(OmegaConf.to_container(cfg.views.types), dict(cfg.data.view_sizes or {}))
+        layout = build_view_layout(types, dict(cfg.data.view_sizes or {}))
     except (ValueError, TypeError):
         return  # reported by validate_config with the field name
+    preset_fields = {f.name for f in dataclass_fields(ViewType)} - {"name"}  # what a views preset gives each type
+    for name, fields in types.items():
+        if not isinstance(fields, dict) or not preset_fields <= set(fields):
+            raise ConfigError(
+                f"views.types.{name}: views={cfg.views.name} has no {name} views (its types: "
+                f"{sorted(t for t, f in types.items() if isinstance(f, dict) and preset_fields <= set(f))}); only "
+                f"{sorted(set(fields or {}))} of them were set, e.g. by a regime (imagenet_800ep sets "
+                f"views.types.local.count). Choose views with {name} views (views=<preset>, presets: "
+                f"{available('views')}) or another regime")
     for view in layout.types:
         fields = {k: v for k, v in asdict(view).items() if k != "name"}
         cfg.views.types[view.name] = OmegaConf.create(
@@ -117,8 +114,7 @@ def describe_recipe(cfg: DictConfig) -> str:
         f"{cfg.train.epochs} ep, batch {cfg.train.batch_size}; {o.name} base lr {o.base_lr:g} (peak {peak:g}), "
         f"wd {o.weight_decay:g} ({'every parameter' if o.weight_decay_1d else 'not 1-D'}), warmup {o.warmup_epochs} ep, "
         f"cosine per {o.schedule_per} to {o.final_lr_ratio:g} x peak, clip {o.clip_grad}; tau0 "
-        f"{tau}; projector {heads}; drop-path "
-        f"{b.get('drop_path_rate') or 0:g}; zero_init_last {b.get('zero_init_last')}; views: {views}"
+        f"{tau}; projector {heads}; drop-path {b.drop_path_rate:g}; zero_init_last {b.zero_init_last}; views: {views}"
     )
 
 

@@ -143,6 +143,12 @@ def _pipelines() -> list[str]:
     return sorted(AUGMENTATION_PIPELINES)
 
 
+def _backbone_families() -> list[str]:
+    from mtssl.config.compose import available
+
+    return available("backbone_family")
+
+
 def _optimizers() -> list[str]:
     from mtssl.train.optim import OPTIMIZERS
 
@@ -169,12 +175,6 @@ def _feature_dtypes() -> list[str]:
 
 _PROBABILITIES = listing(number(0, 1))
 _HEAD = {"hidden_dims": listing(integer(1), min_length=0), "out_dim": integer(1), "last_bn": boolean()}
-_OPTIM_OVERRIDE = {  # method.optim / backbone.optim: the defaults that optim.* null fields take
-    "name": choice(_optimizers), "base_lr": number(0, low_open=True), "weight_decay": number(0),
-    "betas": listing(number(0, 1), length=2), "clip_grad": number(0, low_open=True, null=True),
-    "weight_decay_1d": boolean(), "warmup_epochs": number(0), "final_lr_ratio": number(0, 1),
-    "schedule_per": choice(_schedule_per),
-}
 
 FIELD_CHECKS: dict[str, Check] = {
     "out_dir": text(),
@@ -190,10 +190,8 @@ FIELD_CHECKS: dict[str, Check] = {
     "method.two_view.blur_p": _PROBABILITIES,
     "method.two_view.solarize_p": _PROBABILITIES,
     "method.two_view.jitter": listing(number(0), length=4),
-    "method.batch_size": integer(1, null=True),
+    "method.batch_size": integer(1),
     "method.fixed_predictor_lr": boolean(),
-    "method.optim": section(),
-    **{f"method.optim.{k}": c for k, c in _OPTIM_OVERRIDE.items()},
     "views": section(),
     "views.name": text(),
     "views.types": section(),
@@ -211,14 +209,12 @@ FIELD_CHECKS: dict[str, Check] = {
     "predictor.mode": choice(PREDICTOR_MODES, " (predictor=<mode>)"),
     "backbone": section(),
     "backbone.name": text(),
+    "backbone.family": choice(_backbone_families, " (set by the backbone preset: backbone=<preset>)"),
     "backbone.timm_name": text(),
-    "backbone.ema_tau": number(0, 1),
     "backbone.kwargs": section(),
     "backbone.zero_init_last": boolean(null=True),
     "backbone.drop_path_rate": number(0, 1, high_open=True),
     "backbone.projector_hidden_dims": listing(integer(1)),
-    "backbone.optim": section(null=True),
-    **{f"backbone.optim.{k}": c for k, c in _OPTIM_OVERRIDE.items()},
     "data": section(),
     "data.name": text(),
     "data.root": text(null=True),
@@ -298,11 +294,8 @@ FIELD_CHECKS: dict[str, Check] = {
 # Sections passed on as keyword arguments (to timm, to the objective): their keys are not ours to check.
 OPEN_SECTIONS = ("method.objective_kwargs", "backbone.kwargs")
 # Fields that may be absent: the sub-fields of a section that may be null.
-OPTIONAL_PATTERNS = tuple(f"backbone.optim.{k}" for k in _OPTIM_OVERRIDE) + tuple(
-    f"method.optim.{k}" for k in _OPTIM_OVERRIDE if k not in ("name", "base_lr", "weight_decay")) + (
-    # Recipe fields a preset may leave out (read with oc.select / .get, null when absent).
-    "backbone.projector_hidden_dims", "backbone.zero_init_last", "backbone.drop_path_rate", "method.batch_size",
-    *(f"method.two_view.{k}" for k in ("scale", "blur_p", "solarize_p", "jitter")))
+OPTIONAL_PATTERNS = (  # a method's 2-view transform may leave these to the global view type (views=global)
+    *(f"method.two_view.{k}" for k in ("scale", "blur_p", "solarize_p", "jitter")),)
 
 
 def field_check(path: str) -> Check | None:
