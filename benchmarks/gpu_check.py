@@ -38,7 +38,7 @@ warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a vi
 
 JOB = [
     "method=byol", "views=global_local_cutout", "predictor=separate", "backbone=resnet18", "data=cifar10",
-    "data.small_images=true", "train.precision=bf16", "train.grouped_views=ghost", "train.channels_last=true",
+    "data.small_images=true", "train.precision=bf16", "train.view_batching=bn_per_view", "train.channels_last=true",
     "train.compile=true", "train.cuda_deterministic=true", "train.device=cuda", "optim.warmup_epochs=1",
 ]
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mtssl.config import ConfigError, changes_from_file, config_hash, describe_changes, resolve_config
+from mtssl.config import ConfigError, changes_from_file, compose_config, config_hash, describe_changes, resolve_config
+from mtssl.config.renames import refuse_renamed
 from mtssl.config.validate import check_device, check_out_dir, validate_config, validate_data
 from mtssl.data.cifar10 import prepare_data
 from mtssl.data.image_folder import DataError
@@ -184,7 +185,7 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
             state_step = _latest_step(out_dir)
             writer = SummaryWriter(str(out_dir / "tb"), purge_step=state_step)
         monitor = None
-        if cfg.eval.knn_every_epochs:
+        if cfg.monitor.knn_every_epochs:
             from mtssl.eval.monitor import KnnMonitor  # noqa: deferred, heavy
 
             monitor = KnnMonitor(cfg, env, trainer.model.online.backbone, trainer.train_samples, out_dir, writer, stop,
@@ -267,11 +268,62 @@ def _outcome_fields(outcome: PretrainOutcome, cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def run_from_hydra(cfg: DictConfig) -> None:
     code = run_job(cfg)
     destroy_distributed(all_ranks_done=code in (EXIT_OK, EXIT_INTERRUPTED))
     if code:
         sys.exit(code)
+
+
+SHOW_RECIPE_FLAG = "--show-recipe"
+
+
+def show_config(overrides: list[str], recipe_only: bool) -> int:
+    """Print the effective config of a job (``--cfg job``: what out_dir/config.yaml will hold) or its recipe and
+    the files it comes from (``--show-recipe``); writes nothing. Returns the exit code."""
+    from mtssl.config import describe_recipe
+    from mtssl.config.compose import recipe_sources
+    from mtssl.config.schema import check_fields
+
+    try:
+        cfg = resolve_config(compose_config(overrides))
+        check_fields(cfg)
+        sources = recipe_sources(overrides) if recipe_only else []
+    except ConfigError as error:
+        print(f"invalid config: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if not recipe_only:
+        print(OmegaConf.to_yaml(cfg), end="")
+        return EXIT_OK
+    print(f"{cfg.method.name} {cfg.views.name} {cfg.predictor.mode}, {cfg.backbone.name} ({cfg.backbone.family}), "
+          f"{cfg.data.name}; composed from mtssl/conf/: {', '.join(sources)}")
+    print(describe_recipe(cfg))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mtssl.run [key=value ...]``: a renamed field is refused naming its replacement,
+    ``--show-recipe`` prints the recipe and ``--cfg job`` the effective config (both exit without writing
+    anything); anything else goes to Hydra, which runs the job."""
+    from hydra._internal.utils import get_args_parser
+
+    argv = list(sys.argv if argv is None else argv)
+    show_recipe = SHOW_RECIPE_FLAG in argv
+    argv = [arg for arg in argv if arg != SHOW_RECIPE_FLAG]
+    try:
+        args, _ = get_args_parser().parse_known_args(argv[1:])  # the parser hydra.main uses
+    except SystemExit:
+        args = None  # let Hydra report its own usage error
+    if args is not None:
+        try:
+            refuse_renamed(args.overrides)
+        except ConfigError as error:
+            print(f"invalid config: {error}", file=sys.stderr)
+            sys.exit(EXIT_BAD_CONFIG)
+        if show_recipe or (args.cfg == "job" and not args.package):
+            sys.exit(show_config(args.overrides, recipe_only=show_recipe))
+    sys.argv = argv
+    run_from_hydra()
 
 
 if __name__ == "__main__":

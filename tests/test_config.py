@@ -50,7 +50,7 @@ def check(overrides, world_size=1):
     (["optim.base_lr=-1"], "optim.base_lr", "positive"),
     (["data.mean=0.5"], "data.mean", "must be a list of 3"),
     (["data.num_workers=-1"], "data.num_workers", ">= 0"),
-    (["train.grouped_views=maybe"], "train.grouped_views", "'ghost'"),
+    (["train.view_batching=maybe"], "train.view_batching", "'bn_per_view'"),
     (["train.keep_checkpoints=1"], "train.keep_checkpoints", ">= 2"),
     (["views.types.local.blur_p=0.5"], "views.types.local.blur_p", "must be a list"),
     # A key that does not exist, added with + as Hydra's error suggests: refused, with the nearest field.
@@ -70,6 +70,15 @@ def check(overrides, world_size=1):
     (["backbone.drop_path_rate=1.5"], "backbone.drop_path_rate", "[0, 1)"),
     (["method.batch_size=0"], "method.batch_size", "must be >= 1"),
     (["method.projector.hidden_dims=[0]"], "method.projector.hidden_dims", "must be >= 1"),
+    # Renamed fields and groups: refused, naming what replaced them.
+    (["train.grouped_views=ghost"], "train.grouped_views", "renamed train.view_batching"),
+    (["eval.knn_every_epochs=2"], "eval.knn_every_epochs", "renamed monitor.knn_every_epochs"),
+    (["eval.knn_during_training_val_subset=5"], "eval.knn_during_training_val_subset", "renamed monitor.knn_val_subset"),
+    (["scale=cpu"], "scale", "renamed regime"),
+    (["+method.optim.base_lr=1"], "method.optim.base_lr", "renamed optim.base_lr"),
+    (["backbone.ema_tau=0.9"], "backbone.ema_tau", "renamed train.ema_tau"),
+    # An out_dir under a tree where no folder can be created (root may write to /proc, but mkdir fails there).
+    (["out_dir=/proc/mtssl-test/run"], "out_dir", "cannot be created"),
 ])
 def test_bad_config_names_field(tiny_folder, overrides, field, hint):
     with pytest.raises(ConfigError) as info:
@@ -80,7 +89,7 @@ def test_bad_config_names_field(tiny_folder, overrides, field, hint):
 def test_valid_config_passes(tiny_folder):
     check([f"data.root={tiny_folder}", "train.batch_size=4", "data.subset=null"])
     check([f"data.root={tiny_folder}", "train.batch_size=4", "data.subset=null", "+backbone.kwargs.drop_rate=0.1",
-           "train.grouped_views=ghost", "eval.val_subset=8"])
+           "train.view_batching=bn_per_view", "eval.val_subset=8"])
 
 
 def preset_configs():
@@ -130,6 +139,31 @@ def test_out_dir_that_cannot_be_created(tiny_folder, tmp_path):
     with pytest.raises(ConfigError, match=r"out_dir: .* cannot be created: .*a_file is a file"):
         check([f"data.root={tiny_folder}", "train.batch_size=4", "data.subset=null", f"out_dir={blocker / 'run'}"])
     assert not (blocker.parent / "run").exists()
+
+
+def test_cuda_device_without_a_gpu_is_refused(monkeypatch):
+    import torch
+
+    from mtssl.config.validate import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_device(compose_config(["train.device=cpu"]))
+    with pytest.raises(ConfigError) as info:
+        check_device(compose_config(["train.device=cuda"]))
+    assert "train.device:" in str(info.value) and "train.device=cpu" in str(info.value)
+
+
+def test_a_data_folder_of_unreadable_images_is_refused(tmp_path):
+    """A few bad files are skipped and counted while training (tests/test_robustness.py); a folder where none
+    of a sample decodes is refused before anything runs."""
+    root = make_image_folder(tmp_path / "data", per_class=12)
+    for path in (root / "train").rglob("*.jpg"):
+        path.write_bytes(b"not an image")
+    with pytest.raises(ConfigError, match=r"data.root: none of 8 sampled images decodes .* in .*train"):
+        check([f"data.root={root}", "train.batch_size=4", "data.subset=null"])
+    first = sorted((root / "train" / "class_0").glob("*.jpg"))[0]  # the first file of the split: in the sample
+    first.write_bytes((root / "val" / "class_0" / "0.jpg").read_bytes())
+    check([f"data.root={root}", "train.batch_size=4", "data.subset=null"])  # one good file in the sample: accepted
 
 
 def test_missing_default_root_without_network_says_what_to_do(tmp_path, monkeypatch):
@@ -207,6 +241,16 @@ def test_cli_bad_input_exits_2_with_one_message(tmp_path):
     assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
     proc = subprocess.run([sys.executable, "-m", "mtssl.run", "method=dino"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "byol" in proc.stderr  # Hydra lists the available methods
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_cli_cuda_without_a_gpu_exits_2_before_anything_runs(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "mtssl.run", "train.device=cuda", f"out_dir={out}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "train.device: cuda was asked for" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+    assert not out.exists()
 
 
 def test_cli_out_dir_that_cannot_be_created_exits_2_before_writing(tmp_path):

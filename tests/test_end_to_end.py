@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 # MoCo v3 at temperature 0.2) on a shorter schedule, so that CI checks that its recipe learns.
 E2E = [
     "method=mocov3", "views=global_local_cutout", "predictor=separate", "backbone=resnet18", "data=cifar10",
-    "regime=cpu", "train.log_every_steps=5", "eval.knn_every_epochs=null",
+    "regime=cpu", "train.log_every_steps=5", "monitor.knn_every_epochs=null",
 ]
 EPOCHS = 4
 SUBSET = 2500  # regime=cpu's data.subset

@@ -16,6 +16,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from mtssl.config.errors import ConfigError
+from mtssl.config.renames import refuse_renamed
 from mtssl.data.views import ViewType, build_view_layout
 
 CONFIG_MODULE = "mtssl.conf"
@@ -33,16 +34,52 @@ def available(group: str) -> list[str]:
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose the job config with Hydra's compose API (as ``python -m mtssl.run`` would)."""
+    """Compose the job config with Hydra's compose API (as ``python -m mtssl.run`` would); an override of a
+    renamed field is refused, naming its replacement (``mtssl.config.renames``)."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    refuse_renamed(overrides)
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             return compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(f"bad override in {list(overrides)}: {error}") from error
+
+
+# The config groups of a job in the order config.yaml's defaults list applies them (lowest precedence first).
+SOURCE_GROUPS = ("method", "views", "predictor", "data", "backbone_family@_global_", "backbone", "regime",
+                 "regime_method", "regime_family")
+
+
+def recipe_sources(overrides: Sequence[str] = ()) -> list[str]:
+    """The files a job config is composed from, lowest precedence first (config.yaml, method/byol.yaml, ...,
+    regime/cpu.yaml with the regimes it inherits before it, regime_method/cpu_byol.yaml): what
+    ``--show-recipe`` lists. Optional parts a regime does not have are left out."""
+    from hydra import compose, initialize_config_module
+
+    refuse_renamed(overrides)
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        choices = compose(config_name="config", overrides=list(overrides), return_hydra_config=True).hydra.runtime.choices
+    sources = ["config.yaml"]
+    for key in SOURCE_GROUPS:
+        group, choice = key.split("@", 1)[0], choices.get(key)
+        if choice is None or not (CONFIG_DIR / group / f"{choice}.yaml").exists():
+            continue
+        if group == "regime":
+            sources += [f"regime/{parent}.yaml" for parent in _inherited_regimes(choice)]
+        sources.append(f"{group}/{choice}.yaml")
+    return sources
+
+
+def _inherited_regimes(regime: str) -> list[str]:
+    """The regimes ``regime`` names in its defaults list (``defaults: [cpu]``), theirs first."""
+    parents = []
+    for entry in OmegaConf.load(CONFIG_DIR / "regime" / f"{regime}.yaml").get("defaults") or []:
+        if isinstance(entry, str) and entry != "_self_":
+            parents += _inherited_regimes(entry) + [entry]
+    return parents
 
 
 def resolve_config(cfg: DictConfig) -> DictConfig:

@@ -149,6 +149,12 @@ def _backbone_families() -> list[str]:
     return available("backbone_family")
 
 
+def _view_batching() -> list[str]:
+    from mtssl.model.ghost_bn import VIEW_BATCHING
+
+    return list(VIEW_BATCHING)
+
+
 def _optimizers() -> list[str]:
     from mtssl.train.optim import OPTIMIZERS
 
@@ -252,7 +258,7 @@ FIELD_CHECKS: dict[str, Check] = {
     "train.batch_size": integer(1),
     "train.seed": integer(0),
     "train.ema_tau": number(0, 1),
-    "train.grouped_views": choice([False, True, "ghost", "plain"]),
+    "train.view_batching": choice(_view_batching),
     "train.sync_bn": boolean(),
     "train.channels_last": boolean(),
     "train.compile": boolean(),
@@ -272,6 +278,9 @@ FIELD_CHECKS: dict[str, Check] = {
     "monitor.interference_every": integer(0, null=True),
     "monitor.rankme": boolean(),
     "monitor.rankme_threshold": number(0, null=True),
+    "monitor.knn_every_epochs": integer(0, null=True),
+    "monitor.knn_val_subset": integer(1, null=True),
+    "monitor.knn_train_subset": integer(1, null=True),
     "eval": section(),
     "eval.knn_k": listing(integer(1)),
     "eval.knn_temperature": number(0, low_open=True),
@@ -287,9 +296,6 @@ FIELD_CHECKS: dict[str, Check] = {
     "eval.augmented_epochs": integer(1),
     "eval.augmented_batch_size": integer(1),
     "eval.augmented_lr": number(0, low_open=True),
-    "eval.knn_every_epochs": integer(0, null=True),
-    "eval.knn_during_training_val_subset": integer(1, null=True),
-    "eval.knn_during_training_train_subset": integer(1, null=True),
 }
 # Sections passed on as keyword arguments (to timm, to the objective): their keys are not ours to check.
 OPEN_SECTIONS = ("method.objective_kwargs", "backbone.kwargs")

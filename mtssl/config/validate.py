@@ -47,8 +47,9 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
         _require(build_objective(cfg.method).ema_target, f"train.backward=per_view: {cfg.method.name}'s targets are the "
                  "online projections of the global views (no EMA target), which one view at a time does not have; "
                  "use train.backward=joint")
-        _require(not train.grouped_views, f"train.backward=per_view: runs one view per call, so train.grouped_views="
-                 f"{train.grouped_views} cannot group views; use train.grouped_views=false or train.backward=joint")
+        _require(train.view_batching == "none", f"train.backward=per_view: runs one view per call, so "
+                 f"train.view_batching={train.view_batching} cannot batch views; use train.view_batching=none or "
+                 f"train.backward=joint")
         _require(not cfg.monitor.interference_every, "monitor.interference_every: the task-interference probe takes "
                  "each task's gradient from the step's joint graph, which train.backward=per_view does not build; "
                  "use train.backward=joint or monitor.interference_every=null")
