@@ -40,10 +40,11 @@ BYOL = dict(
 )
 OFFICIAL = {
     "byol": BYOL,
-    # SimSiam: batch 512, SGD 0.05, wd 1e-4 on every parameter, per-epoch cosine (to 0, as SimSiam), no
+    # SimSiam: batch 512, SGD 0.05, wd 1e-4 on every parameter, per-epoch cosine to 0.001 x peak (as every run of
+    # the official code: "warmup 10 epochs then cosine to 0.001 x peak"; SimSiam's own code ends at 0), no
     # warmup, constant predictor lr, projector 2048-2048-2048 with output BN, predictor 512-2048.
     "simsiam": dict(
-        batch=512, optim="sgd", base_lr=0.05, weight_decay=1e-4, decay_1d=True, warmup=0, per="epoch", final=0.0,
+        batch=512, optim="sgd", base_lr=0.05, weight_decay=1e-4, decay_1d=True, warmup=0, per="epoch", final=0.001,
         tau=None, clip=None, projector=([2048, 2048], 2048, True), predictor=([512], 2048, False), drop_path=0.0,
     ),
     # MoCo v3: batch 1024, LARS base lr 0.4 (the --base-lr default), output BN on both heads, tau0 0.996.
@@ -243,7 +244,8 @@ def group_lrs(trainer, step):
 def test_simsiam_lr_is_set_once_per_epoch_without_warmup(method_runs, tmp_path):
     trainer = trainer_for(light(method_runs["method=simsiam"], **SMALL), tmp_path)  # 10 steps per epoch
     peak = 0.05 * 512 / 256
-    official = lambda epoch: peak * 0.5 * (1 + math.cos(math.pi * epoch / 200))  # SimSiam's adjust_learning_rate
+    final = 0.001 * peak  # the official multi-task code's end of the cosine, for every method
+    official = lambda epoch: final + (peak - final) * 0.5 * (1 + math.cos(math.pi * epoch / 200))
     for step, epoch in [(0, 0), (9, 0), (10, 1), (19, 1), (1005, 100), (1999, 199)]:
         lrs = group_lrs(trainer, step)
         assert lrs[False] == pytest.approx(official(epoch), rel=1e-12), step
@@ -336,6 +338,31 @@ def test_knn_transform_resizes_256_bilinear_then_crops_224(method_runs):
     crop = resized[:, top : top + 224, left : left + 224].float() / 255
     expected = (crop - torch.tensor(cfg.data.mean).view(3, 1, 1)) / torch.tensor(cfg.data.std).view(3, 1, 1)
     assert torch.allclose(transform(image), expected, atol=1e-6)
+
+
+def test_augmented_probe_crops_bilinear_as_torchvisions_default():
+    """The official linear probe's RandomResizedCrop(224) takes torchvision's default interpolation, bilinear."""
+    from PIL import Image
+
+    from mtssl.eval.augmented import augmented_train_transform
+
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    image = Image.fromarray(torch.randint(0, 256, (300, 400, 3), dtype=torch.uint8,
+                                          generator=torch.Generator().manual_seed(1)).numpy())
+
+    def written_out(interpolation):
+        return v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(224, interpolation=interpolation, antialias=True),
+                           v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+    outputs = {}
+    for name, transform in (("mtssl", augmented_train_transform(mean, std, 224)),
+                            ("bilinear", written_out(v2.InterpolationMode.BILINEAR)),
+                            ("bicubic", written_out(v2.InterpolationMode.BICUBIC))):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the same crop box and flip for all three
+            outputs[name] = transform(image)
+    assert torch.equal(outputs["mtssl"], outputs["bilinear"])
+    assert not torch.equal(outputs["mtssl"], outputs["bicubic"])
 
 
 def test_dry_run_shows_the_official_runs(tmp_path):
