@@ -136,7 +136,8 @@ def _fill_view_types(cfg: DictConfig) -> None:
 
 
 def describe_recipe(cfg: DictConfig) -> str:
-    """One line with the recipe items of a resolved job config (what ``--dry-run`` shows per job)."""
+    """One line with the recipe items of a resolved job config (what a sweep's ``--dry-run`` shows per job and
+    ``python -m mtssl.run ... --show-recipe`` prints)."""
     from mtssl.loss.objectives import build_objective
 
     o, m, b = cfg.optim, cfg.method, cfg.backbone
