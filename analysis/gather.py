@@ -188,7 +188,9 @@ def _read_sweep_spec(path: Path) -> tuple[dict[str, Any], str | None]:
         references = {key: job.get(key) if isinstance(job.get(key), str) else None
                       for key in ("reference", "reference_job")}
         jobs.append({"name": job["name"], "axes": axes, **references})
-    spec = {"ablation": raw.get("ablation"), "profile": raw.get("profile"), "axes": raw.get("axes"), "jobs": jobs}
+    # "profile" holds the sweep's budget (sweeps/conf/budget/), named "profile" in sweep.json files before it was renamed
+    spec = {"ablation": raw.get("ablation"), "profile": raw.get("budget", raw.get("profile")), "axes": raw.get("axes"),
+            "jobs": jobs}
     if not isinstance(spec["axes"], list):
         spec["axes"] = list(dict.fromkeys(k for job in jobs for k in job["axes"]))
     return spec, None

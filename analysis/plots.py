@@ -110,7 +110,7 @@ def plot_jobs(jobs: pd.DataFrame, out_dir: Path, name: str, table: Table | None 
 
 def curve_figures(curves: list[Curves]) -> list[tuple[str, list[str], str]]:
     """The curve figures to draw: (file suffix, its panels' tags that some curve logged, y label); a figure
-    only when one of its tags was logged (``eval/knn_top1``: by the kNN during training, ``eval.knn_every_epochs``,
+    only when one of its tags was logged (``eval/knn_top1``: by the kNN during training, ``monitor.knn_every_epochs``,
     and at the final step by the end-of-training evaluation)."""
     figures = []
     for suffix, tags, ylabel in (("loss", LOSS_TAGS, "loss"), ("knn", [KNN_TAG], "kNN top-1 (%)"),

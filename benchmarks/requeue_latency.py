@@ -58,8 +58,9 @@ STOP = re.compile(r"^stopped on (\w+) at step (\d+) ([\d.]+) s after the signal"
 RESUMED = re.compile(r"^resumed from .* \(step (\d+)\)")
 
 
-def job_profile(data_root: str | None, subset: int, epochs: int) -> dict:
-    """A small CPU job: 2 ranks of 1 CPU, CIFAR-size ResNet with one block per stage, no periodic checkpoint."""
+def job_overrides(data_root: str | None, subset: int, epochs: int) -> list[str]:
+    """A small CPU job (the ablation's fixed overrides): CIFAR-size ResNet with one block per stage, no periodic
+    checkpoint."""
     overrides = [
         "data=cifar10", "data.subset=" + str(subset), "data.num_workers=0", "train.device=cpu",
         "train.batch_size=16", f"train.epochs={epochs}", "train.log_every_steps=1",
@@ -69,8 +70,12 @@ def job_profile(data_root: str | None, subset: int, epochs: int) -> dict:
     ]
     if data_root:
         overrides.append(f"data.root={data_root}")
-    return {"name": "requeue_bench", "overrides": overrides,
-            "resources": {"ranks_per_job": 2, "gpus": False, "hours_per_job": {"default": 0.5}}}
+    return overrides
+
+
+# 2 ranks of 1 CPU per job.
+BUDGET = {"name": "requeue_bench", "regime": "official",
+          "resources": {"ranks_per_job": 2, "gpus": False, "hours_per_job": {"default": 0.5}}}
 
 
 def read_events(log: Path) -> list[tuple[float, str]]:
@@ -205,15 +210,16 @@ def main(argv=None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mtssl-requeue-"))
     config_dir, sweep_dir = workdir / "conf", workdir / "sweep"
     (config_dir / "ablation").mkdir(parents=True)
-    (config_dir / "profile").mkdir()
-    ablation = {"name": "requeue", "fixed": ["method=byol", "views=global_local_cutout"],
+    (config_dir / "budget").mkdir()
+    ablation = {"name": "requeue",
+                "fixed": ["method=byol", "views=global_local_cutout",
+                          *job_overrides(args.data_root, args.subset, args.epochs)],
                 "axes": {"predictor": ["separate"]}, "seeds": [0]}
     (config_dir / "ablation" / "requeue.yaml").write_text(yaml.safe_dump(ablation))
-    (config_dir / "profile" / "requeue_bench.yaml").write_text(
-        yaml.safe_dump(job_profile(args.data_root, args.subset, args.epochs)))
+    (config_dir / "budget" / "requeue_bench.yaml").write_text(yaml.safe_dump(BUDGET))
     name = f"mtssl-requeue-{uuid.uuid4().hex[:8]}"
     command = [sys.executable, str(REPO / "sweeps" / "launch.py"), "--config-dir", str(config_dir),
-               "ablation=requeue", "profile=requeue_bench", f"sweep_dir={sweep_dir}", "poll_s=1",
+               "ablation=requeue", "budget=requeue_bench", f"sweep_dir={sweep_dir}", "poll_s=1",
                "tables.plots=false", "launcher=slurm", "cluster=local", f"launcher.name={name}"]
     log = sweep_dir / "predictor=separate" / TRAIN_LOG
     launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -14,9 +14,9 @@ tensors already on the device, so the data pipeline is not measured here (see da
 
 Modes (all build the same network from the same seed; each is a job option):
   per_view          one encoder call per view, BN statistics per view (the paper)
-  plain             train.grouped_views=plain: same-size views in one backbone call, BN over the
+  plain             train.view_batching=bn_shared: same-size views in one backbone call, BN over the
                     group (changes semantics)
-  ghost             train.grouped_views=ghost: same-size views in one backbone call, all views in
+  ghost             train.view_batching=bn_per_view: same-size views in one backbone call, all views in
                     one projector call, each predictor's views in one call; BN statistics per view
                     chunk (same results)
   per_view+cl       train.channels_last=true: channels_last inputs, hence channels_last activations
@@ -102,33 +102,33 @@ MODELS = {
 @dataclass(frozen=True)
 class Mode:
     name: str
-    grouped_views: str | bool
+    view_batching: str  # train.view_batching
     channels_last: bool = False
     compile: bool = False
     bf16_autocast: bool = False
 
 
 BASE_MODES = [
-    Mode("per_view", False),
-    Mode("plain", "plain"),
-    Mode("ghost", "ghost"),
-    Mode("per_view+cl", False, channels_last=True),
-    Mode("ghost+cl", "ghost", channels_last=True),
+    Mode("per_view", "none"),
+    Mode("plain", "bn_shared"),
+    Mode("ghost", "bn_per_view"),
+    Mode("per_view+cl", "none", channels_last=True),
+    Mode("ghost+cl", "bn_per_view", channels_last=True),
 ]
 
 
 def modes_for(device: torch.device, with_compile: bool) -> list[Mode]:
     modes = list(BASE_MODES)
     if with_compile:
-        modes.append(Mode("per_view+cl+compile", False, channels_last=True, compile=True))
-        modes.append(Mode("ghost+cl+compile", "ghost", channels_last=True, compile=True))
+        modes.append(Mode("per_view+cl+compile", "none", channels_last=True, compile=True))
+        modes.append(Mode("ghost+cl+compile", "bn_per_view", channels_last=True, compile=True))
     if device.type == "cuda":
         modes += [
-            Mode("per_view+bf16", False, bf16_autocast=True),
-            Mode("ghost+cl+bf16", "ghost", channels_last=True, bf16_autocast=True),
+            Mode("per_view+bf16", "none", bf16_autocast=True),
+            Mode("ghost+cl+bf16", "bn_per_view", channels_last=True, bf16_autocast=True),
         ]
         if with_compile:
-            modes.append(Mode("ghost+cl+compile+bf16", "ghost", channels_last=True, compile=True, bf16_autocast=True))
+            modes.append(Mode("ghost+cl+compile+bf16", "bn_per_view", channels_last=True, compile=True, bf16_autocast=True))
     return modes
 
 
@@ -139,7 +139,7 @@ def step_runner(cfg, mode: Mode, env: DistEnv, out_dir: Path, real_data: bool = 
     the benchmark feeds synthetic views to ``training_step`` and never reads images; with
     ``real_data`` they are the config's data folder (end to end).
     """
-    train = {"grouped_views": mode.grouped_views, "channels_last": mode.channels_last, "compile": mode.compile, "epochs": 1000}
+    train = {"view_batching": mode.view_batching, "channels_last": mode.channels_last, "compile": mode.compile, "epochs": 1000}
     cfg = OmegaConf.merge(cfg, {"train": train, "optim": {"warmup_epochs": 0}})
     placeholders = None if real_data else [("synthetic", 0)] * (cfg.train.batch_size * 1000)
     trainer = Trainer(cfg, env, out_dir, train_samples=placeholders)

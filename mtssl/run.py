@@ -1,7 +1,7 @@
 """One complete job: validate, pretrain (resuming if possible), evaluate, write results.
 
     python -m mtssl.run method=mocov3 views=global_local predictor=separate \
-        backbone=resnet18 data=cifar10 scale=cpu out_dir=runs/demo
+        backbone=resnet18 data=cifar10 regime=cpu out_dir=runs/demo
     mtssl-run ...                                   # the same, as the installed command
 
 Writes ``out_dir/config.yaml`` (resolved config) at the start and ``out_dir/results.json`` at
@@ -25,8 +25,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mtssl.config import (FIELD_CHECKS, ConfigError, changes_from_file, check_out_dir, config_hash, describe_changes,
-                          resolve_config, validate_config)
+from mtssl.config import ConfigError, changes_from_file, compose_config, config_hash, describe_changes, resolve_config
+from mtssl.config.renames import refuse_renamed
+from mtssl.config.schema import FIELD_CHECKS
+from mtssl.config.validate import check_device, check_out_dir, validate_config, validate_data
+from mtssl.data.cifar10 import prepare_data
+from mtssl.data.image_folder import DataError
 from mtssl.distributed.checkpoint import CheckpointManager, CheckpointMismatch
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
 from mtssl.distributed.preemption import StopRequest, TrainingInterrupted
@@ -132,18 +136,19 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     ``stop``: stop-signal handlers the caller installed itself, so it can read afterwards which
     signal stopped the job (mtssl.submitit_job requeues on SIGUSR2); by default installed here.
     """
+    out_dir = Path(cfg.out_dir)
+    try:
+        check_device(cfg)  # before the process group is set up on that device
+        check_out_dir(out_dir)  # before the log file is opened in it
+    except ConfigError as error:
+        print(f"invalid config: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     timeout_s = OmegaConf.select(cfg, "train.collective_timeout_s")
     problem = FIELD_CHECKS["train.collective_timeout_s"](timeout_s) if timeout_s is not None else None
     if problem:  # init_distributed needs it before validate_config runs
         print(f"invalid config: train.collective_timeout_s: {problem}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     env = init_distributed(OmegaConf.select(cfg, "train.device") or "auto", timeout_s)
-    out_dir = Path(cfg.out_dir)
-    try:
-        check_out_dir(out_dir)  # before the log file is opened in it
-    except ConfigError as error:
-        print(f"invalid config: {error}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
     setup_logging(out_dir, env)
     log.info("job started: %d rank(s), pid %d, SLURM job %s", env.world_size, os.getpid(),
              os.environ.get("SLURM_JOB_ID", "none"))
@@ -152,7 +157,9 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     try:
         cfg = resolve_config(cfg)
         validate_config(cfg, world_size=env.world_size)
-    except ConfigError as error:
+        if prepare_data(cfg):  # the data step: CIFAR-10 fetched into an absent data.root (data.download)
+            validate_data(cfg)
+    except (ConfigError, DataError) as error:
         log.error("invalid config: %s", error)
         return EXIT_BAD_CONFIG
     conflict = out_dir_conflict(cfg, out_dir)
@@ -183,7 +190,7 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
             state_step = last_checkpoint_step(out_dir)
             writer = SummaryWriter(str(out_dir / TENSORBOARD), purge_step=state_step)
         monitor = None
-        if cfg.eval.knn_every_epochs:
+        if cfg.monitor.knn_every_epochs:
             from mtssl.eval.knn_monitor import KnnMonitor  # noqa: deferred, heavy
 
             monitor = KnnMonitor(cfg, env, trainer.model.online.backbone, trainer.train_samples, out_dir, writer, stop,
@@ -259,11 +266,62 @@ def _outcome_fields(outcome: PretrainOutcome, cfg: DictConfig) -> Results:
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def run_from_hydra(cfg: DictConfig) -> None:
     code = run_job(cfg)
     destroy_distributed(all_ranks_done=code in (EXIT_OK, EXIT_INTERRUPTED))
     if code:
         sys.exit(code)
+
+
+SHOW_RECIPE_FLAG = "--show-recipe"
+
+
+def show_config(overrides: list[str], recipe_only: bool) -> int:
+    """Print the effective config of a job (``--cfg job``: what out_dir/config.yaml will hold) or its recipe and
+    the files it comes from (``--show-recipe``); writes nothing. Returns the exit code."""
+    from mtssl.config import describe_recipe
+    from mtssl.config.compose import recipe_sources
+    from mtssl.config.schema import check_fields
+
+    try:
+        cfg = resolve_config(compose_config(overrides))
+        check_fields(cfg)
+        sources = recipe_sources(overrides) if recipe_only else []
+    except ConfigError as error:
+        print(f"invalid config: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if not recipe_only:
+        print(OmegaConf.to_yaml(cfg), end="")
+        return EXIT_OK
+    print(f"{cfg.method.name} {cfg.views.name} {cfg.predictor.mode}, {cfg.backbone.name} ({cfg.backbone.family}), "
+          f"{cfg.data.name}; composed from mtssl/conf/: {', '.join(sources)}")
+    print(describe_recipe(cfg))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mtssl.run [key=value ...]``: a renamed field is refused naming its replacement,
+    ``--show-recipe`` prints the recipe and ``--cfg job`` the effective config (both exit without writing
+    anything); anything else goes to Hydra, which runs the job."""
+    from hydra._internal.utils import get_args_parser
+
+    argv = list(sys.argv if argv is None else argv)
+    show_recipe = SHOW_RECIPE_FLAG in argv
+    argv = [arg for arg in argv if arg != SHOW_RECIPE_FLAG]
+    try:
+        args, _ = get_args_parser().parse_known_args(argv[1:])  # the parser hydra.main uses
+    except SystemExit:
+        args = None  # let Hydra report its own usage error
+    if args is not None:
+        try:
+            refuse_renamed(args.overrides)
+        except ConfigError as error:
+            print(f"invalid config: {error}", file=sys.stderr)
+            sys.exit(EXIT_BAD_CONFIG)
+        if show_recipe or (args.cfg == "job" and not args.package):
+            sys.exit(show_config(args.overrides, recipe_only=show_recipe))
+    sys.argv = argv
+    run_from_hydra()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Expand an ablation (axes x seeds) and a scale profile into the jobs of a sweep.
+"""Expand an ablation (axes x seeds) and a budget's regime into the jobs of a sweep.
 
-A job is a list of ``python -m mtssl.run`` overrides. Precedence, lowest first: the profile's overrides,
-the ablation's ``fixed`` overrides, the sweep's ``job_overrides``, then the job's own axis values and seed.
-A later override of the same key replaces an earlier one, so a profile can pick ``backbone=resnet18``
-and the backbone ablation still sweeps its backbones.
+A job is a list of ``python -m mtssl.run`` overrides: ``regime=<the budget's regime>``, the ablation's
+``fixed`` overrides, the sweep's ``job_overrides``, then the job's own axis values and seed, a later
+override of the same key replacing an earlier one. They are all command-line values of the job, so each
+of them wins over what its regime sets (the precedence rule of ``mtssl.config``): a regime can pick
+``backbone=resnet50`` and the backbone ablation still sweeps its backbones.
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def job_name(axes: Mapping[str, Any]) -> str:
 
 
 def expand_grid(axes: Mapping[str, Sequence[Any]], seeds: Sequence[int] = (0,), fixed: Sequence[str] = (),
-                profile_overrides: Sequence[str] = (), job_overrides: Sequence[str] = ()) -> list[SweepJob]:
-    """Every combination of the axis values (first axis slowest), times the seeds.
+                regime: str | None = None, job_overrides: Sequence[str] = ()) -> list[SweepJob]:
+    """Every combination of the axis values (first axis slowest), times the seeds; every job runs ``regime``.
 
     With several seeds, ``train.seed`` becomes the last axis; with one it is a fixed override.
     """
@@ -110,7 +111,7 @@ def expand_grid(axes: Mapping[str, Sequence[Any]], seeds: Sequence[int] = (0,), 
                           f"the command line count as job_overrides); "
                           f"change the axis values instead (ablation.axes.<axis>=[...])")
     one_seed = [f"{SEED_AXIS}={seeds[0]}"] if len(seeds) == 1 else []
-    base = merge_overrides(profile_overrides, fixed, job_overrides, one_seed)
+    base = merge_overrides([f"regime={regime}"] if regime else [], fixed, job_overrides, one_seed)
     jobs, names = [], {}
     for values in itertools.product(*axes.values()):
         combo = dict(zip(axes, values))

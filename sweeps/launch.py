@@ -1,16 +1,16 @@
 #!/usr/bin/env python
 """Launch one ablation sweep of mtssl jobs, on this machine or on a SLURM cluster.
 
-    python sweeps/launch.py ablation=predictor_sharing                      # this machine, profile=cpu_quick
+    python sweeps/launch.py ablation=predictor_sharing                      # this machine, budget=cpu_quick
     python sweeps/launch.py ablation=predictor_sharing data.subset=500 train.epochs=1  # job keys go to every job
     python sweeps/launch.py ablation=predictor_sharing launcher=slurm       # SLURM, cluster=local profile
-    python sweeps/launch.py ablation=backbone profile=imagenet_200ep launcher=slurm cluster=example_gpu \
-        profile.data_root=/data/imagenet --dry-run
+    python sweeps/launch.py ablation=backbone budget=imagenet_200ep launcher=slurm cluster=example_gpu \
+        data.root=/data/imagenet --dry-run
     mtssl-sweep ablation=predictor_sharing                                  # the same, as the installed command
 
-A Hydra app (config: sweeps/conf/) composing an ablation (the grid), a scale profile, a launcher and a
-cluster profile (slurm/profiles/). Every job's config is composed and validated before anything is
-submitted: one bad override fails the whole launch, nothing submitted. An override whose key belongs to the
+A Hydra app (config: sweeps/conf/) composing an ablation (the grid), a budget (the jobs' regime, seeds and
+resources: sweeps/conf/budget/), a launcher and a cluster profile (slurm/profiles/). Every job's config is
+composed and validated before anything is submitted: one bad override fails the whole launch, nothing submitted. An override whose key belongs to the
 job config (mtssl/conf: ``train.epochs=1``, ``method=simsiam``) is forwarded to every job, as if listed in
 ``job_overrides`` (sweeps/overrides.py); a key of neither config is refused with the nearest valid key. ``--dry-run`` prints the job grid,
 the GPU-hours estimate and the output directories, and stops there.
@@ -40,7 +40,8 @@ from omegaconf import DictConfig, OmegaConf
 from submitit.core.utils import FailedSubmissionError, UncompletedJobError
 
 from mtssl.config import (ConfigError, compose_config, config_changes, config_hash, describe_recipe,
-                          format_changes, resolve_config, validate_config)
+                          format_changes, resolve_config)
+from mtssl.config.validate import validate_config
 from mtssl.job_folder import FINAL_STATUSES, SWEEP_SPEC, JobStatus, job_state
 from mtssl.run import OutDirConflict, out_dir_conflict
 from sweeps.grid import SweepJob, expand_grid, quote_value, random_init_job
@@ -74,7 +75,7 @@ class PlannedJob:
 
 @dataclass
 class Resources:
-    """Ranks of one job and how they are laid out (one task per rank; one GPU per task on GPU profiles)."""
+    """Ranks of one job and how they are laid out (one task per rank; one GPU per task on GPU budgets)."""
 
     ranks: int
     gpus: bool
@@ -107,34 +108,33 @@ def compose_job(overrides: list[str]) -> DictConfig:
 
 
 def job_resources(cfg: DictConfig, executor_kind: str) -> Resources:
-    res = cfg.profile.resources
+    res = cfg.budget.resources
     ranks, gpus = int(res.ranks_per_job), bool(res.gpus)
     nodes = int(cfg.cluster.nodes) if executor_kind == "slurm" else 1
     if ranks < 1:
-        raise ConfigError(f"profile.resources.ranks_per_job: must be >= 1, got {ranks}")
+        raise ConfigError(f"budget.resources.ranks_per_job: must be >= 1, got {ranks}")
     if nodes < 1 or ranks % nodes:
-        raise ConfigError(f"cluster.nodes: {ranks} ranks per job (profile.resources.ranks_per_job) do not split "
+        raise ConfigError(f"cluster.nodes: {ranks} ranks per job (budget.resources.ranks_per_job) do not split "
                           f"evenly over {nodes} nodes; set cluster.nodes to a divisor of {ranks}, or "
-                          f"profile.resources.ranks_per_job to a multiple of {max(nodes, 1)}")
+                          f"budget.resources.ranks_per_job to a multiple of {max(nodes, 1)}")
     return Resources(ranks, gpus, nodes)
 
 
 def plan_sweep(cfg: DictConfig, sweep_dir: Path, resources: Resources) -> list[PlannedJob]:
     """Expand the grid and compose, resolve and validate every job; raise ConfigError on the first bad one."""
-    for key, value in cfg.profile.items():  # e.g. profile.data_root: ${oc.env:IMAGENET_ROOT,???}
-        if value == "???" or OmegaConf.is_missing(cfg.profile, key):
-            raise ConfigError(f"profile.{key}: required by profile {cfg.profile.name}; set profile.{key}=... "
-                              f"(see sweeps/conf/profile/{cfg.profile.name}.yaml)")
-    ablation = cfg.ablation
+    ablation, budget = cfg.ablation, cfg.budget
+    if not budget.get("regime"):
+        raise ConfigError(f"budget.regime: budget {budget.name} names no job regime; set budget.regime=<name> "
+                          f"(mtssl/conf/regime/<name>.yaml)")
     jobs = expand_grid(
         axes=OmegaConf.to_container(ablation.axes, resolve=True),
-        seeds=list(cfg.profile.get("seeds") or ablation.seeds),  # a profile may fix its own seeds
+        seeds=list(budget.get("seeds") or ablation.seeds),  # a budget may fix its own seeds
         fixed=list(ablation.get("fixed") or []),
-        profile_overrides=list(cfg.profile.overrides or []),
+        regime=str(budget.regime),
         job_overrides=list(cfg.job_overrides or []),
     )
     planned = [plan_job(job, sweep_dir, resources) for job in jobs]
-    if cfg.profile.get("random_init_reference"):
+    if budget.get("random_init_reference"):
         planned = random_init_references(planned, sweep_dir, resources) + planned
     return planned
 
@@ -165,7 +165,7 @@ def random_init_key(cfg: DictConfig) -> str:
 
 
 def random_init_references(planned: list[PlannedJob], sweep_dir: Path, resources: Resources) -> list[PlannedJob]:
-    """One ``train.epochs=0`` job per distinct (backbone, data, eval settings, seed) of the grid (profile option
+    """One ``train.epochs=0`` job per distinct (backbone, data, eval settings, seed) of the grid (budget option
     ``random_init_reference``): the reference row of the tables, what any pretraining must beat."""
     firsts: dict[str, PlannedJob] = {}
     keys = [random_init_key(p.config) for p in planned]
@@ -179,14 +179,15 @@ def random_init_references(planned: list[PlannedJob], sweep_dir: Path, resources
 
 
 def hours_per_job(cfg: DictConfig, backbone: str) -> float:
-    table = cfg.profile.resources.hours_per_job
+    table = cfg.budget.resources.hours_per_job
     return float(table.get(backbone, table.get("default", 0.0)))
 
 
 def print_plan(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob], resources: Resources, kind: str) -> None:
     action = {JobStatus.COMPLETED: "skip (done)", JobStatus.DIVERGED: "skip (done)", JobStatus.FAILED: "rerun",
               JobStatus.UNFINISHED: "resume", JobStatus.MALFORMED: "resume", JobStatus.PENDING: "submit"}
-    print(f"Sweep {cfg.ablation.name} (profile {cfg.profile.name}, launcher {kind}): {len(planned)} jobs, "
+    print(f"Sweep {cfg.ablation.name} (budget {cfg.budget.name}: regime {cfg.budget.regime}, launcher {kind}): "
+          f"{len(planned)} jobs, "
           f"{resources.ranks} rank(s) each ({resources.nodes} node(s) x {resources.tasks_per_node} task(s)"
           f"{', 1 GPU per task' if resources.gpus else ', CPU'})")
     print(f"Sweep directory: {sweep_dir}")
@@ -203,16 +204,16 @@ def print_plan(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob], reso
     if resources.gpus:
         print(f"Estimate: {resources.ranks} GPUs x {all_hours:g} job-hours = {resources.ranks * all_hours:g} GPU-hours "
               f"for the sweep, {resources.ranks * hours:g} GPU-hours for the {len(to_run)} job(s) to run "
-              f"(rough: profile.resources.hours_per_job)")
+              f"(rough: budget.resources.hours_per_job)")
     else:
         print(f"Estimate: 0 GPU-hours (CPU jobs); about {hours:g} hours of wall time for the {len(to_run)} job(s) "
-              f"to run, one after another (profile.resources.hours_per_job)")
+              f"to run, one after another (budget.resources.hours_per_job)")
 
 
 def write_sweep_json(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob]) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     axes = list(planned[0].job.axes) if planned else []
-    spec = {"ablation": cfg.ablation.name, "profile": cfg.profile.name, "axes": axes,
+    spec = {"ablation": cfg.ablation.name, "budget": cfg.budget.name, "regime": cfg.budget.regime, "axes": axes,
             "jobs": [p.job.to_json() for p in planned]}
     tmp = sweep_dir / f"{SWEEP_SPEC}.tmp"
     tmp.write_text(json.dumps(spec, indent=2))

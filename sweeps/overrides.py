@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from mtssl.config import ConfigError
+from mtssl.config.renames import RENAMED_SWEEP, renamed_message
 
 LAUNCHER_CONFIG = Path(__file__).resolve().parent / "conf" / "config.yaml"
 JOB_CONFIG = "mtssl/conf/config.yaml"
@@ -76,10 +77,11 @@ def _unknown(key: str, job_cfg: DictConfig, groups: frozenset[str], plain: froze
 def split_overrides(overrides: Sequence[str], job_cfg: DictConfig | None = None) -> tuple[list[str], list[str]]:
     """(launcher overrides, job overrides) of a command line's overrides, each in its given order.
 
-    A key whose first part is a launcher group (``ablation``, ``profile``, ``launcher``, ``cluster``, ``hydra``)
+    A key whose first part is a launcher group (``ablation``, ``budget``, ``launcher``, ``cluster``, ``hydra``)
     or a launcher key (``sweep_dir``, ``tables.plots``, ...) stays with the launcher; a key of the job config
     (``train.epochs``, ``method=simsiam``; with ``+``/``++``, any key under a job section) goes to the jobs.
-    Anything else raises ConfigError naming the key, the configs searched and the nearest valid key.
+    A renamed key raises ConfigError naming its replacement; anything else raises ConfigError naming the key,
+    the configs searched and the nearest valid key.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -94,6 +96,12 @@ def split_overrides(overrides: Sequence[str], job_cfg: DictConfig | None = None)
     for override in parsed:
         key = override.key_or_group
         top = key.split(".", 1)[0]
+        renamed = renamed_message(key, RENAMED_SWEEP) or renamed_message(key)
+        if renamed:
+            raise ConfigError(renamed)
+        if key == "regime":
+            raise ConfigError("regime: a sweep's jobs run the regime of its budget (budget=<name>, "
+                              "sweeps/conf/budget/); choose a budget, or budget.regime=<regime> to keep its resources")
         if top in groups:
             launcher.append(override.input_line)
             continue

@@ -13,7 +13,8 @@ import contextlib
 import pytest
 import torch
 
-from mtssl.config import ConfigError, compose_config, config_hash, resolve_config, validate_config
+from mtssl.config import ConfigError, compose_config, config_hash, resolve_config
+from mtssl.config.validate import validate_config
 from mtssl.distributed.process_group import destroy_distributed, init_distributed
 from mtssl.model.activation_checkpoint import CheckpointedForward
 from mtssl.train.trainer import Trainer
@@ -72,9 +73,9 @@ def assert_bitwise_equal(actual, expected):
     assert differing(actual[2], expected[2]) == []
 
 
-@pytest.mark.parametrize("mode", ["false", "ghost"])
+@pytest.mark.parametrize("mode", ["none", "bn_per_view"])
 def test_checkpointed_resnet_steps_are_bitwise_equal(env, tmp_path, mode):
-    overrides = RESNET + [f"train.grouped_views={mode}"]
+    overrides = RESNET + [f"train.view_batching={mode}"]
     assert_bitwise_equal(run(env, tmp_path, overrides + [AC]), run(env, tmp_path, overrides))
 
 
@@ -131,8 +132,8 @@ def test_config_checks(tmp_path):
     with pytest.raises(ConfigError, match="train.backward=per_view: simsiam"):
         validate_config(resolve_config(compose_config(
             [o.replace("method=byol", "method=simsiam") for o in base] + ["train.backward=per_view"])), check_data=False)
-    with pytest.raises(ConfigError, match="train.backward=per_view.*grouped_views"):
-        validate_config(resolve_config(compose_config(base + ["train.backward=per_view", "train.grouped_views=ghost"])),
+    with pytest.raises(ConfigError, match="train.backward=per_view.*view_batching"):
+        validate_config(resolve_config(compose_config(base + ["train.backward=per_view", "train.view_batching=bn_per_view"])),
                         check_data=False)
     with pytest.raises(ConfigError, match="train.backward"):
         validate_config(resolve_config(compose_config(base + ["train.backward=views"])), check_data=False)

@@ -464,7 +464,7 @@ def test_bar_chart_data_is_the_tables_cells(predictor_sweep: Path) -> None:
 
 
 def test_knn_during_training_is_drawn_as_a_curve_per_job(tmp_path: Path) -> None:
-    """eval/knn_top1 logged at several steps (eval.knn_every_epochs) gets its figure, one line per job that has it."""
+    """eval/knn_top1 logged at several steps (monitor.knn_every_epochs) gets its figure, one line per job that has it."""
     from analysis.plots import Curves, curve_figures, plot_jobs
 
     write_events(tmp_path / "a", {"train/loss": [3.0, 2.0, 1.0], "eval/knn_top1": [20.0, 30.0, 45.0]})

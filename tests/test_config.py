@@ -9,8 +9,9 @@ import sys
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from mtssl.config import (FIELD_CHECKS, OPEN_SECTIONS, ConfigError, available, check_fields, compose_config,
-                          field_check, resolve_config, validate_config)
+from mtssl.config import ConfigError, available, compose_config, resolve_config
+from mtssl.config.schema import FIELD_CHECKS, OPEN_SECTIONS, check_fields, field_check
+from mtssl.config.validate import validate_config
 from tests.support.data import REPO, make_image_folder
 
 
@@ -49,7 +50,7 @@ def check(overrides, world_size=1):
     (["optim.base_lr=-1"], "optim.base_lr", "positive"),
     (["data.mean=0.5"], "data.mean", "must be a list of 3"),
     (["data.num_workers=-1"], "data.num_workers", ">= 0"),
-    (["train.grouped_views=maybe"], "train.grouped_views", "'ghost'"),
+    (["train.view_batching=maybe"], "train.view_batching", "'bn_per_view'"),
     (["train.keep_checkpoints=1"], "train.keep_checkpoints", ">= 2"),
     (["views.types.local.blur_p=0.5"], "views.types.local.blur_p", "must be a list"),
     # A key that does not exist, added with + as Hydra's error suggests: refused, with the nearest field.
@@ -65,10 +66,19 @@ def check(overrides, world_size=1):
     (["views.types.global.jitter=[0.4,0.4,0.2]"], "views.types.global.jitter", "must hold 4 values"),
     (["views.types.global.jitter=[0.4,0.4,0.2,0.7]"], "views.types.global.jitter", "hue <= 0.5"),
     (["data.eval_interpolation=lanczos"], "data.eval_interpolation", "bilinear"),
-    (["backbone=vit_tiny", "+backbone.zero_init_last=false"], "backbone.zero_init_last", "zero_init_last=null"),
+    (["backbone=vit_tiny", "backbone.zero_init_last=false"], "backbone.zero_init_last", "zero_init_last=null"),
     (["backbone.drop_path_rate=1.5"], "backbone.drop_path_rate", "[0, 1)"),
     (["method.batch_size=0"], "method.batch_size", "must be >= 1"),
     (["method.projector.hidden_dims=[0]"], "method.projector.hidden_dims", "must be >= 1"),
+    # Renamed fields and groups: refused, naming what replaced them.
+    (["train.grouped_views=ghost"], "train.grouped_views", "renamed train.view_batching"),
+    (["eval.knn_every_epochs=2"], "eval.knn_every_epochs", "renamed monitor.knn_every_epochs"),
+    (["eval.knn_during_training_val_subset=5"], "eval.knn_during_training_val_subset", "renamed monitor.knn_val_subset"),
+    (["scale=cpu"], "scale", "renamed regime"),
+    (["+method.optim.base_lr=1"], "method.optim.base_lr", "renamed optim.base_lr"),
+    (["backbone.ema_tau=0.9"], "backbone.ema_tau", "renamed train.ema_tau"),
+    # An out_dir under a tree where no folder can be created (root may write to /proc, but mkdir fails there).
+    (["out_dir=/proc/mtssl-test/run"], "out_dir", "cannot be created"),
 ])
 def test_bad_config_names_field(tiny_folder, overrides, field, hint):
     with pytest.raises(ConfigError) as info:
@@ -79,7 +89,7 @@ def test_bad_config_names_field(tiny_folder, overrides, field, hint):
 def test_valid_config_passes(tiny_folder):
     check([f"data.root={tiny_folder}", "train.batch_size=4", "data.subset=null"])
     check([f"data.root={tiny_folder}", "train.batch_size=4", "data.subset=null", "+backbone.kwargs.drop_rate=0.1",
-           "train.grouped_views=ghost", "eval.val_subset=8"])
+           "train.view_batching=bn_per_view", "eval.val_subset=8"])
 
 
 def preset_configs():
@@ -88,10 +98,9 @@ def preset_configs():
     for group in ("method", "views", "predictor", "backbone", "data"):
         for name in available(group):
             yield compose_config([f"{group}={name}"] + (["data.root=/x"] if name == "imagefolder" else []))
-    for scale in available("scale"):  # each scale with each method and backbone: their parts too
-        for group in ("method", "backbone"):
-            for name in available(group):
-                yield compose_config([f"scale={scale}", f"{group}={name}"])
+    for regime in available("regime"):  # each regime with each method and backbone family: their parts too
+        for choice in [f"method={m}" for m in available("method")] + ["backbone=resnet18", "backbone=vit_small"]:
+            yield compose_config([f"regime={regime}", choice, "data.root=/x"])
 
 
 def leaf_paths(node, path=""):
@@ -132,20 +141,55 @@ def test_out_dir_that_cannot_be_created(tiny_folder, tmp_path):
     assert not (blocker.parent / "run").exists()
 
 
+def test_cuda_device_without_a_gpu_is_refused(monkeypatch):
+    import torch
+
+    from mtssl.config.validate import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_device(compose_config(["train.device=cpu"]))
+    with pytest.raises(ConfigError) as info:
+        check_device(compose_config(["train.device=cuda"]))
+    assert "train.device:" in str(info.value) and "train.device=cpu" in str(info.value)
+
+
+def test_a_data_folder_of_unreadable_images_is_refused(tmp_path):
+    """A few bad files are skipped and counted while training (tests/test_robustness.py); a folder where none
+    of a sample decodes is refused before anything runs."""
+    root = make_image_folder(tmp_path / "data", per_class=12)
+    for path in (root / "train").rglob("*.jpg"):
+        path.write_bytes(b"not an image")
+    with pytest.raises(ConfigError, match=r"data.root: none of 8 sampled images decodes .* in .*train"):
+        check([f"data.root={root}", "train.batch_size=4", "data.subset=null"])
+    first = sorted((root / "train" / "class_0").glob("*.jpg"))[0]  # the first file of the split: in the sample
+    first.write_bytes((root / "val" / "class_0" / "0.jpg").read_bytes())
+    check([f"data.root={root}", "train.batch_size=4", "data.subset=null"])  # one good file in the sample: accepted
+
+
 def test_missing_default_root_without_network_says_what_to_do(tmp_path, monkeypatch):
+    """Validation never downloads; the job's data step does, and says what to do when it cannot."""
     import urllib.error
 
     import mtssl.data.cifar10
+    from mtssl.data.cifar10 import prepare_data
+    from mtssl.data.image_folder import DataError
+
+    attempts = []
 
     def offline(root):
+        attempts.append(root)
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(mtssl.data.cifar10, "download_cifar10", offline)
-    with pytest.raises(ConfigError) as info:
-        check([f"data.root={tmp_path / 'cifar10'}"])
+    cfg = resolve_config(compose_config([f"data.root={tmp_path / 'cifar10'}"]))
+    validate_config(cfg)  # no network I/O: the absent folder is left to the data step
+    assert attempts == []
+    with pytest.raises(DataError) as info:
+        prepare_data(cfg)
     message = str(info.value)
     assert "data.root:" in message and "downloading CIFAR-10 there failed" in message
     assert "MTSSL_DATA_ROOT" in message and "data.download=false" in message
+    assert len(attempts) == 1
 
 
 def test_default_data_root_does_not_depend_on_the_cwd(tmp_path, monkeypatch):
@@ -199,6 +243,16 @@ def test_cli_bad_input_exits_2_with_one_message(tmp_path):
     assert proc.returncode != 0 and "byol" in proc.stderr  # Hydra lists the available methods
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_cli_cuda_without_a_gpu_exits_2_before_anything_runs(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "mtssl.run", "train.device=cuda", f"out_dir={out}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "train.device: cuda was asked for" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+    assert not out.exists()
+
+
 def test_cli_out_dir_that_cannot_be_created_exits_2_before_writing(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -243,21 +297,47 @@ def test_config_hash_survives_the_config_yaml_round_trip(tiny_folder, tmp_path):
     assert changes_from_file(tmp_path / "missing.yaml", cfg) is None
 
 
-def test_scale_sets_its_values_and_the_command_line_wins(tiny_folder):
-    """scale=cpu replaces config.yaml's and the presets' values, its per-method part applies to its method
-    only, and an explicit override still wins over both."""
+def test_regime_sets_its_values_and_the_command_line_wins(tiny_folder):
+    """regime=cpu replaces config.yaml's and the presets' values, its per-method part applies to its method
+    only, its ResNet part to ResNets only, and an explicit override still wins over all of them."""
     official = compose_config(["method=mocov3"])
-    cpu = compose_config(["scale=cpu", "method=mocov3"])
+    cpu = compose_config(["regime=cpu", "method=mocov3"])
     assert (official.train.epochs, official.method.objective_kwargs.temperature) == (100, 1.0)
     assert (cpu.train.epochs, cpu.train.batch_size, cpu.data.subset) == (20, 128, 2500)
     assert (cpu.method.objective_kwargs.temperature, cpu.train.ema_tau) == (0.2, 0.99)
-    assert compose_config(["scale=cpu", "method=byol"]).train.ema_tau == 0.9
-    assert "temperature" not in compose_config(["scale=cpu", "method=byol"]).method.objective_kwargs
+    assert compose_config(["regime=cpu", "method=byol"]).train.ema_tau == 0.9
+    assert "temperature" not in compose_config(["regime=cpu", "method=byol"]).method.objective_kwargs
     assert cpu.backbone.zero_init_last is True and official.backbone.zero_init_last is False
-    assert "zero_init_last" not in compose_config(["scale=cpu", "backbone=vit_small"]).backbone  # ResNets only
-    mine = compose_config(["scale=cpu", "method=mocov3", "train.epochs=3", "method.objective_kwargs.temperature=0.5"])
-    assert (mine.train.epochs, mine.method.objective_kwargs.temperature) == (3, 0.5)
+    assert compose_config(["regime=cpu", "backbone=vit_small"]).backbone.zero_init_last is None  # ResNets only
+    mine = compose_config(["regime=cpu", "method=mocov3", "train.epochs=3", "method.objective_kwargs.temperature=0.5",
+                           "optim.base_lr=0.1"])
+    assert (mine.train.epochs, mine.method.objective_kwargs.temperature, mine.optim.base_lr) == (3, 0.5, 0.1)
     for method in available("method"):
-        cfg = compose_config(["scale=cpu", f"method={method}", f"data.root={tiny_folder}", "train.batch_size=4",
+        cfg = compose_config(["regime=cpu", f"method={method}", f"data.root={tiny_folder}", "train.batch_size=4",
                               "data.subset=null", "eval.val_subset=null"])
         validate_config(resolve_config(cfg))
+
+
+def test_a_regime_inherits_its_parent_with_the_parents_parts():
+    """cpu_quick is cpu with 16 epochs: cpu's values and its method and ResNet parts, its own values on top;
+    imagenet_800ep is imagenet_200ep with 800 epochs and 4 local views."""
+    for method in available("method"):
+        cpu = resolve_config(compose_config(["regime=cpu", f"method={method}"]))
+        quick = resolve_config(compose_config(["regime=cpu_quick", f"method={method}"]))
+        assert (quick.train.epochs, quick.train.device, quick.monitor.interference_every) == (16, "cpu", 20)
+        assert (cpu.train.epochs, cpu.monitor.interference_every) == (20, None)
+        for section in ("optim", "method", "backbone", "data", "views"):
+            assert quick[section] == cpu[section], (method, section)
+        assert quick.train.ema_tau == cpu.train.ema_tau
+    short = resolve_config(compose_config(["regime=imagenet_200ep", "data.root=/x"]))
+    long = resolve_config(compose_config(["regime=imagenet_800ep", "data.root=/x"]))
+    assert (short.train.epochs, long.train.epochs) == (200, 800)
+    assert (short.views.types.local.count, long.views.types.local.count) == (2, 4)
+    assert short.optim == long.optim and short.data == long.data and short.backbone == long.backbone
+
+
+def test_a_regime_cannot_add_a_view_type_the_views_preset_lacks():
+    """imagenet_800ep sets views.types.local.count=4; with views=global that would add a local task of default
+    views: refused, naming the field, instead."""
+    with pytest.raises(ConfigError, match=r"views.types.local: views=global has no local views"):
+        resolve_config(compose_config(["regime=imagenet_800ep", "views=global", "data.root=/x"]))

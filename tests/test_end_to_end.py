@@ -15,14 +15,14 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-# The README quick start (scale=cpu: ResNet-18 with the last BN gamma at 0, a 2,500-image subset, batch 128,
+# The README quick start (regime=cpu: ResNet-18 with the last BN gamma at 0, a 2,500-image subset, batch 128,
 # MoCo v3 at temperature 0.2) on a shorter schedule, so that CI checks that its recipe learns.
 E2E = [
     "method=mocov3", "views=global_local_cutout", "predictor=separate", "backbone=resnet18", "data=cifar10",
-    "scale=cpu", "train.log_every_steps=5", "eval.knn_every_epochs=null",
+    "regime=cpu", "train.log_every_steps=5", "monitor.knn_every_epochs=null",
 ]
 EPOCHS = 4
-SUBSET = 2500  # scale=cpu's data.subset
+SUBSET = 2500  # regime=cpu's data.subset
 # Measured on CPU (deterministic at a fixed thread count and host, not across them): random init kNN top-1 /
 # linear 19.35 / 21.3 (1 thread), 19.3 / 21.3 (2 threads); after 4 epochs (76 steps; a schedule this short
 # learns less than the quick start's first 4 of 20 epochs) 22.9 / 28.0 (1 thread), 23.1 / 27.65 (2 threads),

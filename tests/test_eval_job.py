@@ -115,7 +115,8 @@ def test_each_linear_protocol_under_its_own_key(tmp_path):
     ("eval.linear_batch_size=1", 1, "eval.linear_batch_size"),
 ])
 def test_new_eval_fields_are_validated(tmp_path, override, world_size, field):
-    from mtssl.config import ConfigError, validate_config
+    from mtssl.config import ConfigError
+    from mtssl.config.validate import validate_config
 
     cfg = resolve_config(compose_config([f"out_dir={tmp_path / 'job'}", "train.batch_size=12", override]))
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

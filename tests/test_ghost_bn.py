@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mtssl.config import ConfigError, compose_config
-from mtssl.model.ghost_bn import GhostBatchNorm, grouped_views_mode
+from mtssl.model.ghost_bn import GhostBatchNorm, grouped_views_mode, view_batching_mode
 from mtssl.model.siamese import build_model
 from mtssl.loss.multitask import multitask_loss
 from mtssl.loss.objectives import build_objective
@@ -59,8 +59,11 @@ def test_ghost_batch_norm_cumulative_average_when_momentum_is_none():
     torch.testing.assert_close(layer.running_mean, expected, atol=TOL, rtol=TOL)
 
 
+VIEW_BATCHING = {"false": "none", "ghost": "bn_per_view", "plain": "bn_shared"}  # the model's mode -> the field
+
+
 def _models(mode, predictor="separate"):
-    cfg = compose_config(["method=byol", "backbone=resnet18", "data=cifar10", f"train.grouped_views={mode}",
+    cfg = compose_config(["method=byol", "backbone=resnet18", "data=cifar10", f"train.view_batching={VIEW_BATCHING[mode]}",
                           f"predictor={predictor}"])
     torch.manual_seed(0)
     return cfg, build_model(cfg, ["global", "local", "cutout"], small_images=True, ema_target=True)
@@ -143,8 +146,11 @@ def test_grouped_views_values():
     assert grouped_views_mode(False) is None and grouped_views_mode(None) is None
     assert grouped_views_mode(True) == "plain"
     assert grouped_views_mode("ghost") == "ghost" and grouped_views_mode("plain") == "plain"
-    with pytest.raises(ConfigError, match="train.grouped_views"):
+    with pytest.raises(ValueError, match="train.view_batching"):
         grouped_views_mode("fast")
+    assert [view_batching_mode(v) for v in ("none", "bn_per_view", "bn_shared")] == [None, "ghost", "plain"]
+    with pytest.raises(ConfigError, match="train.view_batching"):
+        view_batching_mode("ghost")
 
 
 def test_ghost_mode_in_eval_uses_running_statistics_unchanged():

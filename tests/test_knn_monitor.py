@@ -1,4 +1,4 @@
-"""kNN during pretraining (``eval.knn_every_epochs``, mtssl/eval/knn_monitor.py): it leaves training bitwise unchanged,
+"""kNN during pretraining (``monitor.knn_every_epochs``, mtssl/eval/knn_monitor.py): it leaves training bitwise unchanged,
 its last evaluation is the end-of-training kNN, a resumed run keeps the earlier evaluations, and 2 ranks give 1 rank's."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 
 from tests.support.data import make_image_folder
 from tests.support.ranks import run_ranks, set_rank_env
-from mtssl.config import ConfigError, compose_config, resolve_config, validate_config
+from mtssl.config import ConfigError, compose_config, resolve_config
+from mtssl.config.validate import validate_config
 from mtssl.distributed.fsdp import full_state_dict, state_sha256
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
 from mtssl.eval.features import extract_features
@@ -53,7 +54,7 @@ def _fit(cfg, out_dir, with_monitor: bool):
 def test_knn_during_training_leaves_training_unchanged_and_ends_at_the_end_of_job_knn(single_process, tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=8)
     # The same val subset for the monitor and the end-of-training kNN (eval.* fields never change training).
-    cfg = _config(root, "eval.knn_every_epochs=1", "eval.knn_during_training_val_subset=12", "eval.val_subset=12")
+    cfg = _config(root, "monitor.knn_every_epochs=1", "monitor.knn_val_subset=12", "eval.val_subset=12")
     plain = _config(root)
     watched, watched_outcome, monitor = _fit(cfg, tmp_path / "watched", with_monitor=True)
     unwatched, unwatched_outcome, _ = _fit(plain, tmp_path / "plain", with_monitor=False)
@@ -76,8 +77,8 @@ def test_knn_during_training_leaves_training_unchanged_and_ends_at_the_end_of_jo
 
 def test_monitor_restores_modes_buffers_and_rng_and_matches_knn_by_hand(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=8)
-    cfg = _config(root, "eval.knn_every_epochs=2", "eval.knn_during_training_train_subset=12",
-                  "eval.knn_during_training_val_subset=10")
+    cfg = _config(root, "monitor.knn_every_epochs=2", "monitor.knn_train_subset=12",
+                  "monitor.knn_val_subset=10")
     train_samples, _ = list_image_folder(root, "train")
     torch.manual_seed(3)
     backbone = build_backbone(cfg.backbone.timm_name, small_images=True, **backbone_kwargs(cfg.backbone))
@@ -111,21 +112,21 @@ def test_monitor_restores_modes_buffers_and_rng_and_matches_knn_by_hand(tmp_path
 
     # Resume: evaluations up to the checkpoint's step come back, later ones (or other settings) do not.
     def reloaded(resume_step, *overrides):
-        other = _config(root, "eval.knn_every_epochs=2", "eval.knn_during_training_train_subset=12",
-                        "eval.knn_during_training_val_subset=10", *overrides)
+        other = _config(root, "monitor.knn_every_epochs=2", "monitor.knn_train_subset=12",
+                        "monitor.knn_val_subset=10", *overrides)
         return KnnMonitor(other, ENV, backbone, train_samples, tmp_path, resume_step=resume_step).evaluations
 
     assert reloaded(10) == json.loads(json.dumps(monitor.evaluations))
     assert reloaded(9) == [] and reloaded(None) == []
-    assert reloaded(10, "eval.knn_every_epochs=4") != []  # how often is not a setting of the numbers
+    assert reloaded(10, "monitor.knn_every_epochs=4") != []  # how often is not a setting of the numbers
     assert reloaded(10, "eval.knn_k=[3]") == []
 
 
 @pytest.mark.parametrize(("override", "field"), [
-    ("eval.knn_every_epochs=-1", "eval.knn_every_epochs"),
-    ("eval.knn_every_epochs=1.5", "eval.knn_every_epochs"),
-    ("eval.knn_during_training_val_subset=0", "eval.knn_during_training_val_subset"),
-    ("eval.knn_during_training_train_subset=ten", "eval.knn_during_training_train_subset"),
+    ("monitor.knn_every_epochs=-1", "monitor.knn_every_epochs"),
+    ("monitor.knn_every_epochs=1.5", "monitor.knn_every_epochs"),
+    ("monitor.knn_val_subset=0", "monitor.knn_val_subset"),
+    ("monitor.knn_train_subset=ten", "monitor.knn_train_subset"),
 ])
 def test_knn_during_training_fields_are_validated(tmp_path, override, field):
     cfg = resolve_config(compose_config([f"out_dir={tmp_path / 'job'}", override]))
@@ -135,8 +136,8 @@ def test_knn_during_training_fields_are_validated(tmp_path, override, field):
 
 def test_a_bank_smaller_than_k_is_refused_before_training(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=8)
-    cfg = _config(root, "eval.knn_every_epochs=1", "eval.knn_during_training_train_subset=4")
-    with pytest.raises(ConfigError, match="eval.knn_during_training_train_subset"):
+    cfg = _config(root, "monitor.knn_every_epochs=1", "monitor.knn_train_subset=4")
+    with pytest.raises(ConfigError, match="monitor.knn_train_subset"):
         KnnMonitor(cfg, ENV, torch.nn.Identity(), list_image_folder(root, "train")[0], tmp_path)
 
 
@@ -161,7 +162,7 @@ def _two_rank_worker(rank, world_size, port, root, out_dir):
         destroy_distributed()
 
 
-TWO_RANKS = ["eval.knn_every_epochs=1", "eval.knn_during_training_val_subset=10", "eval.batch_size=4"]
+TWO_RANKS = ["monitor.knn_every_epochs=1", "monitor.knn_val_subset=10", "eval.batch_size=4"]
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """The official recipes, item by item: each run of the official commands composed as the sweep launcher
-composes it (profile + ablation + axis values, ``sweeps/launch.py: compose_job``), then compared with the
+composes it (budget's regime + ablation + axis values, ``sweeps/launch.py: compose_job``), then compared with the
 values of the official code, written out here from the reference (official-recipe.md), never taken from
 mtssl. Where it matters the behaviour is checked too: the lr at chosen steps, which parameters get weight
 decay, the blur kernels, the BN gamma at init, drop-path on the online network only, the kNN resize.
@@ -18,7 +18,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torchvision.transforms import v2
 
-from mtssl.config import resolve_config, validate_config
+from mtssl.config import resolve_config
+from mtssl.config.validate import validate_config
 from mtssl.data.torchvision_augment import MultiViewTransform, build_eval_transform
 from mtssl.data.views import build_view_layout
 from mtssl.distributed.process_group import DistEnv
@@ -39,10 +40,11 @@ BYOL = dict(
 )
 OFFICIAL = {
     "byol": BYOL,
-    # SimSiam: batch 512, SGD 0.05, wd 1e-4 on every parameter, per-epoch cosine (to 0, as SimSiam), no
+    # SimSiam: batch 512, SGD 0.05, wd 1e-4 on every parameter, per-epoch cosine to 0.001 x peak (as every run of
+    # the official code: "warmup 10 epochs then cosine to 0.001 x peak"; SimSiam's own code ends at 0), no
     # warmup, constant predictor lr, projector 2048-2048-2048 with output BN, predictor 512-2048.
     "simsiam": dict(
-        batch=512, optim="sgd", base_lr=0.05, weight_decay=1e-4, decay_1d=True, warmup=0, per="epoch", final=0.0,
+        batch=512, optim="sgd", base_lr=0.05, weight_decay=1e-4, decay_1d=True, warmup=0, per="epoch", final=0.001,
         tau=None, clip=None, projector=([2048, 2048], 2048, True), predictor=([512], 2048, False), drop_path=0.0,
     ),
     # MoCo v3: batch 1024, LARS base lr 0.4 (the --base-lr default), output BN on both heads, tau0 0.996.
@@ -74,13 +76,13 @@ FAKE_ROOT = "/unused/imagenet"
 def sweep_configs(*overrides: str) -> dict[str, object]:
     """{job name: resolved job config} of a sweep, composed as ``sweeps/launch.py`` composes its jobs."""
     with initialize_config_dir(config_dir=str(REPO / "sweeps" / "conf"), version_base="1.3"):
-        sweep = compose("config", overrides=[f"profile.data_root={FAKE_ROOT}", *overrides])
+        sweep = compose("config", overrides=list(overrides))
         jobs = expand_grid(
             axes=OmegaConf.to_container(sweep.ablation.axes, resolve=True), seeds=list(sweep.ablation.seeds),
-            fixed=list(sweep.ablation.fixed), profile_overrides=list(sweep.profile.overrides),
+            fixed=list(sweep.ablation.fixed), regime=sweep.budget.regime, job_overrides=[f"data.root={FAKE_ROOT}"],
         )
         configs = {job.name: resolve_config(compose_job(list(job.overrides))) for job in jobs}
-        ranks = int(sweep.profile.resources.ranks_per_job)
+        ranks = int(sweep.budget.resources.ranks_per_job)
     for cfg in configs.values():
         validate_config(cfg, check_data=False, world_size=ranks)
     return configs
@@ -88,17 +90,17 @@ def sweep_configs(*overrides: str) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def method_runs():
-    return sweep_configs("ablation=method", "profile=imagenet_200ep")
+    return sweep_configs("ablation=method", "budget=imagenet_200ep")
 
 
 @pytest.fixture(scope="module")
 def baseline_runs():
-    return sweep_configs("ablation=method", "profile=imagenet_200ep", "+ablation.axes.views=[global]")
+    return sweep_configs("ablation=method", "budget=imagenet_200ep", "+ablation.axes.views=[global]")
 
 
 @pytest.fixture(scope="module")
 def backbone_runs():
-    return sweep_configs("ablation=backbone", "profile=imagenet_200ep")
+    return sweep_configs("ablation=backbone", "budget=imagenet_200ep")
 
 
 def official_runs(method_runs, backbone_runs):
@@ -206,13 +208,13 @@ def test_local_blur_kernel_is_23_at_96_px(method_runs):
 
 
 def test_800_epoch_run():
-    runs = sweep_configs("ablation=method", "profile=imagenet_800ep", "ablation.axes.method=[byol]")
+    runs = sweep_configs("ablation=method", "budget=imagenet_800ep", "ablation.axes.method=[byol]")
     (cfg,) = runs.values()
     assert cfg.method.name == "byol" and cfg.train.epochs == 800 and cfg.train.batch_size == 1024
     assert {t: v.count for t, v in cfg.views.types.items()} == {"global": 2, "local": 4, "cutout": 1}
     with initialize_config_dir(config_dir=str(REPO / "sweeps" / "conf"), version_base="1.3"):
-        profile = compose("config", overrides=["profile=imagenet_800ep"]).profile
-    assert profile.resources.ranks_per_job == 8 and profile.resources.gpus
+        budget = compose("config", overrides=["budget=imagenet_800ep"]).budget
+    assert budget.regime == "imagenet_800ep" and budget.resources.ranks_per_job == 8 and budget.resources.gpus
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,7 +227,7 @@ def light(cfg, **changes):
 
 def trainer_for(cfg, tmp_path, steps_per_epoch=10):
     placeholders = [("unused", 0)] * (cfg.train.batch_size * steps_per_epoch)
-    # The GPU profile resolves to bf16; one fp32 CPU process builds the same optimiser without a process group.
+    # The GPU regime resolves to bf16; one fp32 CPU process builds the same optimiser without a process group.
     cfg = OmegaConf.merge(cfg, {"train": {"device": "cpu", "precision": "fp32"}})
     return Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu")), tmp_path, train_samples=placeholders)
 
@@ -242,7 +244,8 @@ def group_lrs(trainer, step):
 def test_simsiam_lr_is_set_once_per_epoch_without_warmup(method_runs, tmp_path):
     trainer = trainer_for(light(method_runs["method=simsiam"], **SMALL), tmp_path)  # 10 steps per epoch
     peak = 0.05 * 512 / 256
-    official = lambda epoch: peak * 0.5 * (1 + math.cos(math.pi * epoch / 200))  # SimSiam's adjust_learning_rate
+    final = 0.001 * peak  # the official multi-task code's end of the cosine, for every method
+    official = lambda epoch: final + (peak - final) * 0.5 * (1 + math.cos(math.pi * epoch / 200))
     for step, epoch in [(0, 0), (9, 0), (10, 1), (19, 1), (1005, 100), (1999, 199)]:
         lrs = group_lrs(trainer, step)
         assert lrs[False] == pytest.approx(official(epoch), rel=1e-12), step
@@ -337,13 +340,38 @@ def test_knn_transform_resizes_256_bilinear_then_crops_224(method_runs):
     assert torch.allclose(transform(image), expected, atol=1e-6)
 
 
+def test_augmented_probe_crops_bilinear_as_torchvisions_default():
+    """The official linear probe's RandomResizedCrop(224) takes torchvision's default interpolation, bilinear."""
+    from PIL import Image
+
+    from mtssl.eval.augmented import augmented_train_transform
+
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    image = Image.fromarray(torch.randint(0, 256, (300, 400, 3), dtype=torch.uint8,
+                                          generator=torch.Generator().manual_seed(1)).numpy())
+
+    def written_out(interpolation):
+        return v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(224, interpolation=interpolation, antialias=True),
+                           v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+    outputs = {}
+    for name, transform in (("mtssl", augmented_train_transform(mean, std, 224)),
+                            ("bilinear", written_out(v2.InterpolationMode.BILINEAR)),
+                            ("bicubic", written_out(v2.InterpolationMode.BICUBIC))):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the same crop box and flip for all three
+            outputs[name] = transform(image)
+    assert torch.equal(outputs["mtssl"], outputs["bilinear"])
+    assert not torch.equal(outputs["mtssl"], outputs["bicubic"])
+
+
 def test_dry_run_shows_the_official_runs(tmp_path):
     from tests.support.data import make_image_folder
 
     root = make_image_folder(tmp_path / "imagenet", classes=2, per_class=520, size=8)  # >= one 1024 batch
     proc = subprocess.run(
-        [sys.executable, str(REPO / "sweeps" / "launch.py"), "ablation=method", "profile=imagenet_200ep",
-         f"profile.data_root={root}", f"sweep_dir={tmp_path / 'sweep'}", "--dry-run"],
+        [sys.executable, str(REPO / "sweeps" / "launch.py"), "ablation=method", "budget=imagenet_200ep",
+         f"data.root={root}", f"sweep_dir={tmp_path / 'sweep'}", "--dry-run"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

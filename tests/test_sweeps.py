@@ -3,7 +3,7 @@ cluster (slurm/start_local_cluster.sh): completion with results and tables, idem
 requeue after preemption and after a time limit ending with the weights of an uninterrupted run.
 
 Every launch goes through the real command line, ``python sweeps/launch.py``, with a test ablation and a
-tiny profile written as YAML into a --config-dir (as a user adds them). Each job runs 2 FSDP ranks
+tiny budget written as YAML into a --config-dir (as a user adds them). Each job runs 2 FSDP ranks
 (2 tasks of 1 CPU) on a 32-image synthetic folder (32 px, CIFAR-10 settings): 12 steps
 (2 classes x 16 images / batch 8 x 3 epochs).
 """
@@ -53,8 +53,8 @@ def test_grid_is_the_product_of_axes_and_seeds_with_axis_values_winning():
     jobs = expand_grid(
         axes={"backbone": ["resnet50", "vit_small"], "predictor": ["separate", "shared"]},
         seeds=[0, 1],
-        fixed=["views=global_local", "method=byol"],
-        profile_overrides=["backbone=resnet18", "train.epochs=2", "views=global"],
+        fixed=["views=global_local", "method=byol", "train.epochs=2"],
+        regime="cpu",
         job_overrides=["train.epochs=1"],
     )
     assert [job.name for job in jobs] == [
@@ -63,10 +63,10 @@ def test_grid_is_the_product_of_axes_and_seeds_with_axis_values_winning():
     ]
     first = jobs[0]
     assert first.axes == {"backbone": "resnet50", "predictor": "separate", "train.seed": 0}
-    # One value per key: the axis beats the profile, the ablation's fixed values beat the profile,
-    # job_overrides beat both.
-    assert sorted(first.overrides) == sorted(["backbone=resnet50", "train.epochs=1", "views=global_local",
-                                              "method=byol", "predictor=separate", "train.seed=0"])
+    # One value per key: job_overrides beat the ablation's fixed values, the axes beat both; every job
+    # names the budget's regime (its values are the job's defaults: any override wins over them).
+    assert sorted(first.overrides) == sorted(["regime=cpu", "backbone=resnet50", "train.epochs=1",
+                                              "views=global_local", "method=byol", "predictor=separate", "train.seed=0"])
 
 
 def test_one_seed_is_a_fixed_override_not_an_axis():
@@ -96,11 +96,11 @@ def test_bad_grids_are_refused_with_the_field(kwargs, field):
 
 def test_bare_overrides_split_between_launcher_and_jobs_in_order():
     launcher, jobs = split_overrides([
-        "ablation=method", "data.subset=500", "profile.data_root=/d", "train.epochs=1", "sweep_dir=/s",
+        "ablation=method", "data.subset=500", "budget.seeds=[1]", "train.epochs=1", "sweep_dir=/s",
         "method=simsiam", "+backbone.kwargs.layers=[1,1,1,1]", "tables.plots=false", "hydra.verbose=true",
         "~train.max_steps", "data.root='/a b/c'", "cluster=local", "launcher.max_parallel=2",
     ])
-    assert launcher == ["ablation=method", "profile.data_root=/d", "sweep_dir=/s", "tables.plots=false",
+    assert launcher == ["ablation=method", "budget.seeds=[1]", "sweep_dir=/s", "tables.plots=false",
                         "hydra.verbose=true", "cluster=local", "launcher.max_parallel=2"]
     assert jobs == ["data.subset=500", "train.epochs=1", "method=simsiam", "+backbone.kwargs.layers=[1,1,1,1]",
                     "~train.max_steps", "data.root='/a b/c'"]
@@ -145,7 +145,7 @@ def test_bare_job_overrides_reach_every_job_after_job_overrides(config_dir, tmp_
 @pytest.mark.slow
 def test_bare_form_runs_end_to_end_on_the_local_launcher(config_dir, tmp_path):
     sweep_dir = tmp_path / "local"
-    # One job of the pair; the profile trains 3 epochs, the bare override 1: 2 classes x 16 images / batch 8 steps.
+    # One job of the pair; the ablation's fixed values train 3 epochs, the bare override 1: 2 classes x 16 images / batch 8 steps.
     out = launch(*tiny_sweep_args(config_dir, sweep_dir, "ablation.axes.predictor=[shared]", "train.epochs=1",
                                   "eval.knn_k=[2]"))
     assert out.returncode == 0, out.stdout + out.stderr
@@ -281,25 +281,26 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def config_dir(tmp_path_factory, data_root) -> Path:
-    """A --config-dir holding a 2-job test ablation and a tiny profile, written as a user would."""
+    """A --config-dir holding a 2-job test ablation of tiny jobs and a budget for them, written as a user would."""
     root = tmp_path_factory.mktemp("sweep_conf")
     (root / "ablation").mkdir()
-    (root / "profile").mkdir()
-    ablation = {"name": "pair", "fixed": ["method=byol", "views=global_local"],
-                "axes": {"predictor": ["separate", "shared"]}, "seeds": [0]}
-    profile = {
-        "name": "tiny",
-        "overrides": [
+    (root / "budget").mkdir()
+    ablation = {
+        "name": "pair",
+        "fixed": [
+            "method=byol", "views=global_local",
             "data=cifar10", f"data.root={data_root}", "data.download=false", "data.subset=null", "data.num_workers=0",
             "train.device=cpu", "train.batch_size=8", "train.epochs=3", "train.log_every_steps=1",
             "train.checkpoint_every_steps=4", "method.projector.hidden_dims=[64]",
             "method.predictor.hidden_dims=[64]", "+backbone.kwargs.layers=[1,1,1,1]",
             "eval.linear_epochs=2", "eval.knn_k=[3,5]", "eval.batch_size=16", "eval.linear_lrs=[0.1]",
         ],
-        "resources": {"ranks_per_job": 2, "gpus": False, "hours_per_job": {"default": 0.01}},
+        "axes": {"predictor": ["separate", "shared"]}, "seeds": [0],
     }
+    budget = {"name": "tiny", "regime": "official",
+              "resources": {"ranks_per_job": 2, "gpus": False, "hours_per_job": {"default": 0.01}}}
     (root / "ablation" / "pair.yaml").write_text(yaml.safe_dump(ablation))
-    (root / "profile" / "tiny.yaml").write_text(yaml.safe_dump(profile))
+    (root / "budget" / "tiny.yaml").write_text(yaml.safe_dump(budget))
     return root
 
 
@@ -308,19 +309,19 @@ def launch(*args: str, timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.Complete
 
 
 def tiny_sweep_args(config_dir: Path, sweep_dir: Path, *extra: str) -> list[str]:
-    return ["--config-dir", str(config_dir), "ablation=pair", "profile=tiny", f"sweep_dir={sweep_dir}",
+    return ["--config-dir", str(config_dir), "ablation=pair", "budget=tiny", f"sweep_dir={sweep_dir}",
             "poll_s=1", "tables.plots=false", *extra]
 
 
 @pytest.mark.slow
 def test_dry_run_prints_grid_gpu_hours_and_dirs_and_submits_nothing(data_root, tmp_path):
     sweep_dir = tmp_path / "paper"
-    out = launch("ablation=method", "profile=imagenet_200ep", "launcher=slurm", "cluster=example_gpu",
-                 f"profile.data_root={data_root}", 'job_overrides=["train.batch_size=32"]',
+    out = launch("ablation=method", "budget=imagenet_200ep", "launcher=slurm", "cluster=example_gpu",
+                 f"data.root={data_root}", 'job_overrides=["train.batch_size=32"]',
                  f"sweep_dir={sweep_dir}", "--dry-run", timeout=120)
     assert out.returncode == 0, out.stderr
-    profile = yaml.safe_load((REPO / "sweeps/conf/profile/imagenet_200ep.yaml").read_text())
-    hours, gpus = profile["resources"]["hours_per_job"]["resnet50"], profile["resources"]["ranks_per_job"]
+    budget = yaml.safe_load((REPO / "sweeps/conf/budget/imagenet_200ep.yaml").read_text())
+    hours, gpus = budget["resources"]["hours_per_job"]["resnet50"], budget["resources"]["ranks_per_job"]
     assert f"= {3 * hours * gpus:g} GPU-hours" in out.stdout  # 3 methods x 4 GPUs x hours of a ResNet-50 job
     for method in ("byol", "simsiam", "mocov3"):
         assert re.search(rf"method={method}\s+submit\s+{re.escape(str(sweep_dir / f'method={method}'))}", out.stdout)
@@ -348,7 +349,7 @@ def test_default_sweep_dirs_differ_by_launcher(config_dir):
     """So a SLURM launch after a local one (as the README runs them) neither skips nor reuses the local jobs."""
     dirs = {}
     for kind, extra in (("local", []), ("slurm", ["launcher=slurm", "cluster=local"])):
-        out = launch("--config-dir", str(config_dir), "ablation=pair", "profile=tiny", *extra, "--dry-run", timeout=120)
+        out = launch("--config-dir", str(config_dir), "ablation=pair", "budget=tiny", *extra, "--dry-run", timeout=120)
         assert out.returncode == 0, out.stderr
         dirs[kind] = re.search(r"^Sweep directory: (.+)$", out.stdout, re.M).group(1)
     assert dirs == {kind: str(REPO / "sweeps" / "outputs" / kind / "pair-tiny") for kind in ("local", "slurm")}
@@ -357,7 +358,7 @@ def test_default_sweep_dirs_differ_by_launcher(config_dir):
 @pytest.mark.slow
 def test_relaunch_with_changed_job_overrides_is_refused_before_submitting(config_dir, tmp_path):
     sweep_dir = tmp_path / "relaunch"
-    one_job = ["ablation.axes.predictor=[separate]", "profile.resources.ranks_per_job=1"]
+    one_job = ["ablation.axes.predictor=[separate]", "budget.resources.ranks_per_job=1"]
     out = launch(*tiny_sweep_args(config_dir, sweep_dir, *one_job))
     assert out.returncode == 0, out.stdout + out.stderr
     job = sweep_dir / "predictor=separate"
@@ -436,7 +437,8 @@ def test_two_job_sweep_runs_to_completion_with_results_and_tables(finished_sweep
     sweep_dir, out, name = finished_sweep
     assert out.returncode == 0, out.stdout + out.stderr
     spec = json.loads((sweep_dir / "sweep.json").read_text())
-    assert spec["ablation"] == "pair" and spec["profile"] == "tiny" and spec["axes"] == ["predictor"]
+    assert spec["ablation"] == "pair" and spec["budget"] == "tiny" and spec["axes"] == ["predictor"]
+    assert spec["regime"] == "official"
     assert [job["name"] for job in spec["jobs"]] == JOB_NAMES
     records = submissions(sweep_dir)
     assert sorted(records) == sorted(JOB_NAMES) and all(len(r) == 1 for r in records.values())
@@ -685,7 +687,7 @@ def test_bad_override_submits_nothing_to_slurm(slurm_cluster, config_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_random_init_reference_jobs_one_per_distinct_backbone_and_profile_seeds(data_root, tmp_path):
+def test_random_init_reference_jobs_one_per_distinct_backbone_and_budget_seeds(data_root, tmp_path):
     """cpu_quick adds one train.epochs=0 job per distinct (backbone, data, eval, seed), listed first: one for the
     6 predictor-sharing jobs (the backbone is built first from the seed, whatever the method), one per backbone
     of the backbone ablation. cifar10_gpu's own seeds replace the ablation's: 6 x 3 jobs, 3 GPU-hours each."""
@@ -698,7 +700,7 @@ def test_random_init_reference_jobs_one_per_distinct_backbone_and_profile_seeds(
     listed = re.findall(r"^  (\S+)\s+submit", out.stdout, flags=re.M)
     assert [n for n in listed if n.startswith("random_init")] == [
         f"random_init,backbone={b}" for b in ("resnet50", "vit_small", "vit_base")]
-    out = launch("ablation=predictor_sharing", "profile=cifar10_gpu", "launcher=slurm", "cluster=example_gpu",
+    out = launch("ablation=predictor_sharing", "budget=cifar10_gpu", "launcher=slurm", "cluster=example_gpu",
                  f"sweep_dir={tmp_path / 'c'}", "--dry-run", timeout=180)
     assert out.returncode == 0, out.stderr
     listed = re.findall(r"^  (\S+)\s+submit", out.stdout, flags=re.M)

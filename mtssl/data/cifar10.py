@@ -1,4 +1,8 @@
-"""Fetch CIFAR-10 into the ImageFolder layout that ``data=cifar10`` reads (needs internet)."""
+"""Fetch CIFAR-10 into the ImageFolder layout that ``data=cifar10`` reads (needs internet).
+
+``prepare_data`` is the job's data step (``python -m mtssl.run`` calls it after validating the config and
+before training): config validation reads the filesystem only, never the network.
+"""
 
 from __future__ import annotations
 
@@ -22,3 +26,24 @@ def download_cifar10(root: str | Path) -> None:
                 folder = root / split / dataset.classes[label]
                 folder.mkdir(parents=True, exist_ok=True)
                 image.save(folder / f"{index:05d}.png")
+
+
+def prepare_data(cfg) -> bool:
+    """The data step: download CIFAR-10 into ``data.root`` when the folder is absent and ``data.download`` is
+    on. Returns whether it downloaded (the folder is then validated again by the caller); raises DataError
+    naming data.root and the ways out when the download fails (no network, an unwritable folder)."""
+    from mtssl.data.image_folder import DataError
+
+    data = cfg.data
+    if data.root is None or Path(data.root).exists() or not data.download:
+        return False
+    try:
+        download_cifar10(data.root)
+    except (OSError, RuntimeError) as error:  # URLError (no network), a bad archive, an unwritable folder
+        raise DataError(
+            f"data.root: {data.root} does not exist and downloading CIFAR-10 there failed ({error}). "
+            f"Point data.root (or the MTSSL_DATA_ROOT environment variable) at a CIFAR-10 folder in the "
+            f"ImageFolder layout (<root>/train/<class>/*.jpg, <root>/val/<class>/*.jpg), or run once where "
+            f"there is network; data.download=false turns the download off"
+        ) from error
+    return True

@@ -81,6 +81,25 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def undecodable_sample(paths: list[str], sample_size: int = 8) -> str | None:
+    """What is wrong when none of ``sample_size`` files spread evenly over ``paths`` decodes as an image, e.g.
+    "none of 8 sampled images decodes (a.jpg: cannot identify image file)"; None when one of them does. Cheap
+    enough to run before every job: a folder of unreadable files is refused before training, while a few bad
+    files among good ones are skipped and counted during the run."""
+    if not paths:
+        return None
+    step = max(1, len(paths) // sample_size)
+    sample = paths[::step][:sample_size]
+    errors = []
+    for path in sample:
+        try:
+            load_rgb(path)
+            return None
+        except (OSError, ValueError) as error:  # as the loaders: PIL raises these for a bad or truncated file
+            errors.append(f"{path}: {error}")
+    return f"none of {len(sample)} sampled images decodes (e.g. {errors[0]})"
+
+
 def load_rgb(path: str) -> Image.Image:
     with open(path, "rb") as f:
         image = Image.open(f)

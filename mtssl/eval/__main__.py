@@ -22,7 +22,8 @@ from typing import Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mtssl.config import ConfigError, config_changes, format_changes, validate_config
+from mtssl.config import ConfigError, config_changes, format_changes
+from mtssl.config.validate import validate_config
 from mtssl.distributed.process_group import destroy_distributed, init_distributed
 from mtssl.eval.end_of_training import evaluate_states
 from mtssl.job_folder import BACKBONE_EXPORT, CONFIG, RESULTS, JobStatus, Results, job_state, write_results

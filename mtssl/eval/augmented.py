@@ -36,9 +36,10 @@ class ProbeStopped(Exception):
 
 
 def augmented_train_transform(mean, std, size: int) -> v2.Compose:
-    """RandomResizedCrop(size) + horizontal flip, then the train normalisation."""
+    """RandomResizedCrop(size) with torchvision's default (bilinear) interpolation, as the official probe, +
+    horizontal flip, then the train normalisation."""
     return v2.Compose([
-        v2.PILToTensor(), v2.RandomResizedCrop(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.PILToTensor(), v2.RandomResizedCrop(size, antialias=True),
         v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
     ])
 

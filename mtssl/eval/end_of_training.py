@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 # Online kNN, the online probes, target kNN: one bank alive at a time.
 PHASES = ("knn", "linear", "linear_augmented", "knn_target")
 UNREADABLE = "unreadable_files"  # eval_state.json: the files replaced by black images so far
-# eval.* fields of the kNN during pretraining (mtssl.eval.knn_monitor): the end-of-training phases do not depend on them.
-DURING_TRAINING_FIELDS = ("knn_every_epochs", "knn_during_training_val_subset", "knn_during_training_train_subset")
 
 
 class EvaluationInterrupted(Exception):
@@ -105,7 +103,7 @@ def evaluate_backbones(cfg: DictConfig, env: DistEnv, outcome, out_dir: Path, wr
 
 def _eval_settings(cfg: DictConfig) -> dict:
     """What the phases' results depend on besides the weights (a changed setting redoes every phase)."""
-    evaluation = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k not in DURING_TRAINING_FIELDS}
+    evaluation = OmegaConf.to_container(cfg.eval, resolve=True)
     return {"eval": evaluation, "seed": cfg.train.seed,
             "data": {k: cfg.data.get(k) for k in ("train_split", "val_split", "subset", "subset_seed", "eval_resize", "eval_crop")}}
 

@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from mtssl.config import FEATURE_DTYPE_NAMES
 from mtssl.distributed.collectives import collective_device, device_all_gather_stack, rank as current_rank, world_size as current_world_size
 from mtssl.utils.progress_bar import progress_bar
 
-FEATURE_DTYPES = dict(zip(FEATURE_DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))  # eval.feature_dtype
+# eval.feature_dtype -> the dtype of the feature banks; the config's check of eval.feature_dtype reads this registry.
+FEATURE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _padded_rank_indices(num_items: int, world_size: int, rank: int) -> list[int]:

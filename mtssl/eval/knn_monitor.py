@@ -1,4 +1,4 @@
-"""kNN of the online backbone during pretraining (``eval.knn_every_epochs``), called by the trainer at epoch ends.
+"""kNN of the online backbone during pretraining (``monitor.knn_every_epochs``), called by the trainer at epoch ends.
 
 The protocol is the end-of-training kNN's (``mtssl.eval.end_of_training``): the online backbone in eval mode with its BN statistics
 averaged over ranks, the validation transform, features extracted per rank (``extract_feature_shard``) and the
@@ -37,8 +37,8 @@ from mtssl.job_folder import KNN_DURING_TRAINING
 log = logging.getLogger(__name__)
 
 # What an evaluation's numbers depend on besides the weights: a resumed run with other values starts a new list.
-SETTINGS = ("knn_k", "knn_temperature", "feature_dtype", "train_subset", "val_subset",
-            "knn_during_training_train_subset", "knn_during_training_val_subset")
+SETTINGS = {"eval": ("knn_k", "knn_temperature", "feature_dtype", "train_subset", "val_subset"),
+            "monitor": ("knn_train_subset", "knn_val_subset")}
 
 
 @contextlib.contextmanager
@@ -63,7 +63,7 @@ def evaluation_mode(backbone: nn.Module, device: torch.device):
 
 
 class KnnMonitor:
-    """``Trainer.fit``'s ``on_epoch_end``: every ``eval.knn_every_epochs`` epochs, the weighted kNN of the online
+    """``Trainer.fit``'s ``on_epoch_end``: every ``monitor.knn_every_epochs`` epochs, the weighted kNN of the online
     backbone on fixed train and val sets (built once), on every rank."""
 
     def __init__(self, cfg: DictConfig, env: DistEnv, backbone: nn.Module, train_samples: list, out_dir: Path,
@@ -71,23 +71,23 @@ class KnnMonitor:
         """``train_samples``: the pretraining images; ``writer``: rank 0's SummaryWriter; ``stop``: the job's
         StopRequest; ``resume_step``: the step of the checkpoint the run resumes from (None: a fresh start)."""
         self.cfg, self.env, self.backbone, self.writer, self.stop = cfg, env, backbone, writer, stop
-        self.every = int(cfg.eval.knn_every_epochs or 0)
+        self.every = int(cfg.monitor.knn_every_epochs or 0)
         self.path = Path(out_dir) / KNN_DURING_TRAINING
         train, val = evaluation_samples(cfg, train_samples)
-        if cfg.eval.knn_during_training_train_subset is not None:
-            train = class_balanced_subset(train, cfg.eval.knn_during_training_train_subset, cfg.data.subset_seed)
-        if cfg.eval.knn_during_training_val_subset is not None:
-            val = class_balanced_subset(val, cfg.eval.knn_during_training_val_subset, cfg.data.subset_seed)
+        if cfg.monitor.knn_train_subset is not None:
+            train = class_balanced_subset(train, cfg.monitor.knn_train_subset, cfg.data.subset_seed)
+        if cfg.monitor.knn_val_subset is not None:
+            val = class_balanced_subset(val, cfg.monitor.knn_val_subset, cfg.data.subset_seed)
         self.ks = tuple(cfg.eval.knn_k)
         if max(self.ks) > len(train):
             raise ConfigError(f"eval.knn_k: k={max(self.ks)} exceeds the {len(train)} images of the kNN bank during "
-                              f"training; lower eval.knn_k or raise eval.knn_during_training_train_subset")
+                              f"training; lower eval.knn_k or raise monitor.knn_train_subset")
         self.headline = f"k{max(self.ks)}"  # the end-of-training headline: both write eval/knn_top1
         transform = eval_transform(cfg)
         self.train_set, self.val_set = EvalImageFolder(train, transform), EvalImageFolder(val, transform)
         self.num_classes = 1 + max(label for _, label in train + val)
-        evaluation = OmegaConf.to_container(cfg.eval, resolve=True)
-        self.settings = {k: evaluation[k] for k in SETTINGS}
+        sections = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in SETTINGS}
+        self.settings = {k: sections[name][k] for name, keys in SETTINGS.items() for k in keys}
         self.evaluations = self._load(resume_step)
         self.seconds = 0.0  # this process's kNN time
 

@@ -24,23 +24,31 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 GROUPED_VIEW_MODES = ("ghost", "plain")
+# train.view_batching -> the model's grouping mode: none (one backbone call per view, as in the paper),
+# bn_per_view (same-size views in one call, BatchNorm statistics still per view: same results), bn_shared (one
+# call, BatchNorm statistics over the group: changes the method). The config's check reads this registry.
+VIEW_BATCHING = {"none": None, "bn_per_view": "ghost", "bn_shared": "plain"}
+
+
+def view_batching_mode(value: str) -> str | None:
+    """The grouping mode (``MultiTaskSiamese``'s ``grouped_views``) of a ``train.view_batching`` value."""
+    if value in VIEW_BATCHING:
+        return VIEW_BATCHING[value]
+    from mtssl.config import ConfigError  # deferred: config imports the view registry only
+
+    raise ConfigError(f"train.view_batching: {value!r} is not a mode; valid values are {list(VIEW_BATCHING)}")
 
 
 def grouped_views_mode(value) -> str | None:
-    """Parse ``train.grouped_views``: None (per view), "ghost" or "plain"; ``true`` means "plain"."""
+    """Parse ``MultiTaskSiamese``'s ``grouped_views``: None (per view), "ghost" or "plain"; ``True`` means "plain"."""
     if value is None or value is False:
         return None
     if value is True:
         return "plain"
     if isinstance(value, str) and value.lower() in GROUPED_VIEW_MODES:
         return value.lower()
-    from mtssl.config import ConfigError  # deferred: config imports the view registry only
-
-    raise ConfigError(
-        f"train.grouped_views: {value!r} is not a mode; valid values are false (one backbone call per view, "
-        "as in the paper), ghost (same-size views in one call, BatchNorm statistics still per view: same "
-        "results) and plain (one call, BatchNorm statistics over the group: changes the method; true = plain)"
-    )
+    raise ValueError(f"grouped_views: {value!r} is not a mode; valid values are None/False, 'ghost' and "
+                     f"'plain' (True); the job config's field is train.view_batching ({list(VIEW_BATCHING)})")
 
 
 def batch_norm_layers(module: nn.Module) -> list[_BatchNorm]:

@@ -15,7 +15,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from mtssl.model.ghost_bn import GhostBatchNorm, grouped_views_mode
+from mtssl.model.ghost_bn import GhostBatchNorm, grouped_views_mode, view_batching_mode
 
 SHARED_PREDICTOR = "shared"
 
@@ -224,7 +224,7 @@ def build_model(cfg, task_names: Sequence[str], small_images: bool, ema_target: 
     pred = cfg.method.predictor
     keys = [SHARED_PREDICTOR] if cfg.predictor.mode == "shared" else list(task_names)
     predictors = {k: mlp(proj.out_dim, list(pred.hidden_dims), pred.out_dim, pred.last_bn) for k in keys}
-    grouped = grouped_views_mode(cfg.train.get("grouped_views"))  # checked before any weights are built
+    grouped = view_batching_mode(cfg.train.view_batching)  # checked before any weights are built
     model = MultiTaskSiamese(Encoder(backbone, projector), predictors, ema_target, grouped_views=grouped)
     if model.target is not None:
         without_drop_path(model.target)

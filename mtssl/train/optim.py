@@ -100,19 +100,37 @@ def parameter_groups(model: nn.Module, weight_decay: float, fixed_lr_prefixes: t
     return [groups[k] for k in sorted(groups)]
 
 
+def _lars(groups: list[dict], optim_cfg, peak_lr: float) -> torch.optim.Optimizer:
+    return LARS(groups, lr=peak_lr, weight_decay=optim_cfg.weight_decay, momentum=optim_cfg.momentum,
+                trust_coefficient=optim_cfg.trust_coefficient)
+
+
+def _sgd(groups: list[dict], optim_cfg, peak_lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=peak_lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay,
+                           foreach=True)
+
+
+def _adamw(groups: list[dict], optim_cfg, peak_lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay,
+                             foreach=True)
+
+
+# optim.name -> builder; the config's check of optim.name reads this registry.
+OPTIMIZERS = {"lars": _lars, "sgd": _sgd, "adamw": _adamw}
+# optim.schedule_per: the lr changes every step, or once per epoch (after a per-step warmup).
+SCHEDULE_PER = ("step", "epoch")
+
+
 def build_optimizer(optim_cfg, model: nn.Module, peak_lr: float, fixed_lr_prefixes: tuple[str, ...] = ()) -> torch.optim.Optimizer:
-    """``optim.name`` in {lars, sgd, adamw}; the lr is set per step by ``lr_at_step``."""
+    """``optim.name`` one of ``OPTIMIZERS``; the lr is set per step by ``lr_at_step``."""
     groups = parameter_groups(model, optim_cfg.weight_decay, fixed_lr_prefixes, bool(optim_cfg.weight_decay_1d))
     name = optim_cfg.name
-    if name == "lars":
-        return LARS(groups, lr=peak_lr, weight_decay=optim_cfg.weight_decay, momentum=optim_cfg.momentum, trust_coefficient=optim_cfg.trust_coefficient)
-    for g in groups:
-        g.pop("lars_exclude")
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=peak_lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay, foreach=True)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay, foreach=True)
-    raise ValueError(f"optim.name: unknown optimizer {name!r}; valid names are ['adamw', 'lars', 'sgd']")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optim.name: unknown optimizer {name!r}; valid names are {sorted(OPTIMIZERS)}")
+    if name != "lars":  # only LARS reads the flag
+        for g in groups:
+            g.pop("lars_exclude")
+    return OPTIMIZERS[name](groups, optim_cfg, peak_lr)
 
 
 def peak_learning_rate(base_lr: float, global_batch_size: int) -> float:
