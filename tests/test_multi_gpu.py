@@ -146,7 +146,7 @@ def test_one_gpu_per_task_binding_uses_device_zero(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     assert select_device("cuda", local_rank=3) == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert select_device("cuda", local_rank=6) == torch.device("cuda", 2)
+    assert select_device("cuda", local_rank=2) == torch.device("cuda", 2)
     assert chosen == [0, 2]
 
 
