@@ -6,11 +6,21 @@ check the CPU-visible half of each fix: counts of collectives and host copies, t
 
 from __future__ import annotations
 
+import collections
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from mtssl.config import ConfigError
 from mtssl.distributed.process_group import select_device
+from tests.conftest import make_image_folder
 
 
 # ---------------------------------------------------------------------------- 10: more local ranks than GPUs
@@ -62,3 +72,153 @@ def test_knn_ties_are_reranked_in_blocks_of_bounded_memory(monkeypatch):
     per_row = torch.stack([torch.randperm(bank, generator=generator) for _ in range(queries)])
     _, position = knn._top_k_by_index(similarity, per_row, k)
     assert per_row.gather(1, position).tolist() == _top_k_by_hand(similarity, per_row, k)
+
+
+# ---------------------------------------------------------------------------- 2 gloo ranks: 3, 4 and 13
+# One spawn for the three items (starting ranks is most of the cost). Each rank writes its findings after each
+# part, so a part that hangs on broken code (13: ranks on different checkpoints) leaves the others' results.
+TWO_RANK_DEADLINE_S = 240
+TINY_TRAINER = [
+    "data.subset=null", "train.batch_size=8", "train.epochs=2", "optim.warmup_epochs=0", "backbone=resnet18",
+    "+backbone.kwargs.layers=[1,1,1,1]", "method.projector.hidden_dims=[16]", "method.predictor.hidden_dims=[16]",
+    "method.projector.out_dim=8", "method.predictor.out_dim=8", "train.log_every_steps=1",
+]
+# Per-view mode under bf16: one call per view of every unit (online and target: 2 global views each), tiny views
+# (CPU bf16 convolutions are slow).
+COUNTED = [*TINY_TRAINER, "train.precision=bf16", "views=global", "data.view_sizes.global=16"]
+
+
+def _count_collectives(counts: collections.Counter) -> None:
+    """Count FSDP2's all-gathers and reduce-scatters (torch 2.11 calls the *_tensor names, 2.14 the *_single ones)."""
+    for name in ("all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor", "reduce_scatter_single"):
+        if hasattr(dist, name):
+            original = getattr(dist, name)
+            kind = "all_gather" if name.startswith("all_gather") else "reduce_scatter"
+
+            def counted(*args, _original=original, _kind=kind, **kwargs):
+                counts[_kind] += 1
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+
+
+def _manages_parameters(unit) -> bool:
+    state = unit._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:  # torch before grouped fully_shard
+        groups = [g for g in [getattr(state, "_fsdp_param_group", None)] if g is not None]
+    return any(group.fsdp_params for group in groups)
+
+
+def _write(out: Path, rank: int, report: dict) -> None:
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def _two_rank_worker(rank, world_size, port, root, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from mtssl.config import compose_config, resolve_config
+    from mtssl.distributed.checkpoint import RANK_BUFFERS, CheckpointManager, ModelAndOptimizer, TrainerState
+    from mtssl.distributed.process_group import destroy_distributed, init_distributed
+    from mtssl.train.trainer import Trainer
+
+    env = init_distributed("cpu")
+    report: dict = {}
+    counts: collections.Counter = collections.Counter()
+    _count_collectives(counts)
+    from mtssl.distributed.fsdp import BLOCK_CLASS_NAMES
+
+    cfg = resolve_config(compose_config([f"data.root={root}", *COUNTED]))
+    trainer = Trainer(cfg, env, out / "bf16")
+    units = [m for m in trainer.model.modules() if isinstance(m, FSDPModule)]
+    generator = torch.Generator().manual_seed(rank)
+    views = [torch.randn(2, 3, 16, 16, generator=generator) for _ in trainer.layout.entries]
+    trainer.training_step(views, 0)  # FSDP's lazy initialisation
+    counts.clear()
+    trainer.training_step(views, 1)
+    blocks = sum(type(m).__name__.removeprefix("FSDP") in BLOCK_CLASS_NAMES for m in units)
+    report["bf16"] = {
+        "units": len(units), "units_with_parameters": sum(_manages_parameters(m) for m in units),
+        "planned_units": blocks + 2 * 2 + len(trainer.model.predictors) + 1,  # + backbones, projectors, predictors, root
+        "batch_norm_units": sum(isinstance(m, _BatchNorm) for m in units),
+        "all_gathers": counts["all_gather"], "reduce_scatters": counts["reduce_scatter"],
+    }
+    _write(out, rank, report)
+
+    # 13: two checkpoints; every rank must resume from the same one.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    manager = CheckpointManager(out / "checkpoints", keep=3, rank=rank)
+    weights = {}
+    for step in (1, 2):
+        with torch.no_grad():
+            model[0].weight.fill_(float(step))
+            model[1].running_mean.fill_(float(step + 10 * rank))
+        manager.save(TrainerState(step=step, config_hash="h", world_size=world_size), ModelAndOptimizer(model, optimizer), "")
+        weights[step] = model[0].weight[0, 0].item()
+
+    def resume(listing=None):
+        with torch.no_grad():
+            model[0].weight.zero_()
+            model[1].running_mean.zero_()
+        if listing is not None:  # a stale directory listing on this rank
+            manager.checkpoints = lambda: [p for p in CheckpointManager.checkpoints(manager) if p.name in listing]
+        state = manager.load_latest(ModelAndOptimizer(model, optimizer), "h")
+        manager.__dict__.pop("checkpoints", None)
+        return {"step": state.step, "weight": model[0].weight[0, 0].item(), "running_mean": model[1].running_mean[0].item()}
+
+    report["stale_listing"] = resume(["step_00000001"] if rank == 1 else None)
+    _write(out, rank, report)
+    if rank == 1:  # this rank cannot read its own buffers of the newest checkpoint
+        (out / "checkpoints" / "step_00000002" / RANK_BUFFERS.format(rank=1)).write_bytes(b"truncated")
+    dist.barrier()
+    report["unreadable_own_file"] = resume()
+    report["expected_weights"] = weights
+    _write(out, rank, report)
+    destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Both ranks' reports ({} for a rank that did not get there before the deadline)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    root = make_image_folder(out / "data", per_class=8, splits=("train",))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(_two_rank_worker, args=(2, port, root, out), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + TWO_RANK_DEADLINE_S
+    try:
+        while not context.join(timeout=1) and time.monotonic() < deadline:
+            pass
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [json.loads(p.read_text()) if p.exists() else {} for p in (out / "rank0.json", out / "rank1.json")]
+
+
+@pytest.mark.slow
+def test_per_view_steps_all_gather_each_unit_once_and_batch_norm_has_no_unit_of_its_own(two_ranks):
+    counted = two_ranks[0]["bf16"]
+    # 3: the units of the plan (blocks, backbones, projectors, predictors, root), none for a BatchNorm (before: one
+    # fp32 unit per BatchNorm, 29 more units for this backbone and heads).
+    assert counted["batch_norm_units"] == 0 and counted["units"] == counted["planned_units"], counted
+    # 4: one all-gather per unit holding parameters and step, although each unit runs once per view, on the
+    # online and the target side, and again in backward (before: re-gathered for every call and in backward).
+    assert counted["all_gathers"] == counted["units_with_parameters"], counted
+
+
+@pytest.mark.slow
+def test_all_ranks_resume_from_one_checkpoint(two_ranks):
+    assert all("unreadable_own_file" in report for report in two_ranks), "a rank hung: the ranks disagreed"
+    expected = two_ranks[0]["expected_weights"]
+    for rank, report in enumerate(two_ranks):
+        # rank 1's stale listing lacks the newest checkpoint: rank 0's listing is used
+        assert report["stale_listing"]["step"] == 2 and report["stale_listing"]["weight"] == expected["2"]
+        # rank 1 cannot read its own file of step 2: every rank resumes from step 1, its own statistics included
+        assert report["unreadable_own_file"] == {"step": 1, "weight": expected["1"], "running_mean": 1.0 + 10 * rank}

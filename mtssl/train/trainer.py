@@ -37,7 +37,7 @@ from mtssl.distributed.process_group import DistEnv
 from mtssl.train.ema import ema_momentum, ema_update
 from mtssl.train.monitors import TrainingMonitors
 from mtssl.data.pipelines import AUGMENTATION_PIPELINES
-from mtssl.distributed.fsdp import backbone_blocks, compute_parameters, precision_kernels, shard_model
+from mtssl.distributed.fsdp import backbone_blocks, compute_parameters, precision_kernels, reshard_all, shard_model
 from mtssl.model.activation_checkpoint import checkpoint_backbone_blocks
 from mtssl.model.siamese import MultiTaskSiamese, build_model
 from mtssl.loss.multitask import multitask_loss, task_pair_counts, view_pair_loss_sum
@@ -272,6 +272,7 @@ class Trainer:
                 self.monitors.probe(step, task_losses, compute_parameters(self.model, self.model.online))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+        reshard_all(self.model)  # units stay unsharded over the step's forwards and backwards (mtssl.distributed.fsdp)
         if self.cfg.optim.clip_grad:  # clipping measures the norm anyway (before clipping)
             total_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.clip_grad, foreach=True)
         elif measure_grad_norm:
