@@ -222,3 +222,52 @@ def test_all_ranks_resume_from_one_checkpoint(two_ranks):
         assert report["stale_listing"]["step"] == 2 and report["stale_listing"]["weight"] == expected["2"]
         # rank 1 cannot read its own file of step 2: every rank resumes from step 1, its own statistics included
         assert report["unreadable_own_file"] == {"step": 1, "weight": expected["1"], "running_mean": 1.0 + 10 * rank}
+
+
+# ---------------------------------------------------------------------------- 9: train.cuda_deterministic
+@pytest.fixture
+def restored_determinism(monkeypatch):
+    """configure_determinism sets process-wide flags: put them back afterwards."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # restored by monkeypatch
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+    torch.backends.cuda.enable_flash_sdp(saved[4])
+    torch.backends.cuda.enable_cudnn_sdp(saved[5])
+
+
+def test_cuda_determinism_is_strict_and_autotuning_runs_without_it(restored_determinism, monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    from mtssl.train.trainer import configure_determinism
+
+    cuda = torch.device("cuda")  # only flags are set: no GPU needed
+    torch.use_deterministic_algorithms(False)
+    configure_determinism(SimpleNamespace(cuda_deterministic=False, deterministic=True), cuda)
+    assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")  # not a deterministic workspace: replaced
+    configure_determinism(SimpleNamespace(cuda_deterministic=True, deterministic=True), cuda)
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.mem_efficient_sdp_enabled()  # deterministic in strict mode
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_cuda_determinism_refuses_the_vit_position_embedding_resample(tmp_path, monkeypatch):
+    from mtssl.config import compose_config, resolve_config
+    from mtssl.distributed.process_group import DistEnv
+    from mtssl.train.trainer import Trainer
+
+    root = make_image_folder(tmp_path / "data", per_class=4, splits=("train",))
+    base = [f"data.root={root}", "data.subset=null", "train.batch_size=4", "backbone=vit_tiny", "+backbone.kwargs.depth=1",
+            "train.cuda_deterministic=true", "data.small_images=true"]
+    cuda = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))  # refused before any CUDA work
+    with pytest.raises(ConfigError, match=r"train.cuda_deterministic: the ViT resamples its 32 px position embedding for "
+                                          r"the \[16\] px views .*train.cuda_deterministic=false"):
+        Trainer(resolve_config(compose_config([*base, "views=global_local"])), cuda, tmp_path / "out")
