@@ -271,3 +271,79 @@ def test_cuda_determinism_refuses_the_vit_position_embedding_resample(tmp_path, 
     with pytest.raises(ConfigError, match=r"train.cuda_deterministic: the ViT resamples its 32 px position embedding for "
                                           r"the \[16\] px views .*train.cuda_deterministic=false"):
         Trainer(resolve_config(compose_config([*base, "views=global_local"])), cuda, tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------- 12: a stop inside an evaluation phase
+EVAL_TINY = [
+    "data.subset=null", "train.batch_size=8", "train.epochs=0", "data.num_workers=0", "backbone=resnet18",
+    "+backbone.kwargs.layers=[1,1,1,1]", "eval.linear_epochs=3", "eval.knn_k=[3]", "eval.batch_size=4",
+    "eval.linear_lrs=[0.1]",
+]
+
+
+class SignalAt:
+    """A stop signal that arrives once ``arrived`` is set (by the test, from inside a phase)."""
+
+    signum = 12  # SIGUSR2: the job is requeued
+
+    def __init__(self):
+        self.arrived = False
+
+    @property
+    def requested(self) -> bool:
+        return self.arrived
+
+
+def test_a_stop_inside_a_phase_stops_at_its_next_batch_or_epoch_and_the_rerun_completes(tmp_path, monkeypatch):
+    import mtssl.eval.job as job
+    from mtssl.config import compose_config, resolve_config
+    from mtssl.distributed.process_group import DistEnv
+    from mtssl.model.siamese import backbone_kwargs, build_backbone
+
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    root = make_image_folder(tmp_path / "data", per_class=6)
+    cfg = resolve_config(compose_config([f"data.root={root}", *EVAL_TINY]))
+    torch.manual_seed(0)
+    online = build_backbone(cfg.backbone.timm_name, small_images=cfg.data.small_images, **backbone_kwargs(cfg.backbone)).state_dict()
+    for name in ("whole", "stopped"):
+        (tmp_path / name).mkdir()
+    uninterrupted = job.evaluate_states(cfg, env, online, None, None, tmp_path / "whole")
+
+    # The signal arrives during the third feature batch of the online kNN phase.
+    stop, forwards = SignalAt(), []
+    frozen = job._frozen_backbone
+
+    def counting_backbone(*args):
+        backbone = frozen(*args)
+        backbone.register_forward_pre_hook(lambda module, inputs: forwards.append(stop.requested))
+        backbone.register_forward_hook(lambda module, inputs, output: setattr(stop, "arrived", len(forwards) >= 3))
+        return backbone
+
+    monkeypatch.setattr(job, "_frozen_backbone", counting_backbone)
+    out = tmp_path / "stopped"
+    with pytest.raises(job.EvaluationInterrupted):
+        job.evaluate_states(cfg, env, online, None, None, out, stop=stop)
+    assert forwards == [False, False, False]  # no batch after the signal: 3 of the phase's 6 batches ran
+    assert not (out / job.EVAL_STATE).exists()  # nothing finished
+    monkeypatch.setattr(job, "_frozen_backbone", frozen)
+
+    # The rerun finishes the kNN phase; the signal arrives as the linear probe starts: one epoch of its 2 x 3.
+    epochs = []
+    probe = job.linear_probe_sharded
+
+    def signalled_probe(*args, **kwargs):
+        stop.arrived = True
+        check = kwargs["check_stop"]
+        kwargs["check_stop"] = lambda: (epochs.append(1), check())
+        return probe(*args, **kwargs)
+
+    stop.arrived = False
+    monkeypatch.setattr(job, "linear_probe_sharded", signalled_probe)
+    with pytest.raises(job.EvaluationInterrupted):
+        job.evaluate_states(cfg, env, online, None, None, out, stop=stop)
+    assert epochs == [1]
+    assert list(json.loads((out / job.EVAL_STATE).read_text())["phases"]) == ["knn"]
+    monkeypatch.setattr(job, "linear_probe_sharded", probe)
+
+    resumed = job.evaluate_states(cfg, env, online, None, None, out)  # redoes the linear phase
+    assert resumed == json.loads(json.dumps(uninterrupted))

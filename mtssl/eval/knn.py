@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +124,7 @@ def knn_classify_sharded(
     temperature: float = 0.07,
     chunk_size: int = 1024,
     description: str = "kNN",
+    check_stop: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Weighted kNN (as ``knn_classify``) on feature shards spread over the ranks; a collective.
 
@@ -132,7 +133,7 @@ def knn_classify_sharded(
     against its train shard and keeps its top-k (ties to the smaller global train index); the per-rank top-k
     similarities, labels and global indices are all-gathered and reduced to the global top-k by the same
     rule. The merge is exact, so any number of ranks gives the result of one rank. Every rank returns the
-    same accuracies.
+    same accuracies. ``check_stop()`` is called on every rank before each block (it may raise to stop).
     """
     if not ks or min(ks) < 1 or max(ks) > train.num_items:
         raise ValueError(
@@ -157,6 +158,8 @@ def knn_classify_sharded(
     # chunk_size queries per block in all: the block's similarities [chunk_size, shard] shrink with the ranks.
     rows_per_rank = max(1, math.ceil(chunk_size / world_size()))
     for start in progress_bar(range(0, per_rank, rows_per_rank), desc=description, unit="chunk"):
+        if check_stop is not None:
+            check_stop()
         rows = slice(start, start + rows_per_rank)
         queries = device_all_gather_cat(val.features[rows].to(gather)).to(device)
         query_labels = device_all_gather_cat(val.labels[rows].to(gather)).to(device)
