@@ -347,3 +347,46 @@ def test_a_stop_inside_a_phase_stops_at_its_next_batch_or_epoch_and_the_rerun_co
 
     resumed = job.evaluate_states(cfg, env, online, None, None, out)  # redoes the linear phase
     assert resumed == json.loads(json.dumps(uninterrupted))
+
+
+# ---------------------------------------------------------------------------- 14: the kNN curve ends at the final kNN
+@pytest.mark.slow
+def test_knn_during_bf16_training_ends_at_the_end_of_job_knn(single_process, tmp_path, monkeypatch):
+    import mtssl.eval.features as features
+    import mtssl.eval.job as job
+    import mtssl.eval.monitor as monitor
+    from mtssl.config import compose_config, resolve_config
+    from mtssl.distributed.fsdp import full_state_dict
+    from mtssl.train.trainer import StopRequest, Trainer
+
+    root = make_image_folder(tmp_path / "data", per_class=4)  # one step of 8
+    cfg = resolve_config(compose_config([
+        f"data.root={root}", *TINY_TRAINER, "train.epochs=1", "data.num_workers=0", "train.precision=bf16",
+        "views=global", "data.view_sizes.global=16", "eval.knn_every_epochs=1", "eval.knn_k=[3,5]", "eval.batch_size=8",
+        "eval.linear_epochs=1", "eval.linear_lrs=[0.1]"]))
+    extracted = {}  # features of each extraction, by caller and description
+
+    def spy(name):
+        def extract(*args, description="features", **kwargs):
+            shard = features.extract_feature_shard(*args, description=description, **kwargs)
+            extracted[(name, description)] = shard.features
+            return shard
+        return extract
+
+    monkeypatch.setattr(monitor, "extract_feature_shard", spy("monitor"))
+    monkeypatch.setattr(job, "extract_feature_shard", spy("job"))
+    trainer = Trainer(cfg, single_process, tmp_path / "out")  # bf16: FSDP2 even on one rank
+    knn = monitor.KnnMonitor(cfg, single_process, trainer.model.online.backbone, trainer.train_samples, tmp_path / "out")
+    stop = StopRequest()
+    try:
+        trainer.fit(stop, None, on_epoch_end=knn)
+    finally:
+        stop.restore()
+    end = job.evaluate_states(cfg, single_process, full_state_dict(trainer.model.online.backbone), None,
+                              trainer.train_samples, tmp_path / "out")
+    # The same fp32 network extracts both: bitwise the same features (before: the bf16 training copy's), so the
+    # curve's last point is the final number.
+    assert torch.equal(extracted[("monitor", "kNN val features")], extracted[("job", "online val features")])
+    assert torch.equal(extracted[("monitor", "kNN bank features")], extracted[("job", "online train features")])
+    last = knn.evaluations[-1]
+    assert last["knn"] == end["knn"] and (last["top1"], last["top5"]) == (end["knn_top1"], end["knn_top5"])
