@@ -390,3 +390,182 @@ def test_knn_during_bf16_training_ends_at_the_end_of_job_knn(single_process, tmp
     assert torch.equal(extracted[("monitor", "kNN bank features")], extracted[("job", "online train features")])
     last = knn.evaluations[-1]
     assert last["knn"] == end["knn"] and (last["top1"], last["top5"]) == (end["knn_top1"], end["knn_top5"])
+
+
+# ---------------------------------------------------------------------------- 1, 2, 5, 6: the gpu pipeline
+def _jpeg(width: int, height: int, seed: int, mode: str = "RGB") -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    small = np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((width, height), Image.BICUBIC).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _gpu_transform(decode_on_device: bool = False):
+    from mtssl.data.gpu_augment import GpuMultiViewTransform
+    from mtssl.data.views import VIEW_TYPES, ViewLayout
+
+    layout = ViewLayout(tuple(VIEW_TYPES[name] for name in ("global", "local", "cutout")))  # 5 views, every op
+    return GpuMultiViewTransform(layout, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), decode_on_device=decode_on_device)
+
+
+def _worker_samples(transform, paths, seed: int = 0) -> list:
+    from PIL import Image
+
+    samples = []
+    for i, path in enumerate(paths):
+        torch.manual_seed(seed + i)
+        with Image.open(path) as image:
+            samples.append(transform(image))
+    return samples
+
+
+def _old_per_crop_views(transform, samples, uint8_kernel: bool) -> list[torch.Tensor]:
+    """The device path before the batched one (fef54f3), kept as the reference: per crop its own copy, float
+    conversion, resize, clamp and round; the hue rotation over the whole batch at each position (``where``)."""
+    import torch.nn.functional as F
+
+    import mtssl.data.gpu_augment as G
+
+    params = torch.stack([s[0] for s in samples])
+    scale, shift, fill = transform._on(torch.device("cpu"))
+    views = []
+    for v, spec in enumerate(transform.views):
+        resized = []
+        for sample in samples:
+            x = sample[1 + v].permute(2, 0, 1).unsqueeze(0)
+            if uint8_kernel:
+                x = x.contiguous(memory_format=torch.channels_last)
+                x = F.interpolate(x, size=(spec.size, spec.size), mode="bicubic", antialias=True).to(torch.float32)
+            else:
+                x = F.interpolate(x.to(torch.float32), size=(spec.size, spec.size), mode="bicubic", antialias=True)
+                x = x.clamp_(0.0, 255.0).round_()
+            resized.append(x)
+        x = G.augment_batch(torch.cat(resized), params[:, v], spec, fill)  # hue_samples=None: the old `where`
+        views.append(torch.addcmul(shift, x, scale).contiguous())
+    return views
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for i, size in enumerate([(500, 375), (320, 240), (375, 500), (640, 480), (300, 300), (500, 333)]):
+        paths.append(folder / f"{i}.jpg")
+        paths[-1].write_bytes(_jpeg(*size, seed=i))
+    return paths
+
+
+@pytest.mark.parametrize("uint8_kernel", [True, False], ids=["cpu-uint8-resize", "device-float-resize"])
+def test_batched_views_equal_the_per_crop_path_with_one_copy_per_batch(photos, uint8_kernel, one_thread):
+    from mtssl.data.device_prefetch import _tensors
+
+    transform = _gpu_transform()
+    transform.uint8_resize = uint8_kernel
+    samples = _worker_samples(transform, photos)
+    batch = transform.collate(samples)
+    # 5: what the prefetcher copies (and the loader pins) is one tensor, whatever the batch (before: 1 + B x V)
+    assert len(list(_tensors(batch))) == 1
+    assert len(list(_tensors(transform.collate(samples[:2])))) == 1
+    views = transform.to_views(batch, torch.device("cpu"))
+    expected = _old_per_crop_views(transform, samples, uint8_kernel)
+    for v, (got, want) in enumerate(zip(views, expected)):
+        assert torch.equal(got, want), (v, (got - want).abs().max())
+    # the hue rotation ran on some samples at some position, and not on all of them
+    jittered_hue = [n for per_view in batch[1].hue_rows for _, n in per_view]
+    assert 0 < sum(jittered_hue) < 4 * len(samples) * len(transform.views)
+
+
+def test_device_decode_reads_nothing_back_to_the_host(photos, monkeypatch, one_thread):
+    # 1: with decode_on_device the boxes and JPEG bytes stay on the host side of the batch: to_views makes no
+    # device->host transfer (before: the boxes' .tolist() and one .cpu() per image, each a sync on CUDA).
+    transform = _gpu_transform(decode_on_device=True)
+    samples = _worker_samples(transform, photos)
+    assert all(s[1].dim() == 1 for s in samples)  # JPEG bytes shipped
+    batch = transform.collate(samples)
+    transfers = collections.Counter()
+
+    def counting(name, original):
+        def method(self, *args, **kwargs):
+            if name != "to" or any(str(a) == "cpu" for a in (*args, kwargs.get("device"))):
+                transfers[name] += 1
+            return original(self, *args, **kwargs)
+        return method
+
+    for name in ("tolist", "item", "cpu", "numpy", "to", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    views = transform.to_views(batch, torch.device("cpu"))
+    monkeypatch.undo()
+    assert not transfers, transfers
+    assert [tuple(v.shape) for v in views] == [(6, 3, 224, 224)] * 2 + [(6, 3, 96, 96)] * 2 + [(6, 3, 224, 224)]
+
+
+def test_corrupt_and_cmyk_jpegs_do_not_end_a_device_decoded_batch(photos, tmp_path, caplog, one_thread):
+    from mtssl.data.image_folder import AugmentedImageFolder, collate_views
+
+    # 2: a truncated JPEG (its header reads: the worker ships it) and a CMYK one (nvJPEG has no CMYK conversion in
+    # torchvision: the worker decodes it).
+    corrupt, cmyk = tmp_path / "corrupt.jpg", tmp_path / "cmyk.jpg"
+    corrupt.write_bytes(_jpeg(320, 240, seed=10)[:700])
+    cmyk.write_bytes(_jpeg(320, 240, seed=11, mode="CMYK"))
+    transform = _gpu_transform(decode_on_device=True)
+    files = [str(p) for p in photos[:3]] + [str(corrupt), str(cmyk)]
+    dataset = AugmentedImageFolder([(path, 0) for path in files], transform, seed=0)
+    batch, _, skipped = collate_views([dataset[(0, i)] for i in range(5)], transform.collate)
+    assert not skipped  # the workers read headers only: the corrupt file passed them
+    with caplog.at_level("WARNING"):
+        views = transform.to_views(batch, torch.device("cpu"))  # raised for the whole batch before
+    assert transform.take_skipped() == {str(corrupt)} and transform.take_skipped() == set()
+    assert dataset[(0, 4)][0][1].dim() == 3  # the CMYK file arrives as the worker's crops, not as bytes
+    assert f"skipping unreadable image {corrupt}" in caplog.text
+    # The other samples' views are those of a batch without the corrupt file; its rows hold a stand-in's crops.
+    alone, _, _ = collate_views([dataset[(0, i)] for i in (0, 1, 2, 4)], transform.collate)
+    for got, want in zip(views, transform.to_views(alone, torch.device("cpu"))):
+        assert torch.equal(got[[0, 1, 2, 4]], want) and torch.isfinite(got[3]).all()
+
+
+def test_large_downscale_is_pre_reduced_for_the_device_resize(monkeypatch, one_thread):
+    import torch.nn.functional as F
+
+    import mtssl.data.gpu_augment as G
+
+    # 6: a 40 x 5000 crop to 96 px is a 52x downscale, beyond CUDA's antialiased kernel (about 47x)
+    field = torch.rand(1, 3, 4, 50, generator=torch.Generator().manual_seed(0)) * 255  # a smooth colour field
+    crop = F.interpolate(field, size=(40, 5000), mode="bicubic").clamp(0, 255).round().to(torch.uint8)[0]
+    direct = F.interpolate(crop[None].float(), size=(96, 96), mode="bicubic", antialias=True).clamp(0, 255).round()
+    factors = []
+    interpolate = F.interpolate
+
+    def recording(x, size=None, **kwargs):
+        factors.append(max(x.shape[-2] / size[0], x.shape[-1] / size[1]))
+        return interpolate(x, size=size, **kwargs)
+
+    monkeypatch.setattr(G.F, "interpolate", recording)
+    resized = G.resize_crops([crop], 96, uint8_kernel=False)
+    assert max(factors) <= 32, factors  # MAX_ANTIALIAS_DOWNSCALE, below the kernel's limit
+    difference = (resized - direct).abs()
+    assert difference.max() <= 1 and difference.mean() < 0.01, (difference.max(), difference.mean())
+
+
+def test_a_file_only_the_device_cannot_decode_is_counted_as_skipped(single_process, tmp_path, one_thread):
+    from mtssl.config import compose_config, resolve_config
+    from mtssl.train.trainer import StopRequest, Trainer
+
+    root = make_image_folder(tmp_path / "data", per_class=2, splits=("train",))
+    corrupt = root / "train" / "class_0" / "0.jpg"
+    corrupt.write_bytes(corrupt.read_bytes()[:300])  # the header still reads
+    cfg = resolve_config(compose_config([f"data.root={root}", *TINY_TRAINER, "data.pipeline=gpu", "data.num_workers=0",
+                                         "train.batch_size=4", "train.max_steps=1", "views=global", "data.view_sizes.global=16"]))
+    trainer = Trainer(cfg, single_process, tmp_path / "out")
+    trainer.transform.decode_on_device = True  # data.gpu_decode, which the trainer enables on CUDA only
+    stop = StopRequest()
+    try:
+        outcome = trainer.fit(stop)
+    finally:
+        stop.restore()
+    assert outcome.status == "completed" and outcome.skipped_files == [str(corrupt)]

@@ -476,6 +476,8 @@ class Trainer:
                     output = self.training_step(views, step, measure_grad_norm=logs_now)
                 loss = output.loss
                 skipped_local |= skipped
+                if hasattr(self.transform, "take_skipped"):  # files only the device found undecodable (data.gpu_decode)
+                    skipped_local |= self.transform.take_skipped()
                 step += 1
                 window_steps += 1
                 check_finite = env.device.type == "cpu" or step % cfg.train.log_every_steps == 0
