@@ -331,7 +331,9 @@ class GpuMultiViewTransform:
         if device.type != "cuda":
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
         compute = torch.cuda.current_stream(device)
-        stream = self._decode_streams.setdefault(device, torch.cuda.Stream(device))
+        if device not in self._decode_streams:  # one per device, made once
+            self._decode_streams[device] = torch.cuda.Stream(device)
+        stream = self._decode_streams[device]
         with torch.cuda.stream(stream):
             images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
         compute.wait_stream(stream)
@@ -341,7 +343,7 @@ class GpuMultiViewTransform:
 
 
 def _decode_on_host(jpeg: torch.Tensor, path: str, device: torch.device) -> torch.Tensor | None:
-    """A JPEG nvJPEG rejected, decoded with PIL and copied to ``device`` ([3, H, W] uint8); None (logged) when PIL
+    """A JPEG the device decoder rejected, decoded with PIL and copied to ``device`` ([3, H, W] uint8); None (logged) when PIL
     cannot decode it either. A rare path: its copy from pinned memory is asynchronous but the decode is on the host."""
     try:
         with Image.open(io.BytesIO(jpeg.numpy().tobytes())) as image:
