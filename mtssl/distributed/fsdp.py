@@ -107,7 +107,7 @@ def shard_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
     (``reshard_after_forward=False`` and no reshard after backward): a step calls each unit once per view
     (per-view mode), on the online and the target side, and resharding after each call would all-gather it
     again for every view and again in backward. The price is one unsharded copy of the model per rank in the
-    compute dtype during the step (bf16, ResNet-50 online + target: about 100 MB; ViT-B: about 350 MB), as in
+    compute dtype during the step (bf16, online and target with their heads: ResNet-50 about 150 MB, ViT-B about 0.5 GB), as in
     ZeRO-2; gradients and optimiser state stay sharded. The step must end with ``reshard_all`` before the
     optimiser step.
     """
