@@ -80,11 +80,12 @@ def test_knn_ties_are_reranked_in_blocks_of_bounded_memory(monkeypatch):
 TWO_RANK_DEADLINE_S = 240
 TINY_TRAINER = [
     "data.subset=null", "train.batch_size=8", "train.epochs=2", "optim.warmup_epochs=0", "backbone=resnet18",
-    "+backbone.kwargs.layers=[1,1,1,1]", "method.projector.hidden_dims=[16]", "method.predictor.hidden_dims=[16]",
-    "method.projector.out_dim=8", "method.predictor.out_dim=8", "train.log_every_steps=1",
+    "+backbone.kwargs.layers=[1,1,1,1]", "+backbone.kwargs.channels=[8,16,32,64]", "+backbone.kwargs.stem_width=8",
+    "method.projector.hidden_dims=[16]", "method.predictor.hidden_dims=[16]", "method.projector.out_dim=8",
+    "method.predictor.out_dim=8", "train.log_every_steps=1",
 ]
-# Per-view mode under bf16: one call per view of every unit (online and target: 2 global views each), tiny views
-# (CPU bf16 convolutions are slow).
+# Per-view mode under bf16: one call per view of every unit (online and target: 2 global views each); a narrow
+# backbone and tiny views (CPU bf16 convolutions run on ATen's scalar kernels).
 COUNTED = [*TINY_TRAINER, "train.precision=bf16", "views=global", "data.view_sizes.global=16"]
 
 
@@ -276,7 +277,8 @@ def test_cuda_determinism_refuses_the_vit_position_embedding_resample(tmp_path, 
 # ---------------------------------------------------------------------------- 12: a stop inside an evaluation phase
 EVAL_TINY = [
     "data.subset=null", "train.batch_size=8", "train.epochs=0", "data.num_workers=0", "backbone=resnet18",
-    "+backbone.kwargs.layers=[1,1,1,1]", "eval.linear_epochs=3", "eval.knn_k=[3]", "eval.batch_size=4",
+    "+backbone.kwargs.layers=[1,1,1,1]", "+backbone.kwargs.channels=[8,16,32,64]", "+backbone.kwargs.stem_width=8",
+    "eval.linear_epochs=3", "eval.knn_k=[3]", "eval.batch_size=4",
     "eval.linear_lrs=[0.1]",
 ]
 
