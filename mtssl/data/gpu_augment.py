@@ -472,10 +472,12 @@ def check_on_device(paths: Sequence[str], device: torch.device, seed: int = 0) -
     the workers and augmented on the CPU with the float resize (the device's kernels; pixels differ by the two
     JPEG decoders only), on the 0..255 scale.
 
-    Returns {"max_abs", "mean_abs" (over all views), "repeat_equal" (a second decode of the batch, right after
-    freeing the first one's images, gives the same bits: nvJPEG's writes are ordered after the compute stream's
-    use of that memory), "host_sync" (None, or the error of ``torch.cuda.set_sync_debug_mode("error")`` inside
-    ``to_views``), "skipped" (files replaced in their batch)}.
+    Returns {"max_abs", "mean_abs" (over all views), "repeat_equal" (a second pass gives the same bits),
+    "host_sync" (None, or the error of ``torch.cuda.set_sync_debug_mode("error")`` inside ``to_views``),
+    "skipped" (files replaced in their batch), and on CUDA "decode_ordered" / "plain_decode_ordered": whether a
+    kernel queued on the compute stream still reads its input right when that input is freed and a JPEG is
+    decoded at once, with this module's decode and with a plain ``decode_jpeg`` on the compute stream (whose
+    outputs can take the freed block while the kernel waits)}.
     """
     from mtssl.data.views import VIEW_TYPES
 
@@ -523,6 +525,29 @@ def check_on_device(paths: Sequence[str], device: torch.device, seed: int = 0) -
     second = [v.cpu() for v in on_device.to_views([buffer, batch[1]], device)]
     std_t = torch.tensor(std).view(1, 3, 1, 1) * 255.0
     differences = torch.cat([((a[rows] - b) * std_t).abs().flatten() for a, b in zip(first_host, expected)])
-    return {"max_abs": float(differences.max()), "mean_abs": float(differences.mean()),
-            "repeat_equal": all(torch.equal(a, b) for a, b in zip(first_host, second)), "host_sync": host_sync,
-            "skipped": sorted(on_device.take_skipped())}
+    result = {"max_abs": float(differences.max()), "mean_abs": float(differences.mean()),
+              "repeat_equal": all(torch.equal(a, b) for a, b in zip(first_host, second)), "host_sync": host_sync,
+              "skipped": sorted(on_device.take_skipped())}
+    decodable = [jpeg for sample, _, jpeg in batch[1].jpegs if sample in rows]
+    if device.type == "cuda" and decodable:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        jpeg = decodable[0]
+        result["decode_ordered"] = _decode_keeps_queued_reads(lambda: on_device._decode([jpeg], device), jpeg, device)
+        result["plain_decode_ordered"] = _decode_keeps_queued_reads(
+            lambda: decode_jpeg([jpeg], mode=ImageReadMode.RGB, device=device), jpeg, device)
+    return result
+
+
+def _decode_keeps_queued_reads(decode, jpeg: torch.Tensor, device: torch.device) -> bool:
+    """A tensor the size of the decoded image is read by a kernel held back in the compute stream's queue, freed,
+    and the JPEG decoded at once: True when the kernel still read the tensor's own values."""
+    with Image.open(io.BytesIO(jpeg.numpy().tobytes())) as image:
+        num_bytes = 3 * image.size[0] * image.size[1]
+    torch.cuda.synchronize(device)
+    values = torch.ones(num_bytes, dtype=torch.uint8, device=device)
+    torch.cuda._sleep(500_000_000)  # some 0.3 s of GPU cycles ahead of the read
+    total = values.sum(dtype=torch.int64)
+    del values  # its block goes back to the compute stream's pool while the read still waits
+    decode()
+    return int(total) == num_bytes
