@@ -67,6 +67,7 @@ from torchvision.transforms import v2
 import mtssl.data.fast_augment as fast_augment
 from mtssl.data.image_folder import load_rgb, sample_seed
 from mtssl.data.fast_augment import FastMultiViewTransform
+from mtssl.data.device_prefetch import to_device
 from mtssl.data.gpu_augment import GpuMultiViewTransform
 from mtssl.data.torchvision_augment import Cutout, MultiViewTransform
 from mtssl.data.views import VIEW_TYPES, ViewLayout
@@ -335,7 +336,7 @@ def time_device_part(transform: GpuMultiViewTransform, samples: list, batch: int
     result["device_part_cpu_ms_per_image"] = 1000 * statistics.median(times) / images
     if torch.cuda.is_available():
         cuda = torch.device("cuda")
-        on_gpu = [[t.to(cuda) for t in b] for b in batches]
+        on_gpu = [to_device(b, cuda) for b in batches]  # the prefetcher's copy: the tensors, not the layout
         transform.to_views(on_gpu[0], cuda)  # warm-up
         times = []
         for _ in range(reps):

@@ -12,7 +12,7 @@ sweep's status and its tables read thousands of job folders quickly.
       progress.json              starts, and step / total steps / loss / images per s at the latest logging step
       tb/                        TensorBoard events (train/*, monitor/*, eval/*)
       checkpoints/step_XXXXXXXX/ DCP checkpoints (mtssl.distributed.checkpoint), the newest train.keep_checkpoints
-      knn_during_training.json   the kNN evaluations during training (eval.knn_every_epochs)
+      knn_during_training.json   the kNN evaluations during training (monitor.knn_every_epochs)
       eval_state.json            the finished evaluation phases (a stopped evaluation resumes from them)
       eval_augmented.pt          the augmented probe's head and optimiser after its last finished epoch
       backbone.pth               the trained online (and target) backbones, written before the evaluation

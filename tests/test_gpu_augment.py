@@ -52,7 +52,7 @@ def run_batch(image: Image.Image, samples: int, seed: int, layout: ViewLayout = 
     transform = GpuMultiViewTransform(layout, MEAN, STD)
     batch = transform.collate(worker_outputs(transform, image, samples, seed))
     views = transform.to_views(batch, CPU)
-    return batch[0], [to_pixels_batch(v) for v in views]
+    return transform.batch_parameters(batch), [to_pixels_batch(v) for v in views]
 
 
 def to_pixels_batch(views: torch.Tensor) -> torch.Tensor:
@@ -309,7 +309,7 @@ def test_device_decode_path_equals_worker_decode(tmp_path):
     decoded = worker(Image.open(path))
     torch.manual_seed(33)
     shipped = device(Image.open(path))
-    assert torch.equal(decoded[0], shipped[0]) and len(shipped) == 2 and shipped[1].dim() == 1
+    assert torch.equal(decoded[0], shipped[0]) and len(shipped) == 3 and shipped[1].dim() == 1 and shipped[2] == str(path)
     expected = worker.to_views(worker.collate([decoded]), CPU)
     got = device.to_views(device.collate([shipped]), CPU)
     for a, b in zip(got, expected):

@@ -81,7 +81,8 @@ def test_monitor_restores_modes_buffers_and_rng_and_matches_knn_by_hand(tmp_path
                   "monitor.knn_val_subset=10")
     train_samples, _ = list_image_folder(root, "train")
     torch.manual_seed(3)
-    backbone = build_backbone(cfg.backbone.timm_name, small_images=True, **backbone_kwargs(cfg.backbone))
+    # The config's backbone: the monitor evaluates an fp32 copy built from the config, as the end-of-job kNN.
+    backbone = build_backbone(cfg.backbone.timm_name, small_images=cfg.data.small_images, **backbone_kwargs(cfg.backbone))
     with torch.no_grad():  # BN statistics away from their initial values, so a reset or update would show
         for module in backbone.modules():
             if isinstance(module, torch.nn.BatchNorm2d):

@@ -149,7 +149,7 @@ def test_one_gpu_per_task_binding_uses_device_zero(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     assert select_device("cuda", local_rank=3) == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert select_device("cuda", local_rank=6) == torch.device("cuda", 2)
+    assert select_device("cuda", local_rank=2) == torch.device("cuda", 2)
     assert chosen == [0, 2]
 
 
@@ -338,10 +338,12 @@ def test_checkpoint_restores_each_ranks_generator_state(tmp_path, monkeypatch):
         destroy_distributed()
 
 
-def test_sync_batchnorm_becomes_its_own_fp32_unit_under_bf16(monkeypatch):
+def test_sync_batchnorm_stays_in_its_blocks_unit_and_reads_fp32_weights_under_bf16(monkeypatch):
     """SyncBatchNorm only runs on CUDA; the sharding plan it gets is checked here."""
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
+    from torch.distributed.fsdp import FSDPModule
+
     from mtssl.config import compose_config, resolve_config
     from mtssl.distributed.fsdp import shard_model
     from mtssl.distributed.process_group import destroy_distributed, init_distributed
@@ -353,12 +355,13 @@ def test_sync_batchnorm_becomes_its_own_fp32_unit_under_bf16(monkeypatch):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model(cfg, ["global", "local"], True, True))
         shard_model(model, "bf16")
         sync = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
-        assert sync
-        for module in sync:
-            policy = module._get_fsdp_state()._mp_policy  # each one is a unit of its own
-            assert policy.param_dtype == torch.float32 and policy.cast_forward_inputs is False
-        conv = model.online.backbone.layer1[0]._get_fsdp_state()._mp_policy
-        assert conv.param_dtype == torch.bfloat16
+        assert sync and not any(isinstance(m, FSDPModule) for m in sync)  # no unit of its own
+        block = model.online.backbone.layer1[0]
+        assert block._get_fsdp_state()._mp_policy.param_dtype == torch.bfloat16
+        block.unshard()  # the bf16 copies a forward computes with
+        assert block.bn1._parameters["weight"].dtype == torch.bfloat16
+        assert block.bn1.weight.dtype == block.bn1.bias.dtype == block.bn1.running_mean.dtype == torch.float32
+        block.reshard()
     finally:
         destroy_distributed()
 

@@ -10,6 +10,10 @@ the caching allocator could hand their memory to a later copy while the compute 
 reads them. The pinned source may be dropped at once: torch's pinned-memory allocator keeps a
 block until the copies recorded on it have finished.
 
+Each tensor of a batch costs one copy and one ``record_stream``: a pipeline with per-sample shapes
+packs its batch into one buffer in its collate (``data.pipeline=gpu``: one uint8 buffer and a host-side
+layout, which passes through untouched, as does any value that is not a tensor, list or tuple).
+
 On CPU it passes batches through: there is no copy engine to overlap and the tensors already
 live in the memory the step reads (``Tensor.to("cpu")`` would return them unchanged).
 """
@@ -29,12 +33,12 @@ def _tensors(batch: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with every tensor in its (nested) lists and tuples copied to ``device``, asynchronously."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(item, device) for item in batch)
+        return type(batch)(to_device(item, device) for item in batch)
     return batch  # e.g. the set of skipped file paths
 
 
@@ -57,7 +61,7 @@ class DevicePrefetcher:
             if batch is None:
                 return None
             with torch.cuda.stream(stream):
-                return _to_device(batch, self.device)
+                return to_device(batch, self.device)
 
         ahead = copy_next()
         while ahead is not None:

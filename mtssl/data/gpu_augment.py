@@ -2,20 +2,26 @@
 
 Same augmentation distributions as ``mtssl.data.views`` and ``mtssl.data.fast_augment``; the parameters
 are drawn as ``fast`` draws them, in the same order, so under one seed both pipelines pick the same
-crops, flips, jitter, ... for a sample. The work is split in two:
+crops, flips, jitter, ... for a sample. The work is split in three:
 
 * Worker (``__call__``, under the per-sample seed): read the file, draw every random parameter of
   every view (crop boxes first, to choose the reduced JPEG decode as ``fast`` does), decode, and
   cut the views' crop boxes out of the uint8 image. It returns one small float parameter table
   [views, NUM_PARAMS] and the uint8 crops. Cutting the crops here costs a copy, but keeps the crop
   geometry in the tensors' shapes: the device part then never reads a value back from the device.
-  With ``decode_on_device`` (``data.gpu_decode``) it returns the JPEG bytes instead, and the device
-  decodes them with nvJPEG (``torchvision.io.decode_jpeg``) - not verified on CUDA.
-* Device (``to_views``, a deterministic function of the batch): per crop one antialiased bicubic
-  resize (sources differ in size), then everything on [B, 3, S, S] at once with per-sample
-  parameter tensors: flip, cutout, colour jitter in each sample's own op order (every op runs at
-  each of the 4 positions, an identity for the samples that have another op there), grayscale,
-  Gaussian blur (one depthwise conv with a kernel per sample), solarize and normalisation.
+  With ``decode_on_device`` (``data.gpu_decode``) it returns the JPEG bytes and the path instead, and
+  the device decodes them with nvJPEG (``torchvision.io.decode_jpeg``); a file nvJPEG cannot decode
+  (CMYK/YCCK, seen in the header) is decoded and cropped by the worker as without it.
+* Collate (in the worker too): everything the device needs goes into ONE uint8 buffer (the parameter
+  table, the samples of each view's hue op, every crop in CHW order, view after view), described by a
+  host-side ``BatchLayout`` (offsets and shapes, the JPEG bytes): the loader pins one buffer and the
+  prefetcher makes one host-to-device copy per batch, whatever the batch size and number of views.
+* Device (``to_views``, a deterministic function of the batch): per view one uint8 -> float conversion,
+  per crop one antialiased bicubic resize (sources differ in size), then everything on [B, 3, S, S] at
+  once with per-sample parameter tensors: flip, cutout, colour jitter in each sample's own op order
+  (brightness, contrast and saturation run at each of the 4 positions as an identity for the samples with
+  another op there; the hue rotation runs on the samples that have it there only), grayscale, Gaussian blur
+  (one depthwise conv with a kernel per sample), solarize and normalisation. Nothing is read back to the host.
 
 torchvision's v2 transforms applied to a batch draw one set of parameters for the whole batch;
 here each sample keeps its own, so a sample's views do not depend on the rest of its batch.
@@ -23,6 +29,10 @@ here each sample keeps its own, so a sample's views do not depend on the rest of
 
 from __future__ import annotations
 
+import io
+import logging
+import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -35,8 +45,11 @@ from mtssl.data.fast_augment import (
     BLUR_SIGMA, BLUR_TRUNCATE_SIGMAS, CROP_RATIO, FLIP_P, GRAY_WEIGHTS, GRAYSCALE_P, JITTER_P, SOLARIZE_THRESHOLD,
     _happens, _uniform, _ViewSpec, adjust_hue, decode_for_crops, view_specs,
 )
+from mtssl.data.image_folder import DataError
 from mtssl.data.torchvision_augment import Cutout
 from mtssl.data.views import ViewLayout
+
+log = logging.getLogger(__name__)
 
 # Columns of the parameter table: one row per view.
 FLIP = 0
@@ -51,18 +64,64 @@ SOLARIZE = 17
 BOX = slice(18, 22)  # the crop box (top, left, h, w) on the full-size image
 IMAGE_SIZE = slice(22, 24)  # full-size image height, width
 NUM_PARAMS = 24
+HUE = 3  # the hue op in ORDER
+
+# CUDA's antialiased resize keeps its filter weights in shared memory (48 KB a block): for float32 crops it
+# refuses a downscale above about 47x (1 + 2 ceil(2 s) taps per axis, 32 x 65 of them). Larger ones are first
+# reduced by an integer factor with a box average (as a JPEG's DCT-domain reduced decode does), so the
+# bicubic resize never goes beyond this factor.
+MAX_ANTIALIAS_DOWNSCALE = 32
+# JPEG colour modes (PIL's, read from the header) nvJPEG decodes; others (CMYK, YCCK) are decoded by the worker:
+# torchvision's CUDA decoder does not enable nvJPEG's CMYK conversion.
+NVJPEG_MODES = ("RGB", "L")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where each part of a collated batch lies in its uint8 buffer; host values only (the prefetcher leaves it
+    on the host: it copies tensors in lists and tuples only).
+
+    Byte offsets: ``params`` (float32 [B, views, NUM_PARAMS]) and ``hue_index`` (int64 sample indices) are
+    (start, end) spans; ``hue_rows[v][position]`` is (first, count) in the hue indices; ``crops[v][b]`` is
+    (offset, h, w) of a CHW uint8 crop, or None for a sample decoded on the device, whose ``boxes[b][v]``
+    (top, left, h, w on the full-size image) are cut there. ``jpegs``: (sample, path, bytes) to decode.
+    """
+
+    samples: int
+    params: tuple[int, int]
+    hue_index: tuple[int, int]
+    hue_rows: tuple[tuple[tuple[int, int], ...], ...]
+    view_pixels: tuple[tuple[int, int], ...]  # [v]: the byte span of view v's crops
+    crops: tuple[tuple[tuple[int, int, int] | None, ...], ...]
+    boxes: tuple[tuple[tuple[int, int, int, int], ...], ...] = ()
+    jpegs: tuple[tuple[int, str, torch.Tensor], ...] = ()
+
+
+def _aligned(offset: int, alignment: int = 8) -> int:
+    return -(-offset // alignment) * alignment
+
+
+def _new_buffer(num_bytes: int) -> torch.Tensor:
+    """A uint8 buffer, in shared memory inside a DataLoader worker (as default_collate allocates its output:
+    sending it to the main process then copies nothing)."""
+    if torch.utils.data.get_worker_info() is not None:
+        elem = torch.empty(0, dtype=torch.uint8)
+        return elem.new(elem._typed_storage()._new_shared(num_bytes, device="cpu")).resize_(num_bytes)
+    return torch.empty(num_bytes, dtype=torch.uint8)
 
 
 class GpuMultiViewTransform:
     """Image file -> views in ``layout`` order, augmented on the training device (see the module doc).
 
     Pipeline contract: ``__call__`` (worker) -> [parameters, crop per view] (uint8 HWC crops) or, with
-    ``decode_on_device``, [parameters, JPEG bytes]; ``collate`` stacks the parameters into [B, views,
-    NUM_PARAMS] followed by the per-sample tensors; ``to_views(batch, device)`` -> normalised float
-    [B, 3, S, S] per view.
+    ``decode_on_device``, [parameters, JPEG bytes, path]; ``collate`` -> [uint8 buffer, ``BatchLayout``];
+    ``to_views(batch, device)`` -> normalised float [B, 3, S, S] per view. Files the device cannot decode are
+    replaced in their batch and reported by ``take_skipped``.
     """
 
     decodes_images = True  # AugmentedImageFolder hands it the undecoded file
+    # The resize kernel: torch's uint8 one (the CPU's only; the fast pipeline's pixels) or float; None: by device.
+    uint8_resize: bool | None = None
 
     def __init__(self, layout: ViewLayout, mean: Sequence[float], std: Sequence[float], decode_on_device: bool = False):
         self.layout = layout
@@ -73,6 +132,15 @@ class GpuMultiViewTransform:
         # (x / 255 - mean) / std = x * scale + shift; cutout fill = the mean on the 0..255 scale
         self._constants = {torch.device("cpu"): (1.0 / (255.0 * std_t), -mean_t / std_t, mean_t * 255.0)}
         self.reduced_decodes = 0
+        self._skipped: set[str] = set()  # files the device could not decode, since the last take_skipped()
+        self._decode_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __getstate__(self) -> dict:
+        """Workers get the host part only (no device constants, no CUDA stream)."""
+        state = dict(self.__dict__)
+        state["_constants"] = {torch.device("cpu"): self._constants[torch.device("cpu")]}
+        state["_decode_streams"] = {}
+        return state
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """The normalisation and fill constants on ``device``, copied once (a copy from the host waits for it)."""
@@ -80,18 +148,21 @@ class GpuMultiViewTransform:
             self._constants[device] = tuple(t.to(device) for t in self._constants[torch.device("cpu")])
         return self._constants[device]
 
+    def take_skipped(self) -> set[str]:
+        """The files replaced in their batch since the last call because the device could not decode them."""
+        skipped, self._skipped = self._skipped, set()
+        return skipped
+
     # ------------------------------------------------------------------ worker
-    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+    def __call__(self, image: Image.Image) -> list:
         width, height = image.size
         boxes = [fast_augment.sample_crop_box(height, width, v.scale) for v in self.views]
         params = torch.stack([self.draw_parameters(v) for v in self.views])
         params[:, BOX] = torch.tensor(boxes, dtype=torch.float32)
         params[:, IMAGE_SIZE] = torch.tensor([float(height), float(width)])
-        if self.decode_on_device:
-            if getattr(image, "format", None) == "JPEG":
-                with open(image.filename, "rb") as f:  # decoded on the device, at full size
-                    return [params, torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)]
-            return [params, torch.from_numpy(np.asarray(image.convert("RGB")).copy())]  # H, W, 3
+        if self.decode_on_device and getattr(image, "format", None) == "JPEG" and image.mode in NVJPEG_MODES:
+            with open(image.filename, "rb") as f:  # decoded on the device, at full size
+                return [params, torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), str(image.filename)]
         decoded, crop_boxes = decode_for_crops(image, boxes, [v.size for v in self.views])
         if crop_boxes is not boxes:
             self.reduced_decodes += 1
@@ -123,63 +194,195 @@ class GpuMultiViewTransform:
         p[SOLARIZE] = float(_happens(view.solarize_p))
         return torch.tensor(p, dtype=torch.float32)
 
-    def collate(self, samples: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-        """[parameters [B, views, NUM_PARAMS], then view 0's crop of every sample, view 1's, ...], or with
-        ``decode_on_device`` [parameters, each sample's JPEG bytes]."""
-        params = torch.stack([s[0] for s in samples])
-        per_sample = len(samples[0]) - 1
-        return [params, *(s[1 + v] for v in range(per_sample) for s in samples)]
+    # ------------------------------------------------------------------ collate (worker)
+    def collate(self, samples: list[list]) -> list:
+        """[one uint8 buffer, its BatchLayout] (see the module doc): one pinned buffer and one copy per batch."""
+        num_samples, num_views = len(samples), len(self.views)
+        params = torch.stack([s[0] for s in samples])  # [B, views, NUM_PARAMS], on the host
+        on_device = [s[1].dim() == 1 for s in samples]  # JPEG bytes, else the worker's crops
+        # The samples whose hue rotation sits at each position of each view (read here, from the host table).
+        applied = params[:, :, JITTER] > 0
+        hue = [[(applied[:, v] & (params[:, v, ORDER][:, p] == HUE)).nonzero().flatten() for p in range(4)]
+               for v in range(num_views)]
+        hue_rows, first = [], 0
+        for per_view in hue:
+            hue_rows.append(tuple((first + sum(len(t) for t in per_view[:p]), len(per_view[p])) for p in range(4)))
+            first += sum(len(t) for t in per_view)
+        params_end = params.numel() * params.element_size()
+        hue_start = _aligned(params_end)
+        offset = hue_end = hue_start + 8 * first
+        crops, view_pixels = [], []
+        for v in range(num_views):
+            view_start, per_view = offset, []
+            for b, sample in enumerate(samples):
+                if on_device[b]:
+                    per_view.append(None)
+                    continue
+                h, w, _ = sample[1 + v].shape
+                per_view.append((offset, h, w))
+                offset += 3 * h * w
+            crops.append(tuple(per_view))
+            view_pixels.append((view_start, offset))
+        buffer = _new_buffer(offset)
+        buffer[:params_end].view(torch.float32).copy_(params.reshape(-1))
+        if first:
+            buffer[hue_start:hue_end].view(torch.int64).copy_(torch.cat([t for per_view in hue for t in per_view]))
+        for v in range(num_views):
+            for b, placed in enumerate(crops[v]):
+                if placed is not None:  # HWC crop -> CHW: the float resize then reads contiguous planes
+                    start, h, w = placed
+                    buffer[start : start + 3 * h * w].view(3, h, w).copy_(samples[b][1 + v].permute(2, 0, 1))
+        boxes = tuple(tuple(tuple(int(x) for x in box) for box in params[b, :, BOX].tolist()) if on_device[b] else ()
+                      for b in range(num_samples))
+        jpegs = tuple((b, s[2], s[1]) for b, s in enumerate(samples) if on_device[b])
+        layout = BatchLayout(num_samples, (0, params_end), (hue_start, hue_end), tuple(hue_rows), tuple(view_pixels),
+                             tuple(crops), boxes if jpegs else (), jpegs)
+        return [buffer, layout]
+
+    def batch_parameters(self, batch: list) -> torch.Tensor:
+        """The parameter table [B, views, NUM_PARAMS] of a collated batch (on the buffer's device)."""
+        buffer, layout = batch
+        return buffer[slice(*layout.params)].view(torch.float32).view(layout.samples, len(self.views), NUM_PARAMS)
 
     # ------------------------------------------------------------------ device
     @torch.no_grad()
-    def to_views(self, batch: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        """The batch from ``collate`` -> normalised float views [B, 3, S, S] in layout order, on ``device``."""
-        params = batch[0].to(device)
-        size = params.shape[0]
-        payloads = [t.to(device) for t in batch[1:]]
-        if self.decode_on_device:
-            crops = self._decode_and_crop(params, payloads, device)
-        else:  # crops cut by the workers, HWC
-            crops = [[c.permute(2, 0, 1) for c in payloads[v * size : (v + 1) * size]] for v in range(len(self.views))]
-        scale, shift, fill = self._on(torch.device(device))
+    def to_views(self, batch: list, device: torch.device) -> list[torch.Tensor]:
+        """The batch from ``collate`` -> normalised float views [B, 3, S, S] in layout order, on ``device``.
+
+        No value is read back to the host: every shape and offset comes from the host-side layout, so the
+        only host-device traffic is the prefetcher's one copy of the buffer (and, with ``decode_on_device``,
+        what torchvision's decoder does on its own stream).
+        """
+        device = torch.device(device)
+        buffer, layout = batch
+        if buffer.device != device:  # the trainer's prefetcher has already copied it
+            buffer = buffer.to(device, non_blocking=True)
+        params = self.batch_parameters([buffer, layout])
+        hue_index = buffer[slice(*layout.hue_index)].view(torch.int64)
+        sources, replaced = self._decode_on_device(layout, device) if layout.jpegs else ({}, {})
+        uint8_kernel = self.uint8_resize if self.uint8_resize is not None else device.type == "cpu"
+        scale, shift, fill = self._on(device)
         views = []
         for v, spec in enumerate(self.views):
-            x = augment_batch(resize_crops(crops[v], spec.size), params[:, v], spec, fill)
+            start, end = layout.view_pixels[v]
+            # One conversion per view for the float resize (per crop before); the uint8 kernel reads uint8.
+            pixels = buffer[start:end] if uint8_kernel or start == end else buffer[start:end].to(torch.float32)
+            crops = []
+            for b in range(layout.samples):
+                source = replaced.get(b, b)
+                placed = layout.crops[v][source]
+                if placed is None:  # decoded on the device: cut the box out of the full-size image
+                    t, l, h, w = layout.boxes[source][v]
+                    crops.append(sources[source][:, t : t + h, l : l + w].unsqueeze(0))
+                else:
+                    offset, h, w = placed
+                    crops.append(pixels[offset - start : offset - start + 3 * h * w].view(1, 3, h, w))
+            hue = [hue_index[f : f + n] for f, n in layout.hue_rows[v]]
+            x = augment_batch(resize_crops(crops, spec.size, uint8_kernel), params[:, v], spec, fill, hue)
             views.append(torch.addcmul(shift, x, scale).contiguous())
         return views
 
-    def _decode_and_crop(self, params: torch.Tensor, payloads: list[torch.Tensor], device: torch.device):
-        """``decode_on_device``: decode the JPEG bytes with torchvision.io.decode_jpeg on ``device`` (nvJPEG on
-        CUDA; not verified on CUDA) and cut the crop boxes. Reads the boxes and bytes back to the host (the
-        trainer copies the whole batch to the device first): two device->host copies per batch."""
+    def _decode_on_device(self, layout: BatchLayout, device: torch.device):
+        """({sample: decoded uint8 [3, H, W] on ``device``}, {undecodable sample: the sample replacing it}).
+
+        The whole batch in one ``decode_jpeg`` call; if it fails, one call per file, and a file that fails
+        there too is decoded on the host with PIL (nvJPEG lacks some JPEG variants) and copied over. A file
+        PIL cannot decode either is skipped as the workers skip unreadable files: it is logged and reported
+        by ``take_skipped``, and the next decodable sample of the batch stands in for it (its crops, under the
+        skipped sample's own flips and colour draws: the batch keeps its size, which MoCo's gather needs).
+        """
+        data = [jpeg for _, _, jpeg in layout.jpegs]
+        try:
+            images = list(self._decode(data, device))
+        except RuntimeError:
+            images = []
+            for (_, path, jpeg) in layout.jpegs:
+                try:
+                    images.append(self._decode([jpeg], device)[0])
+                except RuntimeError as error:
+                    log.warning("the device decoder cannot decode %s (%s); decoding it on the host", path, str(error).splitlines()[0])
+                    images.append(_decode_on_host(jpeg, path, device))
+        sources = {sample: image for (sample, _, _), image in zip(layout.jpegs, images) if image is not None}
+        bad = [(sample, path) for (sample, path, _), image in zip(layout.jpegs, images) if image is None]
+        readable = [b for b in range(layout.samples) if b not in {sample for sample, _ in bad}]
+        if bad and not readable:
+            raise DataError(f"data.root: no decodable image in a batch of {layout.samples} ({bad[0][1]}, ...)")
+        replaced = {}
+        for sample, path in bad:
+            replaced[sample] = next((b for b in readable if b > sample), readable[0])
+            self._skipped.add(path)
+        return sources, replaced
+
+    def _decode(self, data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """decode_jpeg of host JPEG bytes into uint8 [3, H, W] images on ``device``, ordered before the current
+        stream's later work.
+
+        torchvision's CUDA decoder (decode_jpegs_cuda.cpp) allocates the outputs on the current stream, writes
+        them on a private pool stream without making that stream wait for the current one, then synchronises
+        the host with its private stream and makes the current stream wait for it. Its outputs may therefore
+        reuse memory that kernels still queued on the current stream read. So the decode runs with a stream of
+        its own as the current one: outputs come from that stream's memory pool, where each earlier output
+        was marked used by the compute stream (``record_stream``: the caching allocator reuses its block only
+        once the compute stream's work queued on it has finished, checked with events, no host wait); and the
+        compute stream waits for the decode stream (a device-side wait) before it reads the images.
+        """
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        boxes = params[:, :, BOX].to("cpu", torch.int64).tolist()
-        jpegs = [i for i, p in enumerate(payloads) if p.dim() == 1]
-        decoded = decode_jpeg([payloads[i].cpu() for i in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
-        sources = [p.permute(2, 0, 1) if p.dim() == 3 else None for p in payloads]  # non-JPEG: decoded by the worker
-        for i, image in zip(jpegs, decoded):
-            sources[i] = image.to(device)
-        return [[sources[b][:, t : t + h, l : l + w] for b, (t, l, h, w) in enumerate(box[v] for box in boxes)]
-                for v in range(len(self.views))]
+        if device.type != "cuda":
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        compute = torch.cuda.current_stream(device)
+        if device not in self._decode_streams:  # one per device, made once
+            self._decode_streams[device] = torch.cuda.Stream(device)
+        stream = self._decode_streams[device]
+        with torch.cuda.stream(stream):
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        compute.wait_stream(stream)
+        for image in images:
+            image.record_stream(compute)
+        return images
+
+
+def _decode_on_host(jpeg: torch.Tensor, path: str, device: torch.device) -> torch.Tensor | None:
+    """A JPEG the device decoder rejected, decoded with PIL and copied to ``device`` ([3, H, W] uint8); None (logged) when PIL
+    cannot decode it either. A rare path: its copy from pinned memory is asynchronous but the decode is on the host."""
+    try:
+        with Image.open(io.BytesIO(jpeg.numpy().tobytes())) as image:
+            pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    except (OSError, ValueError) as error:
+        log.warning("skipping unreadable image %s: %s", path, error)
+        return None
+    if device.type == "cuda":
+        return pixels.contiguous().pin_memory().to(device, non_blocking=True)
+    return pixels.contiguous()
 
 
 def resize_crops(crops: list[torch.Tensor], size: int, uint8_kernel: bool | None = None) -> torch.Tensor:
-    """uint8 [3, h, w] crops (any sizes) -> [B, 3, size, size] float on the 0..255 scale: antialiased bicubic
-    resize, one call per crop. ``uint8_kernel`` (default: on the CPU, the only device that has it): torch's
-    uint8 kernel, as the fast pipeline (same pixels); else in float, clamped and rounded to uint8 levels
-    (within one level of the uint8 kernel)."""
+    """[3, h, w] or [1, 3, h, w] crops (any sizes; uint8, or float on the 0..255 scale) -> [B, 3, size, size] float
+    on the 0..255 scale: antialiased bicubic resize, one call per crop. ``uint8_kernel`` (default: on the CPU, the
+    only device that has it): torch's uint8 kernel on uint8 crops, as the fast pipeline (same pixels); else in
+    float, clamped and rounded to uint8 levels once for the batch (within one level of the uint8 kernel), a
+    downscale beyond ``MAX_ANTIALIAS_DOWNSCALE`` first reduced by an integer box average."""
+    uint8_kernel = uint8_kernel if uint8_kernel is not None else crops[0].device.type == "cpu"
     out = []
     for crop in crops:
-        x = crop.unsqueeze(0)
-        if uint8_kernel if uint8_kernel is not None else x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).to(torch.float32)
+        x = crop if crop.dim() == 4 else crop.unsqueeze(0)
+        if uint8_kernel:
+            x = x.contiguous(memory_format=torch.channels_last)  # the layout of the vectorised uint8 kernel
         else:
-            x = F.interpolate(x.to(torch.float32), size=(size, size), mode="bicubic", antialias=True)
-            x = x.clamp_(0.0, 255.0).round_()
-        out.append(x)
-    return torch.cat(out)
+            x = _reduced_for_antialias(x.to(torch.float32), size)
+        out.append(F.interpolate(x, size=(size, size), mode="bicubic", antialias=True))
+    batch = torch.cat(out)
+    return batch.to(torch.float32) if uint8_kernel else batch.clamp_(0.0, 255.0).round_()
+
+
+def _reduced_for_antialias(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` box-averaged, along each axis that needs it, by the smallest integer factor that leaves at most
+    ``MAX_ANTIALIAS_DOWNSCALE`` to the resize."""
+    h, w = x.shape[-2:]
+    factor_h, factor_w = (math.ceil(n / (size * MAX_ANTIALIAS_DOWNSCALE)) for n in (h, w))
+    if factor_h <= 1 and factor_w <= 1:
+        return x
+    return F.adaptive_avg_pool2d(x, (math.ceil(h / factor_h), math.ceil(w / factor_w)))
 
 
 def luma(x: torch.Tensor) -> torch.Tensor:
@@ -207,32 +410,41 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     return F.conv2d(rows, taps.view(b * c, 1, kernel_size, 1), groups=b * c).view(b, c, h, w)
 
 
-def color_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, params: torch.Tensor, hue_samples: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """ColorJitter with each sample's own op order and factors ([B, NUM_PARAMS] table), on [B, 3, H, W] in 0..255.
 
-    At each of the 4 positions every op runs on the whole batch with each sample's factor where that
-    sample has this op there, else the identity (factor 1: ``x * 1`` and ``lerp(., x, 1)`` return x exactly;
-    the hue rotation is selected with ``where``). Clamping always is as clamping when a factor is > 1 only:
-    a factor <= 1 keeps values in range.
+    At each of the 4 positions brightness, contrast and saturation run on the whole batch with each sample's
+    factor where that sample has this op there, else the identity (factor 1: ``x * 1`` and ``lerp(., x, 1)``
+    return x exactly). The hue rotation, the costly op, runs on the samples that have it at that position:
+    ``hue_samples[position]`` (their indices, from the host) or, without it, on the whole batch selected with
+    ``where``; the same values either way (it is per pixel). Clamping always is as clamping when a factor is
+    > 1 only: a factor <= 1 keeps values in range.
     """
     b = x.shape[0]
     applied = params[:, JITTER] > 0
     order = params[:, ORDER]
     factors = params[:, FACTORS]
+    one = torch.ones_like(factors[:, 0]).view(b, 1, 1, 1)
     for position in range(4):
-        at = [(applied & (order[:, position] == op)).view(b, 1, 1, 1) for op in range(4)]
-        one = torch.ones_like(factors[:, 0]).view(b, 1, 1, 1)
+        at = [(applied & (order[:, position] == op)).view(b, 1, 1, 1) for op in range(3)]
         x = x.mul(torch.where(at[0], factors[:, 0].view(b, 1, 1, 1), one)).clamp_max_(255.0)
         mean = luma(x).mean(dim=(2, 3), keepdim=True)  # contrast: blend with the mean luma
         x = torch.lerp(mean, x, torch.where(at[1], factors[:, 1].view(b, 1, 1, 1), one)).clamp_(0.0, 255.0)
         x = torch.lerp(luma(x), x, torch.where(at[2], factors[:, 2].view(b, 1, 1, 1), one)).clamp_(0.0, 255.0)
-        x = torch.where(at[3], adjust_hue(x, factors[:, 3].view(b, 1, 1)), x)
+        if hue_samples is None:
+            at_hue = (applied & (order[:, position] == HUE)).view(b, 1, 1, 1)
+            x = torch.where(at_hue, adjust_hue(x, factors[:, 3].view(b, 1, 1)), x)
+        elif hue_samples[position].numel():  # a host-known size: no read-back
+            rows = hue_samples[position]
+            x.index_copy_(0, rows, adjust_hue(x.index_select(0, rows), factors[:, 3].index_select(0, rows).view(-1, 1, 1)))
     return x
 
 
-def augment_batch(x: torch.Tensor, params: torch.Tensor, view: _ViewSpec, fill: torch.Tensor) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, params: torch.Tensor, view: _ViewSpec, fill: torch.Tensor,
+                  hue_samples: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Everything after the resize, in the specification's order, on [B, 3, S, S] (0..255) with one row
-    of ``params`` per sample; ``fill`` is the cutout colour [1, 3, 1, 1] on the 0..255 scale."""
+    of ``params`` per sample; ``fill`` is the cutout colour [1, 3, 1, 1] on the 0..255 scale;
+    ``hue_samples``: see ``color_jitter``."""
     b, _, h, w = x.shape
     def mask(column: int) -> torch.Tensor:
         return (params[:, column] > 0).view(b, 1, 1, 1)
@@ -246,10 +458,96 @@ def augment_batch(x: torch.Tensor, params: torch.Tensor, view: _ViewSpec, fill: 
                   & (cols >= left.view(b, 1, 1)) & (cols < (left + cw).view(b, 1, 1)))
         x = torch.where(inside.unsqueeze(1), fill, x)
     if JITTER_P > 0:
-        x = color_jitter(x, params)
+        x = color_jitter(x, params, hue_samples)
     x = torch.where(mask(GRAY), luma(x).expand_as(x), x)
     if view.blur_p > 0:
         x = torch.where(mask(BLUR), gaussian_blur(x, params[:, SIGMA], view.blur_kernel), x)
     if view.solarize_p > 0:
         x = torch.where(mask(SOLARIZE) & (x >= SOLARIZE_THRESHOLD), 255.0 - x, x)
     return x
+
+
+def check_on_device(paths: Sequence[str], device: torch.device, seed: int = 0) -> dict:
+    """For the GPU acceptance run: the ``data.gpu_decode`` path on ``device`` against the same batch decoded by
+    the workers and augmented on the CPU with the float resize (the device's kernels; pixels differ by the two
+    JPEG decoders only), on the 0..255 scale.
+
+    Returns {"max_abs", "mean_abs" (over all views), "repeat_equal" (a second pass gives the same bits),
+    "host_sync" (None, or the error of ``torch.cuda.set_sync_debug_mode("error")`` inside ``to_views``),
+    "skipped" (files replaced in their batch), and on CUDA "decode_ordered" / "plain_decode_ordered": whether a
+    kernel queued on the compute stream still reads its input right when that input is freed and a JPEG is
+    decoded at once, with this module's decode and with a plain ``decode_jpeg`` on the compute stream (whose
+    outputs can take the freed block while the kernel waits)}.
+    """
+    from mtssl.data.views import VIEW_TYPES
+
+    device = torch.device(device)
+    layout = ViewLayout(tuple(VIEW_TYPES[name] for name in ("global", "local", "cutout")))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    on_device, on_host = GpuMultiViewTransform(layout, mean, std, True), GpuMultiViewTransform(layout, mean, std)
+    on_host.uint8_resize = False
+
+    def samples(transform, indices):
+        out = []
+        for i in indices:
+            torch.manual_seed(seed + i)
+            with Image.open(paths[i]) as image:
+                out.append(transform(image))
+        return out
+
+    def readable(i):
+        try:
+            with Image.open(paths[i]) as image:
+                image.load()
+            return True
+        except OSError:
+            return False
+
+    batch = on_device.collate(samples(on_device, range(len(paths))))
+    rows = [i for i in range(len(paths)) if readable(i)]  # the reference skips what the workers would skip
+    expected = on_host.to_views(on_host.collate(samples(on_host, rows)), torch.device("cpu"))
+    buffer = batch[0].pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch[0]
+    host_sync = None
+    if device.type == "cuda":
+        on_device.to_views([buffer, batch[1]], device)  # first call: constants copied, decoder and stream made
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        first = on_device.to_views([buffer, batch[1]], device)
+    except RuntimeError as error:
+        host_sync, first = str(error).splitlines()[0], None
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    if first is None:
+        first = on_device.to_views([buffer, batch[1]], device)
+    first_host = [v.cpu() for v in first]
+    del first
+    second = [v.cpu() for v in on_device.to_views([buffer, batch[1]], device)]
+    std_t = torch.tensor(std).view(1, 3, 1, 1) * 255.0
+    differences = torch.cat([((a[rows] - b) * std_t).abs().flatten() for a, b in zip(first_host, expected)])
+    result = {"max_abs": float(differences.max()), "mean_abs": float(differences.mean()),
+              "repeat_equal": all(torch.equal(a, b) for a, b in zip(first_host, second)), "host_sync": host_sync,
+              "skipped": sorted(on_device.take_skipped())}
+    decodable = [jpeg for sample, _, jpeg in batch[1].jpegs if sample in rows]
+    if device.type == "cuda" and decodable:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        jpeg = decodable[0]
+        result["decode_ordered"] = _decode_keeps_queued_reads(lambda: on_device._decode([jpeg], device), jpeg, device)
+        result["plain_decode_ordered"] = _decode_keeps_queued_reads(
+            lambda: decode_jpeg([jpeg], mode=ImageReadMode.RGB, device=device), jpeg, device)
+    return result
+
+
+def _decode_keeps_queued_reads(decode, jpeg: torch.Tensor, device: torch.device) -> bool:
+    """A tensor the size of the decoded image is read by a kernel held back in the compute stream's queue, freed,
+    and the JPEG decoded at once: True when the kernel still read the tensor's own values."""
+    with Image.open(io.BytesIO(jpeg.numpy().tobytes())) as image:
+        num_bytes = 3 * image.size[0] * image.size[1]
+    torch.cuda.synchronize(device)
+    values = torch.ones(num_bytes, dtype=torch.uint8, device=device)
+    torch.cuda._sleep(500_000_000)  # some 0.3 s of GPU cycles ahead of the read
+    total = values.sum(dtype=torch.int64)
+    del values  # its block goes back to the compute stream's pool while the read still waits
+    decode()
+    return int(total) == num_bytes

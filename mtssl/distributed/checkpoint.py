@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from mtssl.distributed.collectives import host_barrier, world_size
+from mtssl.distributed.collectives import host_any, host_barrier, host_broadcast_object, world_size
 from mtssl.distributed.process_group import host_group
 # The checkpoint's file names are the job folder's (mtssl.job_folder), which readers without torch share.
 from mtssl.job_folder import (CHECKPOINT_PREFIX, CONFIG, RANK_BUFFERS, RANK_RNG, TRAINER_STATE, checkpoint_name,
@@ -139,14 +139,23 @@ class CheckpointManager:
 
     def load_latest(self, model_and_optimizer: ModelAndOptimizer, config_hash: str,
                     changed_fields: Callable[[Path], str] | None = None) -> TrainerState | None:
-        """Load the newest loadable checkpoint into place; None when there is none.
+        """Load the newest loadable checkpoint into place; None when there is none (a collective).
 
         Refuses (CheckpointMismatch) a checkpoint written by a different config; ``changed_fields(saved
         config.yaml)`` names the fields that differ in the message. A corrupted newest checkpoint is skipped
         with a warning and the one before it is used.
+
+        Every rank resumes from the same checkpoint: rank 0's listing and trainer state are broadcast (another
+        rank may see a stale directory listing), and a checkpoint is used only when every rank could read its
+        own files (its buffers and RNG states, then its DCP shards): one rank's unreadable file sends all ranks
+        to the previous checkpoint together, so the next collectives match.
         """
-        for path in self.checkpoints():
-            state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+        listed = host_broadcast_object([p.name for p in self.checkpoints()] if self.is_main else None)
+        for name in listed:
+            path = self.root / name
+            state = host_broadcast_object(self._read_state(path) if self.is_main else None)
+            if state is None:  # rank 0 could not read it: all ranks skip it
+                continue
             if state.config_hash != config_hash:
                 fields = (changed_fields(path / CONFIG) if changed_fields is not None
                           else f"hash {state.config_hash[:12]} vs {config_hash[:12]}, see {path / CONFIG}")
@@ -154,22 +163,52 @@ class CheckpointManager:
                     f"{self.root.parent} holds a checkpoint ({path}) of a different training config: {fields}. "
                     f"Use a new out_dir (out_dir=...), or delete {self.root.parent} to run this config from scratch."
                 )
+            # This rank's own files first (no collective in torch.load), then the shards (dcp.load reports a
+            # failure on any rank to all of them; the agreement below covers it anyway).
             try:
-                dcp.load({"app": model_and_optimizer}, checkpoint_id=str(path), process_group=host_group())
                 # Same world size: each rank gets its own statistics back; otherwise rank r takes
                 # those of saved rank r mod saved world size.
-                own = path / RANK_BUFFERS.format(rank=self.rank % state.world_size)
-                saved = torch.load(own, map_location="cpu")
-                with torch.no_grad():
-                    for name, buffer in model_and_optimizer.model.named_buffers():
-                        buffer.copy_(saved[name])
+                saved = torch.load(path / RANK_BUFFERS.format(rank=self.rank % state.world_size), map_location="cpu")
                 rng_file = path / RANK_RNG.format(rank=self.rank)
+                rng = None
                 if state.world_size == world_size() and rng_file.is_file():  # older checkpoints have none
-                    set_rng_state(torch.load(rng_file, map_location="cpu"))
-            except (Exception, CheckpointException) as error:  # truncated or corrupted files
-                first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-                log.warning("checkpoint %s could not be loaded (%s); trying the previous one", path, first_line)
+                    rng = torch.load(rng_file, map_location="cpu")
+                error = None
+            except (Exception, CheckpointException) as failure:  # truncated, corrupted or missing files
+                error = failure
+            if self._any_rank_failed(path, error):
                 continue
+            try:
+                dcp.load({"app": model_and_optimizer}, checkpoint_id=str(path), process_group=host_group())
+                with torch.no_grad():
+                    for buffer_name, buffer in model_and_optimizer.model.named_buffers():
+                        buffer.copy_(saved[buffer_name])
+                error = None
+            except (Exception, CheckpointException) as failure:
+                error = failure
+            if self._any_rank_failed(path, error):
+                continue  # the previous checkpoint's load overwrites whatever this one loaded
+            if rng is not None:
+                set_rng_state(rng)
             log.info("resumed from %s (step %d)", path, state.step)
             return state
         return None
+
+    @staticmethod
+    def _read_state(path: Path) -> TrainerState | None:
+        try:
+            return TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+        except (OSError, ValueError, TypeError) as error:
+            log.warning("checkpoint %s has an unreadable %s (%s); trying the previous one", path, TRAINER_STATE, error)
+            return None
+
+    def _any_rank_failed(self, path: Path, error: BaseException | None) -> bool:
+        """Whether any rank failed to read ``path`` (a collective: one small gloo all-reduce); warns with the reason."""
+        failed = host_any([error is not None])[0]
+        if error is not None:
+            first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            log.warning("checkpoint %s could not be loaded on rank %d (%s); all ranks try the previous one",
+                        path, self.rank, first_line)
+        elif failed:
+            log.warning("checkpoint %s could not be loaded on another rank; all ranks try the previous one", path)
+        return failed

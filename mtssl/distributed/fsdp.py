@@ -55,33 +55,89 @@ def precision_kernels(precision: str, device: torch.device):
         torch.backends.mkldnn.enabled = enabled
 
 
-# BatchNorm keeps fp32 weights under bf16: its running statistics are fp32, and torch's CPU kernel
-# rejects bf16 weights beside them, as does the fused CUDA NCHW backward. A bf16 input with fp32
-# weights is supported on both (the output stays bf16), so inputs are left uncast.
-BATCH_NORM_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+# BatchNorm under bf16: its running statistics are fp32 buffers (FSDP leaves buffers alone), and both torch's
+# CPU kernel and the fused CUDA kernels (cuDNN, and the native NCHW backward) take a bf16 input only beside
+# fp32 weight, bias and statistics ("mixed type"), never bf16 weights beside fp32 statistics. Each BatchNorm
+# therefore stays in its block's bf16 unit (one all-gather and one reduce-scatter per block, no FSDP hooks
+# inside a compiled block) and reads its all-gathered bf16 weight and bias as fp32 (``_Fp32AffineBatchNorm``):
+# the kernels see the same dtypes as with fp32 units of their own. The sharded parameters, the optimiser
+# and the running statistics stay fp32; what changes is that the forward's weight and bias are bf16-rounded
+# copies and their gradients are bf16 before the fp32 reduce-scatter, as for every other parameter.
+
+
+class _Fp32AffineBatchNorm:
+    """Mixin placed before a BatchNorm class: ``weight`` and ``bias`` read as fp32 when FSDP registered bf16
+    unsharded copies (a differentiable cast: gradients flow back to those copies). Attribute reads only: FSDP
+    swaps parameters through ``_parameters``, and the forward (``_BatchNorm.forward``, SyncBatchNorm's, the
+    ghost-BN and activation-checkpointing paths) reads ``self.weight``."""
+
+    @property
+    def weight(self):
+        return _as_fp32(self._parameters["weight"])
+
+    @property
+    def bias(self):
+        return _as_fp32(self._parameters["bias"])
+
+
+def _as_fp32(parameter):
+    if parameter is None or parameter.dtype == torch.float32:
+        return parameter
+    return parameter.float()
+
+
+_FP32_AFFINE_CLASSES: dict[type, type] = {}
+
+
+def fp32_affine_batch_norm(module: _BatchNorm) -> None:
+    """Make ``module`` read its weight and bias as fp32 (in place: its class gains ``_Fp32AffineBatchNorm``)."""
+    cls = type(module)
+    if issubclass(cls, _Fp32AffineBatchNorm):
+        return
+    if cls not in _FP32_AFFINE_CLASSES:
+        _FP32_AFFINE_CLASSES[cls] = type(cls.__name__, (_Fp32AffineBatchNorm, cls), {"__module__": cls.__module__})
+    module.__class__ = _FP32_AFFINE_CLASSES[cls]
 
 
 def shard_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
     """Apply fully_shard per block, per head and at the root of a MultiTaskSiamese.
 
-    Under bf16 each BatchNorm (SyncBatchNorm included) first becomes its own fp32 unit, since
-    fully_shard leaves parameters that a nested unit already manages to that unit.
+    Under bf16 every BatchNorm (SyncBatchNorm included) reads its weights as fp32 (see above) inside its
+    block's unit. Units stay unsharded from their first forward to the end of the step
+    (``reshard_after_forward=False`` and no reshard after backward): a step calls each unit once per view
+    (per-view mode), on the online and the target side, and resharding after each call would all-gather it
+    again for every view and again in backward. The price is one unsharded copy of the model per rank in the
+    compute dtype during the step (bf16, online and target with their heads: ResNet-50 about 150 MB, ViT-B about 0.5 GB), as in
+    ZeRO-2; gradients and optimiser state stay sharded. The step must end with ``reshard_all`` before the
+    optimiser step.
     """
     policy = mixed_precision_policy(precision)
     if precision == "bf16":
         for module in model.modules():
             if isinstance(module, _BatchNorm):
-                fully_shard(module, mp_policy=BATCH_NORM_POLICY)
+                fp32_affine_batch_norm(module)
     encoders = [model.online] + ([model.target] if model.target is not None else [])
+    units = []
     for encoder in encoders:
-        for block in backbone_blocks(encoder.backbone):
-            fully_shard(block, mp_policy=policy)
-        fully_shard(encoder.backbone, mp_policy=policy)
-        fully_shard(encoder.projector, mp_policy=policy)
-    for predictor in model.predictors.values():
-        fully_shard(predictor, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        units += backbone_blocks(encoder.backbone) + [encoder.backbone, encoder.projector]
+    units += list(model.predictors.values())
+    for unit in units:
+        fully_shard(unit, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+    model.set_reshard_after_backward(False)
     return model
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Reshard every FSDP unit of ``model`` (no collective; a no-op on a plain model).
+
+    Call at the end of each step's forward and backward, before the optimiser step and the EMA update: the
+    optimiser and the EMA update the sharded parameters, and a unit still unsharded would run the next
+    forward on its stale copy (FSDP all-gathers only a resharded unit) and list that copy in ``parameters()``.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:

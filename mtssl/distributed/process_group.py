@@ -165,10 +165,25 @@ def submitit_local_task_env() -> dict[str, str] | None:
 
 
 def select_device(preference: str, local_rank: int) -> torch.device:
-    """The rank's device. With one GPU bound per task (``--gpus-per-task=1``) every task sees
-    one device, number 0, whatever its local rank: hence the modulo."""
+    """The rank's device: GPU ``local_rank``, or GPU 0 when the task sees a single one (one GPU bound per
+    task, ``--gpus-per-task=1``: every task sees its own GPU as number 0, whatever its local rank).
+
+    More local ranks than visible GPUs is refused here: wrapping them around would put two ranks on one GPU,
+    which nccl only reports later ("Duplicate GPU detected"). Tasks sharing one visible GPU cannot be told
+    apart from bound ones; nccl's error at initialisation names that case.
+    """
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        index = local_rank % torch.cuda.device_count()
+        count = torch.cuda.device_count()
+        if count == 0 or (count > 1 and local_rank >= count):
+            from mtssl.config import ConfigError  # deferred: the config module imports the data pipelines
+
+            seen = "no GPU is visible" if count == 0 else f"only {count} GPUs are visible on this node"
+            raise ConfigError(
+                f"train.device: local rank {local_rank} needs its own GPU but {seen}. Start at most one task per "
+                f"GPU on each node (srun --ntasks-per-node={max(count, 1)}, torchrun --nproc-per-node={max(count, 1)}), "
+                "bind one GPU per task (srun --gpus-per-task=1), or use train.device=cpu"
+            )
+        index = local_rank if count > 1 else 0
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")

@@ -6,8 +6,10 @@ extracts its share of train and val and keeps it on its device (``FeatureShard``
 whole bank, and kNN and the probe run on every rank over the shards (no single-rank phase).
 
 Evaluation runs in phases (``PHASES``). After each one, rank 0 writes the finished phases' results
-to ``out_dir/eval_state.json``, and all ranks agree whether a stop signal arrived: if so they stop
-with ``EvaluationInterrupted``, and the rerun (requeue) skips the finished phases.
+to ``out_dir/eval_state.json``. All ranks agree whether a stop signal arrived after each phase, and inside
+one at every feature batch, kNN chunk and probe epoch (an ImageNet phase can outlast SLURM's signal delay):
+if so they stop with ``EvaluationInterrupted`` (the job exits as stopped and is requeued), and the rerun skips
+the finished phases and redoes the interrupted one (the augmented probe resumes after its last epoch).
 """
 
 from __future__ import annotations
@@ -152,9 +154,14 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
 
     def shards(state: dict, name: str) -> tuple[FeatureShard, FeatureShard]:
         backbone = _frozen_backbone(cfg, state, env.device)
+
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            check_stop()  # every rank runs the same number of batches (padded shards)
+            return backbone(images)
+
         args = (cfg.eval.batch_size, cfg.data.num_workers, env.device, dtype)
-        train = extract_feature_shard(backbone, train_set, *args, description=f"{name} train features")
-        val = extract_feature_shard(backbone, val_set, *args, description=f"{name} val features")
+        train = extract_feature_shard(forward, train_set, *args, description=f"{name} train features")
+        val = extract_feature_shard(forward, val_set, *args, description=f"{name} val features")
         found = {train_samples[i][0] for i in train.replaced} | {val_samples[i][0] for i in val.replaced}
         unreadable.update(host_union(found))
         return train, val
@@ -165,6 +172,11 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
 
     def stop_requested() -> bool:
         return host_any([bool(stop is not None and stop.requested)])[0]
+
+    def check_stop() -> None:
+        """Inside a phase: stop when any rank got a signal (a collective, at the same points on every rank)."""
+        if stop_requested():
+            raise EvaluationInterrupted(getattr(stop, "signum", None), out_dir / EVAL_STATE, list(phases))
 
     def finished(phase: str, result) -> None:
         phases[phase] = result
@@ -177,11 +189,12 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
     if any(p not in phases for p in ("knn", "linear", "linear_augmented") if p in planned):
         train, val = shards(online_state, "online")
         if "knn" not in phases:
-            finished("knn", knn_classify_sharded(train, val, **knn_args, description="online kNN"))
+            finished("knn", knn_classify_sharded(train, val, **knn_args, description="online kNN", check_stop=check_stop))
         if "linear" in planned and "linear" not in phases:
             probe = linear_probe_sharded(
                 train, val, num_classes, epochs=cfg.eval.linear_epochs, lr_grid=tuple(cfg.eval.linear_lrs),
                 batch_size=cfg.eval.linear_batch_size, holdout_fraction=cfg.eval.linear_holdout, seed=cfg.train.seed,
+                check_stop=check_stop,
             )
             finished("linear", {**probe, "holdout_top1": {str(k): v for k, v in probe["holdout_top1"].items()}})
         del train  # the train bank goes before the augmented probe and the target's bank
@@ -203,7 +216,8 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
     if "knn_target" not in phases:
         if target_state is not None:
             train, val = shards(target_state, "target")
-            finished("knn_target", knn_classify_sharded(train, val, **knn_args, description="target kNN"))
+            finished("knn_target", knn_classify_sharded(train, val, **knn_args, description="target kNN",
+                                                        check_stop=check_stop))
             del train, val
         else:  # SimSiam: the target is the online network
             finished("knn_target", phases["knn"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,25 +68,35 @@ def knn_classify(
     }
 
 
+# Tied rows are re-ranked this many (row x column) elements at a time: the re-ranking key is int64, so this bounds
+# its temporaries to a few hundred MB whatever the bank size (collapsed features tie every row with every column).
+TIE_BLOCK_ELEMENTS = 1 << 24
+
+
 def _top_k_by_index(similarity: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Column positions of the k largest similarities per row, ties broken by the smaller global index.
 
     `similarity` [Q, M] and `index` [M] or [Q, M] (int64). Returns (similarity [Q, k], position [Q, k])
     sorted by similarity descending then index ascending: a total order, so the selection does not
     depend on how the columns were split over ranks. Only rows with a tie at the k-th value (rare on
-    real features) pay for more than one ``topk``.
+    real features) pay for more than one ``topk``; they are re-ranked ``TIE_BLOCK_ELEMENTS // M`` rows at a
+    time, so memory beyond ``similarity`` stays one bool mask plus that block, even when every row ties.
     """
-    index = index.expand_as(similarity)
-    values, position = similarity.topk(k, dim=1)
-    kth = values[:, -1:]
-    tied = ((similarity >= kth).sum(dim=1) > k).nonzero().flatten()
-    if tied.numel():
+    # A row ties at its k-th value iff its (k+1)-th largest value equals it (no [Q, M] count of values >= k-th).
+    values, position = similarity.topk(min(k + 1, similarity.shape[1]), dim=1)
+    kth = values[:, k - 1 : k]
+    tied = (values[:, k] == values[:, k - 1]).nonzero().flatten() if values.shape[1] > k else values.new_empty(0, dtype=torch.int64)
+    position = position[:, :k].clone()
+    rows_per_block = max(1, TIE_BLOCK_ELEMENTS // max(1, similarity.shape[1]))
+    for rows in tied.split(rows_per_block) if tied.numel() else ():
         # Everything above the k-th value is in; among values equal to it the smallest indices fill the rest.
-        sub, sub_index, sub_kth = similarity[tied], index[tied], kth[tied]
+        sub, sub_kth = similarity[rows], kth[rows]
+        sub_index = index.unsqueeze(0) if index.dim() == 1 else index[rows]  # [1, M] broadcasts: no [T, M] copy
         big = sub_index.max() + 2
         key = torch.where(sub > sub_kth, 2 * big, torch.where(sub == sub_kth, 2 * big - 1 - sub_index, 0))
-        position[tied] = key.topk(k, dim=1).indices
-    chosen_index = index.gather(1, position)
+        position[rows] = key.topk(k, dim=1).indices
+        del sub, key
+    chosen_index = index[position] if index.dim() == 1 else index.gather(1, position)
     order = chosen_index.argsort(dim=1, stable=True)
     position = position.gather(1, order)
     order = similarity.gather(1, position).argsort(dim=1, descending=True, stable=True)
@@ -114,6 +124,7 @@ def knn_classify_sharded(
     temperature: float = 0.07,
     chunk_size: int = 1024,
     description: str = "kNN",
+    check_stop: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Weighted kNN (as ``knn_classify``) on feature shards spread over the ranks; a collective.
 
@@ -122,7 +133,7 @@ def knn_classify_sharded(
     against its train shard and keeps its top-k (ties to the smaller global train index); the per-rank top-k
     similarities, labels and global indices are all-gathered and reduced to the global top-k by the same
     rule. The merge is exact, so any number of ranks gives the result of one rank. Every rank returns the
-    same accuracies.
+    same accuracies. ``check_stop()`` is called on every rank before each block (it may raise to stop).
     """
     if not ks or min(ks) < 1 or max(ks) > train.num_items:
         raise ValueError(
@@ -147,6 +158,8 @@ def knn_classify_sharded(
     # chunk_size queries per block in all: the block's similarities [chunk_size, shard] shrink with the ranks.
     rows_per_rank = max(1, math.ceil(chunk_size / world_size()))
     for start in progress_bar(range(0, per_rank, rows_per_rank), desc=description, unit="chunk"):
+        if check_stop is not None:
+            check_stop()
         rows = slice(start, start + rows_per_rank)
         queries = device_all_gather_cat(val.features[rows].to(gather)).to(device)
         query_labels = device_all_gather_cat(val.labels[rows].to(gather)).to(device)

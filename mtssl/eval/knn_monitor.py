@@ -1,8 +1,10 @@
 """kNN of the online backbone during pretraining (``monitor.knn_every_epochs``), called by the trainer at epoch ends.
 
-The protocol is the end-of-training kNN's (``mtssl.eval.end_of_training``): the online backbone in eval mode with its BN statistics
-averaged over ranks, the validation transform, features extracted per rank (``extract_feature_shard``) and the
-exact sharded kNN (``knn_classify_sharded``); every rank takes part, so FSDP-sharded backbones work as they are.
+The protocol and the network are the end-of-training kNN's (``mtssl.eval.end_of_training``): the online backbone with its BN
+statistics averaged over ranks, gathered unsharded into the same fp32 evaluation copy (``_frozen_backbone``, eval
+mode), the validation transform, features extracted per rank (``extract_feature_shard``) and the exact sharded kNN
+(``knn_classify_sharded``). So the curve's last point is the end-of-training number (same subsets), not that of the bf16
+compute copy FSDP trains with. Every rank takes part (gathering the backbone is a collective).
 It leaves training untouched: the global RNG states (CPU and the device's) are restored afterwards, the BN
 buffers and every module's train/eval mode too, and nothing runs under autograd. A stop signal is not acted on
 inside a kNN (it is bounded by its subsets): the trainer stops at its next step boundary; a stop that is already
@@ -28,9 +30,10 @@ from mtssl.config import ConfigError
 from mtssl.data.image_folder import EvalImageFolder, class_balanced_subset
 from mtssl.utils.atomic_write import write_json_atomic
 from mtssl.distributed.collectives import average_buffers_over_ranks_, host_any, world_size
+from mtssl.distributed.fsdp import full_state_dict
 from mtssl.distributed.process_group import DistEnv
 from mtssl.eval.features import FEATURE_DTYPES, extract_feature_shard
-from mtssl.eval.end_of_training import eval_transform, evaluation_samples
+from mtssl.eval.end_of_training import _frozen_backbone, eval_transform, evaluation_samples
 from mtssl.eval.knn import knn_classify_sharded
 from mtssl.job_folder import KNN_DURING_TRAINING
 
@@ -109,13 +112,15 @@ class KnnMonitor:
             return
         start = time.monotonic()
         with evaluation_mode(self.backbone, self.env.device):
+            # The end-of-job evaluation's fp32 copy of the (BN-averaged) weights: full_state_dict is a collective.
+            frozen = _frozen_backbone(self.cfg, full_state_dict(self.backbone), self.env.device)
             args = (self.cfg.eval.batch_size, self.cfg.data.num_workers, self.env.device,
                     FEATURE_DTYPES[self.cfg.eval.feature_dtype])
-            train = extract_feature_shard(self.backbone, self.train_set, *args, description="kNN bank features")
-            val = extract_feature_shard(self.backbone, self.val_set, *args, description="kNN val features")
+            train = extract_feature_shard(frozen, self.train_set, *args, description="kNN bank features")
+            val = extract_feature_shard(frozen, self.val_set, *args, description="kNN val features")
             result = knn_classify_sharded(train, val, self.num_classes, self.ks, self.cfg.eval.knn_temperature,
                                           description="kNN during training")
-            del train, val
+            del train, val, frozen
         seconds = time.monotonic() - start
         self.seconds += seconds
         top1, top5 = result[self.headline]["top1"], result[self.headline]["top5"]

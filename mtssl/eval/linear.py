@@ -8,7 +8,7 @@ are summed over ranks, so W ranks train the heads one rank would, up to floating
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,13 +83,15 @@ def train_linear_heads(
     weight_decay: float = 0.0,
     seed: int = 0,
     description: str = "linear probe",
+    check_stop: Callable[[], None] | None = None,
 ) -> LinearHeads:
     """Train BatchNorm1d(affine=False) + one Linear per lr on the train items `members` (global indices,
     ascending), all heads over the same mini-batches; SGD momentum 0.9, per-step cosine lr. A collective.
 
     Each head starts from the same N(0, 0.01) init; the generator seeded with `seed` draws the init, then
     one permutation of `members` per epoch (a global batch of `batch_size`, split over the ranks that hold
-    its rows). A trailing batch of one sample cannot be batch-normalised and is skipped.
+    its rows). A trailing batch of one sample cannot be batch-normalised and is skipped. ``check_stop()`` is called
+    on every rank after each epoch but the last (it may raise to stop).
     """
     device, dim = shard.features.device, shard.dim
     generator = torch.Generator().manual_seed(seed)
@@ -109,7 +111,7 @@ def train_linear_heads(
     rows_of = _ShardRows(shard)
     members = members.to(device)
 
-    for _ in progress_bar(range(epochs), desc=description, unit="epoch"):
+    for epoch in progress_bar(range(epochs), desc=description, unit="epoch"):
         order = members[torch.randperm(num_samples, generator=generator).to(device)]
         for batch in order.split(batch_size)[:batches_per_epoch]:
             rows = rows_of(batch)
@@ -132,6 +134,8 @@ def train_linear_heads(
                     p.grad.copy_(g.view_as(p))
             optimizer.step()
             scheduler.step()
+        if check_stop is not None and epoch + 1 < epochs:
+            check_stop()
     return LinearHeads(tuple(lrs), [w.detach() for w in weights], [b.detach() for b in biases], running_mean, running_var)
 
 
@@ -155,6 +159,7 @@ def linear_probe_sharded(
     holdout_fraction: float = 0.1,
     weight_decay: float = 0.0,
     seed: int = 0,
+    check_stop: Callable[[], None] | None = None,
 ) -> dict:
     """Linear probe on frozen feature shards: BatchNorm1d(affine=False) then Linear, SGD momentum 0.9, cosine lr.
 
@@ -162,7 +167,8 @@ def linear_probe_sharded(
     minus a class-stratified, seeded holdout of `holdout_fraction` (all heads in one pass over the same
     batches), and scored by top-1 on that holdout (ties go to the earlier lr in the grid). The chosen lr
     is then retrained on all train features and the last-epoch head is evaluated on val. A collective;
-    every rank returns the same result, bitwise repeatable on CPU.
+    every rank returns the same result, bitwise repeatable on CPU. ``check_stop()``: called after each epoch of both
+    trainings, on every rank; it may raise to stop.
 
     Returns {"top1": .., "top5": .. (val, percent), "lr": chosen lr, "holdout_top1": {lr: percent}}.
     """
@@ -189,7 +195,7 @@ def linear_probe_sharded(
         )
     fit = (~holdout).nonzero().flatten()
     heads = train_linear_heads(train, fit, num_classes, lr_grid, epochs, batch_size, weight_decay, seed,
-                               description="linear probe (lr grid)")
+                               description="linear probe (lr grid)", check_stop=check_stop)
     held_rows = train.valid & holdout.to(device)[train.indices]
     num_held = int(holdout.sum())
     held = _heads_correct(heads, train, held_rows, (1,))
@@ -197,7 +203,7 @@ def linear_probe_sharded(
     best_lr = max(lr_grid, key=lambda lr: holdout_top1[lr])  # max() keeps the first of equal values
 
     final = train_linear_heads(train, torch.arange(train.num_items), num_classes, (best_lr,), epochs, batch_size,
-                               weight_decay, seed, description="linear probe (chosen lr)")
+                               weight_decay, seed, description="linear probe (chosen lr)", check_stop=check_stop)
     (val_counts,) = _heads_correct(final, val, val.valid, (1, 5))
     return {"top1": 100.0 * val_counts[1] / val.num_items, "top5": 100.0 * val_counts[5] / val.num_items,
             "lr": best_lr, "holdout_top1": holdout_top1}

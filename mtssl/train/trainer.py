@@ -39,7 +39,7 @@ from mtssl.job_folder import CHECKPOINTS, JobStatus, update_progress
 from mtssl.train.ema import ema_momentum, ema_update
 from mtssl.train.research_monitors import TrainingMonitors
 from mtssl.data.pipelines import AUGMENTATION_PIPELINES
-from mtssl.distributed.fsdp import backbone_blocks, compute_parameters, precision_kernels, shard_model
+from mtssl.distributed.fsdp import backbone_blocks, compute_parameters, precision_kernels, reshard_all, shard_model
 from mtssl.model.activation_checkpoint import checkpoint_backbone_blocks
 from mtssl.model.siamese import MultiTaskSiamese, build_model
 from mtssl.loss.multitask import multitask_loss, task_pair_counts, view_pair_loss_sum
@@ -81,22 +81,47 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+# cuBLAS's fixed workspace sizes that make its reductions repeatable (read when the first cuBLAS handle is made).
+DETERMINISTIC_CUBLAS_WORKSPACES = (":4096:8", ":16:8")
+
+
 def configure_determinism(train_cfg, device: torch.device) -> None:
     """Deterministic kernels where the config asks for them (process-wide; call before any CUDA work).
 
     CPU (``train.deterministic``): deterministic algorithms, and CPU runs are bitwise repeatable.
-    CUDA (``train.cuda_deterministic``): deterministic algorithms (ops without a deterministic CUDA
-    kernel warn), cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when the first cuBLAS
-    handle is made), cuDNN's deterministic algorithms without autotuning.
+    CUDA (``train.cuda_deterministic``): deterministic algorithms in strict mode (``warn_only=False``: an op
+    without a deterministic CUDA kernel raises, naming itself, instead of warning and breaking the bitwise
+    resume), cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG), cuDNN's deterministic algorithms without
+    autotuning, and scaled-dot-product attention restricted to its memory-efficient and math kernels, whose
+    backward is deterministic in strict mode (flash and cuDNN attention are switched off). The ViT's
+    position-embedding resample has no deterministic backward: ``Trainer`` refuses it beforehand.
+    CUDA without determinism: cuDNN autotunes its convolution algorithms (``cudnn.benchmark``), once per shape.
     """
     if device.type == "cuda":
         if train_cfg.cuda_deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in DETERMINISTIC_CUBLAS_WORKSPACES:
+                os.environ["CUBLAS_WORKSPACE_CONFIG"] = DETERMINISTIC_CUBLAS_WORKSPACES[0]
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            torch.use_deterministic_algorithms(True, warn_only=False)
+        else:
+            torch.backends.cudnn.benchmark = True
     elif train_cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def cuda_nondeterminism(model: MultiTaskSiamese, layout: ViewLayout) -> str | None:
+    """What of the training step has no deterministic CUDA kernel, or None."""
+    backbone = model.online.backbone
+    if getattr(backbone, "dynamic_img_size", False) and getattr(backbone, "patch_embed", None) is not None:
+        native = tuple(backbone.patch_embed.img_size)
+        resampled = sorted({t.size for t in layout.types if (t.size, t.size) != native})
+        if resampled:
+            return (f"the ViT resamples its {native[0]} px position embedding for the {resampled} px views (bicubic "
+                    "interpolation, whose CUDA backward accumulates with atomics: no deterministic kernel)")
+    return None
 
 
 def training_samples(cfg: DictConfig) -> list:
@@ -155,6 +180,9 @@ class Trainer:
             )
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg, self.layout.task_names, cfg.data.small_images, self.objective.ema_target)
+        if env.device.type == "cuda" and cfg.train.cuda_deterministic and (problem := cuda_nondeterminism(model, self.layout)):
+            raise ConfigError(f"train.cuda_deterministic: {problem}; use views of the backbone's size only "
+                              "(data.view_sizes, views=global) or train.cuda_deterministic=false")
         if cfg.train.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(env.device)
@@ -216,6 +244,7 @@ class Trainer:
                 self.monitors.probe(step, task_losses, compute_parameters(self.model, self.model.online))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+        reshard_all(self.model)  # units stay unsharded over the step's forwards and backwards (mtssl.distributed.fsdp)
         if self.cfg.optim.clip_grad:  # clipping measures the norm anyway (before clipping)
             total_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.clip_grad, foreach=True)
         elif measure_grad_norm:
@@ -393,6 +422,8 @@ class Trainer:
                     output = self.training_step(views, step, measure_grad_norm=logs_now)
                 loss = output.loss
                 skipped_local |= skipped
+                if hasattr(self.transform, "take_skipped"):  # files only the device found undecodable (data.gpu_decode)
+                    skipped_local |= self.transform.take_skipped()
                 step += 1
                 window_steps += 1
                 check_finite = env.device.type == "cpu" or step % cfg.train.log_every_steps == 0
