@@ -291,12 +291,13 @@ def job_config(run: Run, *overrides: str, backbone: str = "resnet50"):
     """The job config of a stage: the ImageNet profile's job with the stage's overrides, composed, resolved and
     validated by mtssl.config. The one place this script composes configs.
 
-    The base is what sweeps/conf/profile/imagenet_200ep.yaml runs (BYOL, global + local + cutout views, separate
+    The base is what regime/imagenet_200ep.yaml runs (BYOL, global + local + cutout views, separate
     predictors, ResNet-50, the gpu pipeline, per-view mode, bf16 on CUDA), on the synthetic folder, with
     checkpoints only at the end of a fit and an epoch count no stage reaches (``train.max_steps`` stops fits).
     ``backbone``: the preset, given apart so the rehearsal can shrink it.
     """
-    from mtssl.config import compose_config, resolve_config, validate_config
+    from mtssl.config import compose_config, resolve_config
+    from mtssl.config.validate import validate_config
 
     base = [
         "method=byol", "views=global_local_cutout", "predictor=separate", f"backbone={backbone}", "data=imagefolder",
@@ -413,7 +414,8 @@ def release(run: Run) -> None:
 
 def fit(cfg, run: Run, out_dir: Path, sync_mode: str | None = None):
     """One ``Trainer.fit`` (resuming from out_dir's checkpoints); returns (outcome, trainer)."""
-    from mtssl.train.trainer import StopRequest, Trainer
+    from mtssl.distributed.preemption import StopRequest
+    from mtssl.train.trainer import Trainer
 
     trainer = Trainer(cfg, run.env, out_dir)
     trainer.sync_debug_mode = sync_mode
@@ -566,7 +568,8 @@ def stage_preflight(run: Run, stage: Stage) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # 2. bf16 BatchNorm kernels
 
-BN_MODES = (("per_view", False, False), ("per_view+cl", False, True), ("ghost", "ghost", False), ("ghost+cl", "ghost", True))
+BN_MODES = (("per_view", "none", False), ("per_view+cl", "none", True), ("ghost", "bn_per_view", False),
+            ("ghost+cl", "bn_per_view", True))
 
 
 @contextlib.contextmanager
@@ -978,8 +981,8 @@ def stage_throughput(run: Run, stage: Stage) -> None:
     batch = scale.throughput_batch
     cfg = job_config(run, f"train.batch_size={batch}")
     peak = peak_flops(run.device)
-    modes = [(Mode("per_view", False), False), (Mode("ghost", "ghost"), False),
-             (Mode("ghost+cl", "ghost", channels_last=True), False), (Mode("per_view", False), True)]
+    modes = [(Mode("per_view", "none"), False), (Mode("ghost", "bn_per_view"), False),
+             (Mode("ghost+cl", "bn_per_view", channels_last=True), False), (Mode("per_view", "none"), True)]
     rows: dict[str, dict] = {}
     views = small = layout = None
     for mode, checkpointing in modes:
@@ -1075,9 +1078,9 @@ def stage_resume(run: Run, stage: Stage) -> None:
 def stage_evaluation(run: Run, stage: Stage) -> None:
     from mtssl.distributed.fsdp import full_state_dict
     from mtssl.eval.features import FeatureShard
-    from mtssl.eval.job import evaluate_states
+    from mtssl.eval.end_of_training import evaluate_states
     from mtssl.eval.knn import knn_classify, knn_classify_sharded
-    from mtssl.eval.monitor import KnnMonitor
+    from mtssl.eval.knn_monitor import KnnMonitor
     from mtssl.train.trainer import Trainer
     from train_step import make_views
 
@@ -1144,7 +1147,7 @@ def stage_evaluation(run: Run, stage: Stage) -> None:
     release(run)
 
     n_bank, n_val_images = run.scale.eval_images
-    cfg = job_config(run, "eval.knn_every_epochs=1", f"eval.train_subset={n_bank}", f"eval.val_subset={n_val_images}",
+    cfg = job_config(run, "monitor.knn_every_epochs=1", f"eval.train_subset={n_bank}", f"eval.val_subset={n_val_images}",
                      f"eval.batch_size={min(64, n_bank)}", "eval.linear_epochs=1", "eval.linear_lrs=[0.1]",
                      "train.precision=bf16", f"train.batch_size={run.scale.audit_batch}", backbone="resnet18")
     out = run.work / "evaluation"
@@ -1192,7 +1195,7 @@ def stage_compile(run: Run, stage: Stage) -> None:
     batch, steps = run.scale.compile_batch, run.scale.compile_steps
     cfg = job_config(run, f"train.batch_size={batch}")
 
-    eager = step_runner(cfg, Mode("per_view", False), run.env, run.work / "compile" / "eager")
+    eager = step_runner(cfg, Mode("per_view", "none"), run.env, run.work / "compile" / "eager")
     views = make_views(eager.layout, batch, run.device)
     eager_losses, eager_seconds = timed_losses(eager, views, 0, steps, run)
     del eager
@@ -1200,7 +1203,7 @@ def stage_compile(run: Run, stage: Stage) -> None:
     torch._dynamo.reset()
     counters.clear()
     with rehearsal_compile_backend(run):
-        compiled = step_runner(cfg, Mode("per_view+compile", False, compile=True), run.env, run.work / "compile" / "compiled")
+        compiled = step_runner(cfg, Mode("per_view+compile", "none", compile=True), run.env, run.work / "compile" / "compiled")
         start = time.perf_counter()
         first = float(compiled.training_step(views, 0).loss)
         synchronize(run)
