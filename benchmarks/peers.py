@@ -345,12 +345,12 @@ def benchmark_step(args, peers: dict, env, out_dir: Path) -> list[dict]:
     device = env.device
     batch = args.batch
     cfg = step_config(args, "global_local", batch)
-    modes = [Mode("per_view", False), Mode("ghost", "ghost")]
+    modes = [Mode("per_view", "none"), Mode("ghost", "bn_per_view")]
     trainers = {f"mtssl {m.name}": step_runner(cfg, m, env, out_dir) for m in modes}
     first = next(iter(trainers.values()))
     layout, target_indices = first.layout, list(first.target_indices)
     views = make_views(layout, batch, device)
-    lr, weight_decay = first.peak_lr, float(cfg.method.optim.weight_decay)
+    lr, weight_decay = first.peak_lr, float(cfg.optim.weight_decay)
     feature_dim = first.model.online.backbone.num_features
     entries = []
     for name, trainer in trainers.items():
@@ -479,7 +479,7 @@ def network_rows(args, peers: dict, env, out_dir: Path, tolerance: float) -> lis
 
 def _network_rows(args, peers: dict, env, out_dir: Path, tolerance: float, cfg) -> list[dict]:
     device = env.device
-    trainer = step_runner(cfg, Mode("per_view", False), env, out_dir)
+    trainer = step_runner(cfg, Mode("per_view", "none"), env, out_dir)
     model = trainer.model
     weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
     views = [v + 0.1 * i for i, v in enumerate(make_views(trainer.layout, args.batch, device))]  # 2 distinct views

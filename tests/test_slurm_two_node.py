@@ -34,7 +34,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_image_folder, run_slurm_command
+from tests.support.data import make_image_folder
+from tests.support.slurm import run_slurm_command
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm_two_node")]  # its own cluster
 

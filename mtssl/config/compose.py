@@ -21,6 +21,7 @@ from mtssl.data.views import ViewType, build_view_layout
 
 CONFIG_MODULE = "mtssl.conf"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_NAME = "config"  # the root of the job config: mtssl/conf/config.yaml
 # The repository root: relative defaults (data.root of data=cifar10) resolve against it, not the cwd.
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 if not OmegaConf.has_resolver("mtssl.repo"):
@@ -43,7 +44,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     refuse_renamed(overrides)
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            return compose(config_name="config", overrides=list(overrides))
+            return compose(config_name=CONFIG_NAME, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(f"bad override in {list(overrides)}: {error}") from error
 
@@ -61,8 +62,8 @@ def recipe_sources(overrides: Sequence[str] = ()) -> list[str]:
 
     refuse_renamed(overrides)
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        choices = compose(config_name="config", overrides=list(overrides), return_hydra_config=True).hydra.runtime.choices
-    sources = ["config.yaml"]
+        choices = compose(config_name=CONFIG_NAME, overrides=list(overrides), return_hydra_config=True).hydra.runtime.choices
+    sources = [f"{CONFIG_NAME}.yaml"]
     for key in SOURCE_GROUPS:
         group, choice = key.split("@", 1)[0], choices.get(key)
         if choice is None or not (CONFIG_DIR / group / f"{choice}.yaml").exists():

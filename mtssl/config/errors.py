@@ -1,5 +1,5 @@
-"""The error every config check raises."""
+"""The error every config check raises (defined in mtssl.utils.errors, below every layer that raises it)."""
 
+from mtssl.utils.errors import ConfigError
 
-class ConfigError(ValueError):
-    """An invalid config value; the message names the field and how to fix it."""
+__all__ = ["ConfigError"]

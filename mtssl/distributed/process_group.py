@@ -175,7 +175,7 @@ def select_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         count = torch.cuda.device_count()
         if count == 0 or (count > 1 and local_rank >= count):
-            from mtssl.config import ConfigError  # deferred: the config module imports the data pipelines
+            from mtssl.utils.errors import ConfigError
 
             seen = "no GPU is visible" if count == 0 else f"only {count} GPUs are visible on this node"
             raise ConfigError(
