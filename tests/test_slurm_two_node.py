@@ -92,24 +92,27 @@ def two_node_cluster():
 
 @pytest.fixture(scope="module")
 def config_dir(tmp_path_factory) -> Path:
-    """A --config-dir with the tiny profile the jobs run at (16 images of 32 px, 6 steps, checkpoints every 2)."""
+    """A --config-dir with the tiny budget the jobs run at (2 ranks a job); the tiny job keys are TINY_JOB."""
     root = tmp_path_factory.mktemp("two_node")
-    data = make_image_folder(root / "data", classes=2, per_class=8)
-    profile = {
-        "name": "tiny_2node",
-        "overrides": [
-            "data=cifar10", f"data.root={data}", "data.download=false", "data.subset=null", "data.num_workers=0",
-            "train.device=cpu", "train.batch_size=8", "train.epochs=3", "train.log_every_steps=1",
-            "train.checkpoint_every_steps=2",
-            "method.projector.hidden_dims=[32]", "method.predictor.hidden_dims=[32]", "+backbone.kwargs.layers=[1,1,1,1]",
-            "monitor.rankme=false", "eval.linear_epochs=1", "eval.knn_k=[3]", "eval.batch_size=16",
-            "eval.linear_lrs=[0.1]",
-        ],
-        "resources": {"ranks_per_job": 2, "gpus": False, "hours_per_job": {"default": 0.01}},
-    }
-    (root / "conf" / "profile").mkdir(parents=True)
-    (root / "conf" / "profile" / "tiny_2node.yaml").write_text(yaml.safe_dump(profile))
+    make_image_folder(root / "data", classes=2, per_class=8)
+    budget = {"name": "tiny_2node", "regime": "official",
+              "resources": {"ranks_per_job": 2, "gpus": False, "hours_per_job": {"default": 0.01}}}
+    (root / "conf" / "budget").mkdir(parents=True)
+    (root / "conf" / "budget" / "tiny_2node.yaml").write_text(yaml.safe_dump(budget))
     return root / "conf"
+
+
+def tiny_job(config_dir: Path) -> list[str]:
+    """The job keys of every job (16 images of 32 px, 6 steps, checkpoints every 2), bare on the command line."""
+    data = config_dir.parent / "data"  # written by the config_dir fixture
+    return [
+        "data=cifar10", f"data.root={data}", "data.download=false", "data.subset=null", "data.num_workers=0",
+        "train.device=cpu", "train.batch_size=8", "train.epochs=3", "train.log_every_steps=1",
+        "train.checkpoint_every_steps=2",
+        "method.projector.hidden_dims=[32]", "method.predictor.hidden_dims=[32]", "+backbone.kwargs.layers=[1,1,1,1]",
+        "monitor.rankme=false", "eval.linear_epochs=1", "eval.knn_k=[3]", "eval.batch_size=16",
+        "eval.linear_lrs=[0.1]",
+    ]
 
 
 def cluster_settings() -> dict[str, str]:
@@ -120,9 +123,10 @@ def cluster_settings() -> dict[str, str]:
 
 def sweep_args(config_dir: Path, sweep_dir: Path, *extra: str, name: str | None = None) -> list[str]:
     """The issue's command: the predictor_sharing ablation on the two-node cluster profile, one of its jobs."""
-    return ["--config-dir", str(config_dir), "ablation=predictor_sharing", "profile=tiny_2node", "launcher=slurm",
+    return ["--config-dir", str(config_dir), "ablation=predictor_sharing", "budget=tiny_2node", "launcher=slurm",
             "cluster=local_2node", "ablation.axes.method=[byol]", "ablation.axes.predictor=[separate]",
-            f"launcher.name={name or job_name()}", f"sweep_dir={sweep_dir}", "poll_s=1", "tables.plots=false", *extra]
+            f"launcher.name={name or job_name()}", f"sweep_dir={sweep_dir}", "poll_s=1", "tables.plots=false", *tiny_job(config_dir),
+            *extra]
 
 
 def job_name() -> str:
