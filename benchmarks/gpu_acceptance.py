@@ -717,7 +717,11 @@ def stage_gpu_pipeline(run: Run, stage: Stage) -> None:
                 _fmt_diff(diff), "mean <= 0.25 levels, <= 0.1% of pixels over 3 levels", cuda_only=True, **diff)
 
     if "uint8_kernel" in inspect.signature(gpu_augment.resize_crops).parameters:
-        float_resize = functools.partial(gpu_augment.resize_crops, uint8_kernel=False)
+        uint8_resize = gpu_augment.resize_crops
+
+        def float_resize(crops, size, uint8_kernel=None):  # the float kernel, whatever the caller asks for
+            return uint8_resize(crops, size, uint8_kernel=False)
+
         with mock.patch.object(gpu_augment, "resize_crops", float_resize):
             on_cpu_float = [levels(v, mean, std) for v in gpu.to_views(batch, torch.device("cpu"))]
         diff = pixel_differences(torch.cat([v.flatten() for v in on_device]),
