@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from tests.support.data import make_image_folder
-from tests.support.slurm import run_slurm_command
+from tests.support.slurm import proc_status, rank_pids, run_slurm_command, usr2_pending_or_running, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm_two_node")]  # its own cluster
 
@@ -221,8 +221,6 @@ def reference(two_node_cluster, config_dir, tmp_path_factory):
 # 1. The cluster
 
 
-
-
 def test_nodes_have_their_own_names_and_resolve_each_other(two_node_cluster, tmp_path):
     script = tmp_path / "probe.sh"
     script.write_text('#!/bin/sh\necho "$SLURM_PROCID $(hostname) $(getent hosts node1 node2 | tr -s " \\n" " ")'
@@ -265,49 +263,10 @@ def test_sweep_job_across_two_nodes_equals_two_ranks_on_one_node(reference):
 # 3. Preemption across nodes
 
 
-def rank_pids(sweep_dir: Path) -> list[int]:
-    """The job's task processes (python -m submitit.core._submit <sweep_dir>/.submitit/...), on both nodes; not
-    srun, whose command line holds the same words."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            args = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (proc.name.isdigit() and args and b"python" in Path(args[0].decode()).name.encode()
-                and b"submitit.core._submit" in args and any(str(sweep_dir).encode() in a for a in args)):
-            pids.append(int(proc.name))
-    return pids
-
-
-def proc_status(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None  # ended
-
-
-def wait_for(condition, what: str, timeout_s: float, launcher: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert launcher.poll() is None, f"the launcher ended while waiting for {what}: {launcher.communicate()[0]}"
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
-
-
 def reached_step(sweep_dir: Path, step: int) -> bool:
     log = sweep_dir / JOB / "train.log"
     text = log.read_text() if log.exists() else ""
     return any(int(s) >= step for s in re.findall(r"step (\d+)/\d+ epoch", text))
-
-
-def usr2_pending_or_running(pid: int) -> bool:
-    status = proc_status(pid)
-    if status is None or "State:\tT" not in status:
-        return True  # ended, or woken up (SLURM sends SIGCONT before its signal)
-    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("ShdPnd", "SigPnd"))]
-    return any(mask & (1 << (signal.SIGUSR2 - 1)) for mask in masks)
 
 
 def test_preempted_job_comes_back_on_the_nodes_in_the_other_order_with_the_same_weights(reference, config_dir,

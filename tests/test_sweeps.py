@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from sweeps.launchers import Submission, SweepLauncher, TrackedJob, record_submi
 from sweeps.overrides import split_overrides
 from sweeps.status import format_rows, sweep_rows
 from tests.support.data import make_image_folder
+from tests.support.slurm import proc_status, rank_pids, usr2_pending_or_running, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = [sys.executable, str(REPO / "sweeps" / "launch.py")]
@@ -505,44 +505,6 @@ def test_relaunching_a_half_finished_sweep_submits_only_the_missing_job(referenc
     assert results(sweep_dir / missing)["weights_sha256"] == results(source / missing)["weights_sha256"]
     assert f"resumed from {sweep_dir / missing}/checkpoints/step_{STEPS_PER_JOB:08d}" in (
         sweep_dir / missing / "train.log").read_text()
-
-
-def rank_pids(sweep_dir: Path) -> list[int]:
-    """The job's task processes (python -m submitit.core._submit <sweep_dir>/.submitit/...), not srun."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            args = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (proc.name.isdigit() and args and b"python" in Path(args[0].decode()).name.encode()
-                and b"submitit.core._submit" in args and any(str(sweep_dir).encode() in a for a in args)):
-            pids.append(int(proc.name))
-    return pids
-
-
-def proc_status(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None  # ended
-
-
-def usr2_pending_or_running(pid: int) -> bool:
-    status = proc_status(pid)
-    if status is None or "State:\tT" not in status:
-        return True  # ended, or woken up (SLURM sends SIGCONT before its signal)
-    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("ShdPnd", "SigPnd"))]
-    return any(mask & (1 << (signal.SIGUSR2 - 1)) for mask in masks)
-
-
-def wait_for(condition, what: str, timeout_s: float, launcher: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert launcher.poll() is None, f"the launcher ended while waiting for {what}"
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def hold_until_usr2(sweep_dir: Path, job: str, step: int, launcher: subprocess.Popen, then=lambda: None) -> None:

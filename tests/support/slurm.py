@@ -1,11 +1,16 @@
-"""Whether the local SLURM test cluster (slurm/start_local_cluster.sh) answers, and SLURM commands with a limit."""
+"""Whether the local SLURM test cluster (slurm/start_local_cluster.sh) answers, SLURM commands with a limit, and
+the processes of a job on it (to freeze, signal or watch)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 READY_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
 
@@ -39,3 +44,45 @@ def slurm_cluster_problem() -> str | None:
     if accounting.returncode != 0:
         return f"SLURM accounting does not answer (`sacct`: {accounting.stderr.strip()})"
     return None
+
+
+def rank_pids(sweep_dir: Path) -> list[int]:
+    """The job's task processes (python -m submitit.core._submit <sweep_dir>/.submitit/...), on every node of this
+    machine's cluster; not srun, whose command line holds the same words."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (proc.name.isdigit() and args and b"python" in Path(args[0].decode()).name.encode()
+                and b"submitit.core._submit" in args and any(str(sweep_dir).encode() in a for a in args)):
+            pids.append(int(proc.name))
+    return pids
+
+
+def proc_status(pid: int) -> str | None:
+    """/proc/<pid>/status, or None once the process ended."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+
+
+def usr2_pending_or_running(pid: int) -> bool:
+    """Whether a stopped (SIGSTOP) process has SIGUSR2 pending, or is no longer stopped."""
+    status = proc_status(pid)
+    if status is None or "State:\tT" not in status:
+        return True  # ended, or woken up (SLURM sends SIGCONT before its signal)
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("ShdPnd", "SigPnd"))]
+    return any(mask & (1 << (signal.SIGUSR2 - 1)) for mask in masks)
+
+
+def wait_for(condition, what: str, timeout_s: float, launcher: subprocess.Popen) -> None:
+    """Poll ``condition`` until it holds; fail the test on a timeout or when ``launcher`` ended meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert launcher.poll() is None, f"the launcher ended while waiting for {what}: {launcher.communicate()[0]}"
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
