@@ -7,6 +7,7 @@ only difference is `train.epochs`. This proves learning, not just running.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -32,8 +33,10 @@ LINEAR_MARGIN = 3.0
 
 
 def run(out_dir, root, *overrides):
+    """One job on one thread: beside the suite's other worker, two threads on 2 cores would oversubscribe them
+    (CI measured 560 s for this test so), and the margins below were measured on one thread."""
     cmd = [sys.executable, "-m", "mtssl.run", *E2E, f"data.root={root}", f"out_dir={out_dir}", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out_dir / "results.json").read_text())
 
