@@ -15,7 +15,7 @@ a cell either: when a cell would hold more than one ``config_hash_without_seed``
 apart, and a message names the jobs. Sweeps of different ablations or profiles are
 never mixed in one table; each (ablation, profile) gets its own.
 
-Metrics: "kNN" is ``knn_top1`` (weighted kNN, k=20, online backbone), "linear" is ``linear_top1``; both top-1 in
+Metrics: "kNN" is ``knn_top1`` (weighted kNN, k=20: ``KNN_HEADLINE_K``, online backbone), "linear" is ``linear_top1``; both top-1 in
 percent on the val split. "cos" (``cos_mean``, when a job ran the task-interference probe) is the mean cosine
 between the tasks' gradients on the shared encoder, over probes and task pairs, two decimals, never bold. A metric
 that no completed job reported is left out. A cell holding a job flagged ``unstable`` (its RankMe fell below
@@ -49,7 +49,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from mtssl.job_folder import FOLDER_STATUSES, JobStatus
+from mtssl.job_folder import FOLDER_STATUSES, KNN_HEADLINE_K, JobStatus
 
 HEADLINE_METRICS = [("kNN", "knn_top1"), ("linear", "linear_top1")]
 MONITOR_METRICS = [("cos", "cos_mean")]  # shown when some completed job reports them
@@ -480,7 +480,7 @@ def write_table(table: Table, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-LEGEND = ("kNN: weighted kNN top-1 (k=20), linear: linear-probe top-1, in % on the val split. Cells: mean ± sample "
+LEGEND = (f"kNN: weighted kNN top-1 (k={KNN_HEADLINE_K}), linear: linear-probe top-1, in % on the val split. Cells: mean ± sample "
           "std over completed seeds (n); jobs that did not complete are listed by status and not averaged in; "
           "best per column in bold.")
 DELTA_LEGEND = " Δ is the difference of the means."

@@ -85,6 +85,10 @@ RESULT_STATUSES = (JobStatus.COMPLETED, JobStatus.DIVERGED, JobStatus.FAILED)  #
 FOLDER_STATUSES = RESULT_STATUSES + (JobStatus.MALFORMED, JobStatus.UNFINISHED, JobStatus.PENDING)  # job_state's
 FINAL_STATUSES = (JobStatus.COMPLETED, JobStatus.DIVERGED)  # results that a rerun or a relaunch never touches
 
+# The headline kNN (``knn_top1``, what docs and tables call "kNN"): k=20 whatever else ``eval.knn_k`` asks (those
+# are under ``knn``); a bank of fewer images (a tiny test run) takes all of them. ``knn_headline_k`` records it.
+KNN_HEADLINE_K = 20
+
 
 # ------------------------------------------------------------------------------------------- results.json
 class Results(TypedDict, total=False):
@@ -117,6 +121,7 @@ class Results(TypedDict, total=False):
     # Evaluation (completed jobs)
     weights_sha256: str
     knn: dict[str, dict[str, float]]
+    knn_headline_k: int  # the k of knn_top1 (KNN_HEADLINE_K)
     knn_top1: float
     knn_top5: float
     knn_target: dict[str, dict[str, float]]

@@ -297,6 +297,12 @@ def run_eval_command(command: Command, args: list[str], places: dict) -> None:
     from mtssl.config.validate import validate_config
     from mtssl.eval.__main__ import load_job
 
+    if args in (["--help"], ["-h"]):
+        from mtssl.eval.__main__ import main
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(args) == 0
+        return
     if not args or args[0].startswith("-") or "=" in args[0]:
         raise AssertionError("python -m mtssl.eval needs a job folder first")
     cfg, _ = load_job(places["job"], args[1:])

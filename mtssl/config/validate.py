@@ -172,6 +172,7 @@ def validate_data(cfg: DictConfig) -> None:
         val_samples, _ = list_image_folder(data.root, data.val_split)
     except DataError as error:
         raise ConfigError(str(error)) from error
+    all_train = train_samples
     if data.subset is not None:
         train_samples = class_balanced_subset(train_samples, data.subset, data.subset_seed)
     _require(
@@ -179,6 +180,9 @@ def validate_data(cfg: DictConfig) -> None:
         f"train.batch_size: {cfg.train.batch_size} is larger than the {len(train_samples)} training images "
         f"(data.subset={data.subset}); lower train.batch_size or raise data.subset",
     )
+    from mtssl.eval.bank import check_knn_k  # the kNN banks' sizes: the evaluation owns what they hold
+
+    check_knn_k(cfg, all_train)
     for split, samples in ((data.train_split, train_samples), (data.val_split, val_samples)):
         problem = undecodable_sample([path for path, _ in samples])
         _require(problem is None, f"data.root: {problem} in {Path(data.root) / split}; point data.root at a "
