@@ -63,6 +63,10 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
         f"use a multiple of {world_size}",
     )
     check_out_dir(cfg.out_dir)
+    if cfg.eval.get("weights") is not None:  # evaluated only (mtssl.eval.evaluate_weights): the file is there
+        from mtssl.eval.weights import check_weights_source
+
+        check_weights_source(cfg)
     if check_data:
         validate_data(cfg)
 
