@@ -231,3 +231,33 @@ def test_eval_weights_command_writes_an_evaluated_results_json(tmp_path, data_ro
     (trained / RESULTS).write_text(json.dumps({"status": "completed", "knn_top1": 1.0}))
     assert eval_cli(args(out_dir=trained)) == 2
     assert eval_cli(args(weights=tmp_path / "absent.pth")) == 2
+
+
+def _evaluate_on_rank(rank: int, world_size: int, port: int, args: list[str], codes: Path) -> None:
+    """One rank of `torchrun -m mtssl.eval ARGS` (a spawned process): its exit code into ``codes``/<rank>."""
+    from mtssl.eval.__main__ import main
+    from tests.support.ranks import set_rank_env
+
+    set_rank_env(rank, world_size, port)
+    (codes / str(rank)).write_text(str(main(args)))
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_one_rank_results(tmp_path, data_root, eval_cli):
+    """`--weights` on 2 ranks (spawned CPU processes, as torchrun starts them): exit 0 on both, one results.json
+    with the kNN of one rank and world_size 2. Slow: two spawned processes importing torch and timm, ~40 s on two
+    shared cores."""
+    from tests.support.ranks import run_ranks
+
+    weights_file = tmp_path / "mulan.pth"
+    torch.save(torchvision_state(0), weights_file)
+    overrides = [f"data.root={data_root}", *EVAL, *IMAGENET_STEM]
+    assert eval_cli(["--weights", str(weights_file), *overrides, f"out_dir={tmp_path / 'one'}"]) == 0
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    run_ranks(_evaluate_on_rank, 2, ["--weights", str(weights_file), *overrides, f"out_dir={tmp_path / 'two'}"], codes)
+    assert [(codes / str(rank)).read_text() for rank in range(2)] == ["0", "0"]
+    one, two = read_results(tmp_path / "one"), read_results(tmp_path / "two")
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["knn"] == one["knn"] and two["weights_file_sha256"] == one["weights_file_sha256"]
+    assert two["linear"]["frozen_features"]["lr"] == one["linear"]["frozen_features"]["lr"]
