@@ -4,7 +4,7 @@ An ablation (sweeps/conf/ablation/<name>.yaml) may list ``references``, each a w
 ``timm:<name>`` with timm's pretrained weights found locally) or a mapping with more::
 
     references:
-      - timm:resnet50                        # backbone.name=resnet50 is implied
+      - timm:resnet50                        # backbone=resnet50 is implied (its preset, else backbone.name)
       - weights: /releases/mulan/byol_multitask_resnet50_800ep_ckpt.pth
         name: mulan_byol_800ep               # the row label and folder (default: the file's stem)
         backbone: resnet50                   # the backbone preset (default: the grid's)
@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from mtssl.config import ConfigError
+from mtssl.config import ConfigError, available
 from mtssl.job_folder import REFERENCE_JOB_PREFIX, WEIGHTS_REFERENCE
 from sweeps.grid import SweepJob, merge_overrides, quote_value
 
@@ -52,8 +52,10 @@ def reference_job(entry: Any, grid_job: SweepJob, index: int) -> SweepJob:
     own = [f"eval.weights={quote_value(weights)}", f"eval.weights_branch={entry.get('branch') or 'online'}"]
     if entry.get("backbone"):
         own.append(f"backbone={entry['backbone']}")
-    elif is_timm:  # timm:<name> names its architecture
-        own.append(f"backbone.name={default_name.split('.', 1)[0]}")
+    elif is_timm:  # timm:<name> names its architecture: its preset when there is one (resnet50), else the timm name
+        architecture = default_name.split(".", 1)[0]
+        preset = architecture in available("backbone")
+        own.append(f"backbone={architecture}" if preset else f"backbone.name={architecture}")
     extra = entry.get("overrides") or []
     if not isinstance(extra, (list, tuple)):
         raise ConfigError(f"{field}.overrides: must be a list of key=value, got {extra!r}")

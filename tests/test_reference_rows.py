@@ -36,7 +36,9 @@ def test_references_become_evaluate_only_jobs_of_the_grids_config():
     timm_job, mulan = reference_jobs(ablation, GRID)
     assert (timm_job.name, mulan.name) == ("reference=resnet50", "reference=mulan")
     assert timm_job.reference == mulan.reference == "reference_weights" and timm_job.axes == {}
-    assert timm_job.overrides[:3] == GRID[0].overrides and "backbone.name=resnet50" in timm_job.overrides
+    assert timm_job.overrides[:3] == GRID[0].overrides and "backbone=resnet50" in timm_job.overrides  # its preset
+    vit = reference_jobs(OmegaConf.create({"name": "method", "references": ["timm:vit_small_patch16_224"]}), GRID)[0]
+    assert "backbone.name=vit_small_patch16_224" in vit.overrides  # no preset of that name
     assert {"backbone=resnet50", "eval.weights_branch=target", "data.small_images=false"} <= set(mulan.overrides)
     cfg = resolve_config(compose_config([*mulan.overrides, "out_dir=x"]))
     assert cfg.eval.weights == "/releases/mulan/byol_multitask_resnet50_800ep_ckpt.pth"
