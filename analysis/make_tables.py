@@ -32,7 +32,7 @@ import pandas as pd
 from analysis.gather import STATUSES, AnalysisError, gather_sweeps
 from analysis.plots import plot_jobs
 from analysis.tables import Table, build_tables, legend, to_markdown, write_table
-from mtssl.job_folder import RESULTS, JobStatus
+from mtssl.job_folder import EVALUATED_STATUSES, RESULTS, JobStatus
 
 log = logging.getLogger("analysis.make_tables")
 
@@ -111,7 +111,7 @@ def _index(sweep_dirs: list[Path], frame: pd.DataFrame, sections: list[tuple[Tab
         if plot_paths:
             lines += [f"![{path.stem}]({link(path)})" for path in plot_paths] + [""]
 
-    unfinished = frame[frame["status"] != JobStatus.COMPLETED]
+    unfinished = frame[~frame["status"].isin([s.value for s in EVALUATED_STATUSES])]
     if not unfinished.empty:
         lines += ["## Jobs not completed", "", "| sweep | job | status | detail |", "|---|---|---|---|"]
         for job in unfinished.itertuples(index=False):

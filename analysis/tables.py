@@ -15,7 +15,13 @@ a cell either: when a cell would hold more than one ``config_hash_without_seed``
 apart, and a message names the jobs. Sweeps of different ablations or profiles are
 never mixed in one table; each (ablation, profile) gets its own.
 
-Metrics: "kNN" is ``knn_top1`` (weighted kNN, k=20, online backbone), "linear" is ``linear_top1``; both top-1 in
+Reference rows come first, marked in their label, never bold and never averaged with the grid: the random-init
+jobs of a budget's ``random_init_reference`` ("random init (train.epochs=0)", per column the references of that
+column's jobs), and weights evaluated only (status ``evaluated``: an ablation's ``references``, sweeps/references.py,
+or a folder of ``python -m mtssl.eval --weights``), one row each, "reference: <name>", the same value in every
+column group.
+
+Metrics: "kNN" is ``knn_top1`` (weighted kNN, k=20: ``KNN_HEADLINE_K``, online backbone), "linear" is ``linear_top1``; both top-1 in
 percent on the val split. "cos" (``cos_mean``, when a job ran the task-interference probe) is the mean cosine
 between the tasks' gradients on the shared encoder, over probes and task pairs, two decimals, never bold. A metric
 that no completed job reported is left out. A cell holding a job flagged ``unstable`` (its RankMe fell below
@@ -49,7 +55,8 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from mtssl.job_folder import FOLDER_STATUSES, JobStatus
+from mtssl.job_folder import (EVALUATED_STATUSES, FOLDER_STATUSES, KNN_HEADLINE_K, REFERENCE_JOB_PREFIX,
+                              WEIGHTS_REFERENCE, JobStatus)
 
 HEADLINE_METRICS = [("kNN", "knn_top1"), ("linear", "linear_top1")]
 MONITOR_METRICS = [("cos", "cos_mean")]  # shown when some completed job reports them
@@ -57,10 +64,11 @@ DECIMALS = {"cos_mean": 2}  # shown decimals per metric (default 1)
 NOT_RANKED = {"cos_mean"}  # never bold: a higher value is not better
 RANDOM_INIT = "random_init"  # sweep.json's mark of a reference job (sweeps/grid.py)
 REFERENCE_LABEL = "random init (train.epochs=0)"
+WEIGHTS_REFERENCE_LABEL = "reference: {name}"  # the row of weights evaluated only (status evaluated)
 CELL_HASH = "config_hash_without_seed"  # the training config's hash without the seed: what one cell's jobs share
 CONFIG_AXIS = "config"
 N_A = "n/a"  # the mark of completed jobs that did not report a metric
-MARK_ORDER = (*(s.value for s in FOLDER_STATUSES if s != JobStatus.COMPLETED), N_A)
+MARK_ORDER = (*(s.value for s in FOLDER_STATUSES if s not in EVALUATED_STATUSES), N_A)
 # Configuration fields that can be table axes even when sweep.json does not name them.
 STANDARD_AXES = ["method", "views", "predictor", "backbone", "data"]
 CANONICAL_ORDER = {
@@ -138,7 +146,7 @@ class Table:
     cells: list[list[Cell]]
     jobs: pd.DataFrame
     column_axis: str | None = None  # the axis whose values are the columns (None: columns are metrics only)
-    reference_rows: int = 0  # leading rows that are random-init references, not grid cells
+    reference_rows: int = 0  # leading rows that are references (random init, evaluated weights), not grid cells
 
 
 def build_tables(frame: pd.DataFrame) -> tuple[list[Table], list[str]]:
@@ -174,10 +182,17 @@ def build_tables(frame: pd.DataFrame) -> tuple[list[Table], list[str]]:
 def build_table(jobs: pd.DataFrame, ablation: str | None, name: str, title: str) -> tuple[Table, list[str]]:
     """Lay out the jobs of one sweep kind (see the module docstring for layouts and cell rules)."""
     messages = []
+    # Weights evaluated only (an ablation's references, or a folder of python -m mtssl.eval --weights): their rows.
+    is_weights = jobs["status"].eq(JobStatus.EVALUATED)
+    if "reference" in jobs.columns:
+        is_weights |= jobs["reference"].eq(WEIGHTS_REFERENCE)
+    weights_references, jobs = jobs[is_weights], jobs[~is_weights]
     is_reference = jobs["reference"].eq(RANDOM_INIT) if "reference" in jobs.columns else pd.Series(False, jobs.index)
     references, jobs = jobs[is_reference], jobs[~is_reference]
     if jobs.empty:  # only references so far: tabulate them as the grid
         references, jobs = references.iloc[0:0], references
+    if jobs.empty:
+        weights_references, jobs = weights_references.iloc[0:0], weights_references
     varying = _varying_axes(jobs)
     layout = LAYOUTS.get(ablation or "")
     if layout is not None:
@@ -247,6 +262,12 @@ def build_table(jobs: pd.DataFrame, ablation: str | None, name: str, title: str)
         rows.insert(0, (REFERENCE_LABEL,) + ("",) * (len(row_axes) - 1))
         cells.insert(0, reference_row)
         reference_rows = 1
+    for name, part in weights_references.groupby(weights_references["job"].astype(str), sort=False):
+        label = WEIGHTS_REFERENCE_LABEL.format(name=name.removeprefix(REFERENCE_JOB_PREFIX))
+        rows.insert(reference_rows, (label,) + ("",) * (len(row_axes) - 1))
+        cells.insert(reference_rows, [Cell(is_delta=True) if c.delta_of is not None else _cell(part, c.metric)
+                                      for c in columns])
+        reference_rows += 1
 
     identity = [c for c in group_axes if c in jobs.columns] + ["seed"] + ([CELL_HASH] if CELL_HASH in jobs.columns else [])
     done = jobs[completed & jobs["seed"].notna()]
@@ -339,9 +360,10 @@ def _ordered_rows(labels: pd.DataFrame, row_axes: list[str]) -> list[tuple[str, 
 
 
 def _cell(jobs: pd.DataFrame, metric: str) -> Cell:
-    completed = jobs[jobs["status"] == JobStatus.COMPLETED]
+    evaluated = jobs["status"].isin([s.value for s in EVALUATED_STATUSES])  # completed, or weights evaluated only
+    completed = jobs[evaluated]
     values = [float(v) for v in completed[metric].dropna()] if metric in jobs.columns else []
-    marks = Counter(jobs.loc[jobs["status"] != JobStatus.COMPLETED, "status"])
+    marks = Counter(jobs.loc[~evaluated, "status"])
     if len(completed) > len(values):
         marks[N_A] = len(completed) - len(values)
     unstable = int((jobs["unstable"] == True).sum()) if "unstable" in jobs.columns else 0  # noqa: E712 (object column)
@@ -480,7 +502,7 @@ def write_table(table: Table, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-LEGEND = ("kNN: weighted kNN top-1 (k=20), linear: linear-probe top-1, in % on the val split. Cells: mean ± sample "
+LEGEND = (f"kNN: weighted kNN top-1 (k={KNN_HEADLINE_K}), linear: linear-probe top-1, in % on the val split. Cells: mean ± sample "
           "std over completed seeds (n); jobs that did not complete are listed by status and not averaged in; "
           "best per column in bold.")
 DELTA_LEGEND = " Δ is the difference of the means."

@@ -58,6 +58,10 @@ RANK_RNG = "rng_rank{rank}.pt"
 
 # A sweep folder (sweeps/launch.py) holds the grid in SWEEP_SPEC and one job folder per job.
 SWEEP_SPEC = "sweep.json"
+# SWEEP_SPEC's mark ("reference") of a job that evaluates an ablation's reference weights (sweeps/references.py),
+# whose folder is REFERENCE_JOB_PREFIX + its name; the tables show it as a reference row.
+WEIGHTS_REFERENCE = "reference_weights"
+REFERENCE_JOB_PREFIX = "reference="
 
 # What a job has written once it started; a folder without any of them is still pending.
 STARTED_MARKERS = (CONFIG, TRAIN_LOG, PROGRESS, TENSORBOARD, CHECKPOINTS)
@@ -70,6 +74,9 @@ class JobStatus(str, Enum):
     COMPLETED = "completed"  # results.json: trained to the end (train.epochs or train.max_steps) and evaluated
     DIVERGED = "diverged"  # results.json: stopped on a non-finite loss; not evaluated
     FAILED = "failed"  # results.json: an error ended the job (its ``error`` field); a rerun starts it again
+    # results.json: weights no mtssl job trained, evaluated only (python -m mtssl.eval --weights, a sweep's
+    # reference weights); the tables show them as reference rows
+    EVALUATED = "evaluated"
     MALFORMED = "malformed"  # results.json is there but unusable (``JobState.problem`` says why)
     UNFINISHED = "unfinished"  # started (STARTED_MARKERS), no results.json: running, stopped on a signal, or killed
     PENDING = "pending"  # nothing written yet
@@ -81,9 +88,15 @@ class JobStatus(str, Enum):
         return self.value
 
 
-RESULT_STATUSES = (JobStatus.COMPLETED, JobStatus.DIVERGED, JobStatus.FAILED)  # what results.json's status holds
+RESULT_STATUSES = (JobStatus.COMPLETED, JobStatus.DIVERGED, JobStatus.FAILED, JobStatus.EVALUATED)  # results.json's
 FOLDER_STATUSES = RESULT_STATUSES + (JobStatus.MALFORMED, JobStatus.UNFINISHED, JobStatus.PENDING)  # job_state's
-FINAL_STATUSES = (JobStatus.COMPLETED, JobStatus.DIVERGED)  # results that a rerun or a relaunch never touches
+# results that a rerun or a relaunch never touches
+FINAL_STATUSES = (JobStatus.COMPLETED, JobStatus.DIVERGED, JobStatus.EVALUATED)
+EVALUATED_STATUSES = (JobStatus.COMPLETED, JobStatus.EVALUATED)  # results.json holds the evaluation fields
+
+# The headline kNN (``knn_top1``, what docs and tables call "kNN"): k=20 whatever else ``eval.knn_k`` asks (those
+# are under ``knn``); a bank of fewer images (a tiny test run) takes all of them. ``knn_headline_k`` records it.
+KNN_HEADLINE_K = 20
 
 
 # ------------------------------------------------------------------------------------------- results.json
@@ -117,6 +130,7 @@ class Results(TypedDict, total=False):
     # Evaluation (completed jobs)
     weights_sha256: str
     knn: dict[str, dict[str, float]]
+    knn_headline_k: int  # the k of knn_top1 (KNN_HEADLINE_K)
     knn_top1: float
     knn_top5: float
     knn_target: dict[str, dict[str, float]]
@@ -130,6 +144,12 @@ class Results(TypedDict, total=False):
     eval_time_s: float
     wall_time_s: float
     eval_config: dict[str, Any]  # written by a re-evaluation (python -m mtssl.eval)
+    # Evaluated only (status evaluated): where the weights came from
+    weights_source: str  # the file, or timm:<name>
+    weights_file_sha256: str  # SHA-256 of the file's bytes (weights_sha256: of the backbone state dict)
+    weights_format: str  # the detected format (mtssl.eval.weights.FORMATS)
+    weights_branch: str  # eval.weights_branch: online, or the EMA target of an export or a checkpoint
+    weights_dropped_keys: list[str]  # groups of keys left out: a classifier head (fc.*), a projector
 
 
 # Fields a reader computes with: a number or null, or the results are malformed.
@@ -157,8 +177,9 @@ def results_problem(raw: Any) -> str | None:
         return f"{RESULTS} has no 'status' field (partial file?)"
     if status not in RESULT_STATUSES:
         return f"{RESULTS} status {status!r} is not one of {', '.join(map(str, RESULT_STATUSES))}"
-    if status == JobStatus.COMPLETED and "knn_top1" not in raw:
-        return f"{RESULTS} of a completed job has no 'knn_top1' field (partial file?)"
+    if status in EVALUATED_STATUSES and "knn_top1" not in raw:
+        return f"{RESULTS} of a{'n' if status == JobStatus.EVALUATED else ''} {status} job has no 'knn_top1' field " \
+               f"(partial file?)"
     numbers = [(key, raw[key]) for key in NUMBER_FIELDS if key in raw]
     maps = [(key, raw.get(key)) for key in NUMBER_MAPS]
     monitor = raw.get("monitor")

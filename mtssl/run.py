@@ -162,6 +162,10 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     except (ConfigError, DataError) as error:
         log.error("invalid config: %s", error)
         return EXIT_BAD_CONFIG
+    if cfg.eval.get("weights") is not None:  # weights no mtssl job trained: evaluated only, nothing is trained
+        from mtssl.eval.evaluate_weights import run_evaluation_only  # noqa: deferred, heavy
+
+        return run_evaluation_only(cfg, env, stop)
     conflict = out_dir_conflict(cfg, out_dir)
     if conflict is not None:
         log.error("%s", conflict.message())

@@ -48,6 +48,7 @@ from sweeps.grid import SweepJob, expand_grid, quote_value, random_init_job
 from sweeps.launchers import (Submission, SweepLauncher, TrackedJob, is_final, read_submissions,
                               record_submissions, register_configs, scheduler_states, submitted_overrides)
 from sweeps.overrides import split_overrides
+from sweeps.references import plan_references
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -136,7 +137,8 @@ def plan_sweep(cfg: DictConfig, sweep_dir: Path, resources: Resources) -> list[P
     planned = [plan_job(job, sweep_dir, resources) for job in jobs]
     if budget.get("random_init_reference"):
         planned = random_init_references(planned, sweep_dir, resources) + planned
-    return planned
+    # The ablation's reference weights (evaluated only), last: sweep.json's axes are read from the first job.
+    return planned + plan_references(ablation, jobs, lambda job: plan_job(job, sweep_dir, resources))
 
 
 def plan_job(job: SweepJob, sweep_dir: Path, resources: Resources) -> PlannedJob:
@@ -185,7 +187,8 @@ def hours_per_job(cfg: DictConfig, backbone: str) -> float:
 
 def print_plan(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob], resources: Resources, kind: str) -> None:
     action = {JobStatus.COMPLETED: "skip (done)", JobStatus.DIVERGED: "skip (done)", JobStatus.FAILED: "rerun",
-              JobStatus.UNFINISHED: "resume", JobStatus.MALFORMED: "resume", JobStatus.PENDING: "submit"}
+              JobStatus.UNFINISHED: "resume", JobStatus.MALFORMED: "resume", JobStatus.PENDING: "submit",
+              JobStatus.EVALUATED: "skip (done)"}
     print(f"Sweep {cfg.ablation.name} (budget {cfg.budget.name}: regime {cfg.budget.regime}, launcher {kind}): "
           f"{len(planned)} jobs, "
           f"{resources.ranks} rank(s) each ({resources.nodes} node(s) x {resources.tasks_per_node} task(s)"

@@ -87,8 +87,9 @@ def test_bad_config_names_field(tiny_folder, overrides, field, hint):
 
 
 def test_valid_config_passes(tiny_folder):
-    check([f"data.root={tiny_folder}", "train.batch_size=4", "data.subset=null"])
-    check([f"data.root={tiny_folder}", "train.batch_size=4", "data.subset=null", "+backbone.kwargs.drop_rate=0.1",
+    check([f"data.root={tiny_folder}", "train.batch_size=4", "data.subset=null", "eval.knn_k=[5]"])  # a 16-image bank
+    check([f"data.root={tiny_folder}", "train.batch_size=4", "data.subset=null", "eval.knn_k=[5]",
+           "+backbone.kwargs.drop_rate=0.1",
            "train.view_batching=bn_per_view", "eval.val_subset=8"])
 
 
@@ -314,7 +315,7 @@ def test_regime_sets_its_values_and_the_command_line_wins(tiny_folder):
     assert (mine.train.epochs, mine.method.objective_kwargs.temperature, mine.optim.base_lr) == (3, 0.5, 0.1)
     for method in available("method"):
         cfg = compose_config(["regime=cpu", f"method={method}", f"data.root={tiny_folder}", "train.batch_size=4",
-                              "data.subset=null", "eval.val_subset=null"])
+                              "data.subset=null", "eval.val_subset=null", "eval.knn_k=[5]"])  # a 16-image bank
         validate_config(resolve_config(cfg))
 
 

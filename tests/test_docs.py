@@ -6,7 +6,8 @@ quick way, in this process:
   ``python -m mtssl.run ...``       composed, resolved and validated as ``run_job`` does before training (data
                                    folder, batch per rank, out_dir); Hydra flags such as ``--cfg job`` are dropped;
   ``python -m mtssl.eval DIR ...``  a finished stand-in job's config with the overrides, as ``load_job`` builds it,
-                                   validated (the overrides must leave the training config alone);
+                                   validated (the overrides must leave the training config alone); with
+                                   ``--weights FILE``, as ``python -m mtssl.run`` with a stand-in file;
   ``python sweeps/launch.py ...``   the launcher itself with ``--dry-run`` added: every job composed and validated;
   any other script                 run until its arguments are parsed (what ``--help`` checks, plus the options).
 
@@ -256,7 +257,8 @@ def placeholders(tmp_path_factory):
         (job / "config.yaml").write_text(OmegaConf.to_yaml(resolve_config(compose_config([f"out_dir={job}"]))))
         write_results(job, {"status": JobStatus.COMPLETED.value, "knn_top1": 50.0, "linear_top1": 50.0})
         (job / "backbone.pth").write_bytes(b"")
-        yield {"data": data, "job": job, "sweep": root / "sweep", "cwd": root}
+        (root / "weights.pth").write_bytes(b"")  # eval.weights: validation checks that the file is there
+        yield {"data": data, "job": job, "sweep": root / "sweep", "cwd": root, "weights": root / "weights.pth"}
 
 
 def substitute(args: list[str], places: dict) -> list[str]:
@@ -297,6 +299,21 @@ def run_eval_command(command: Command, args: list[str], places: dict) -> None:
     from mtssl.config.validate import validate_config
     from mtssl.eval.__main__ import load_job
 
+    if args in (["--help"], ["-h"]):
+        from mtssl.eval.__main__ import main
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(args) == 0
+        return
+    if args and args[0] == "--weights":  # evaluate a weights file: a stand-in file, then as python -m mtssl.run
+        from mtssl.config import compose_config, resolve_config
+
+        if len(args) < 2:  # the option named as such
+            return
+        cfg = resolve_config(compose_config(overrides_of(args[2:])))
+        cfg.eval.weights = str(places["weights"])
+        validate_config(cfg, check_data=True, world_size=command.world_size)
+        return
     if not args or args[0].startswith("-") or "=" in args[0]:
         raise AssertionError("python -m mtssl.eval needs a job folder first")
     cfg, _ = load_job(places["job"], args[1:])

@@ -64,9 +64,9 @@ def test_stopped_evaluation_resumes_to_the_uninterrupted_results(tmp_path):
     resumed = evaluate_states(cfg, ENV, online, target, None, out)
     assert resumed == json.loads(json.dumps(uninterrupted))  # results.json holds the JSON form
 
-    # Other eval settings never reuse a finished phase: k=1 appears although "knn" was recorded.
+    # Other eval settings never reuse a finished phase: k=1 appears although "knn" was recorded (k=20: the headline).
     other = resolve_config(compose_config([f"data.root={root}", *TINY, "eval.knn_k=[1,5]"]))
-    assert set(evaluate_states(other, ENV, online, target, None, out)["knn"]) == {"k1", "k5"}
+    assert set(evaluate_states(other, ENV, online, target, None, out)["knn"]) == {"k1", "k5", "k20"}
 
 
 def _run(*args):
@@ -89,7 +89,7 @@ def test_reevaluate_a_finished_job_keeps_training_fields(tmp_path):
     after = json.loads((out / "results.json").read_text())
     for key in ("status", "steps", "wall_time_s", "final_losses", "git_revision", "weights_sha256", "epochs"):
         assert after[key] == before[key], key
-    assert set(after["knn"]) == {"k1", "k5"}
+    assert set(after["knn"]) == {"k1", "k3", "k5", "k20"}  # k=3 of the job's own evaluation is kept
     assert after["knn"]["k5"] == before["knn"]["k5"]  # same network, same features: same k=5 result
     assert after["knn_target"]["k5"] == before["knn_target"]["k5"]
     assert after["linear"]["frozen_features"]["lr"] == after["linear_lr"] == 0.1

@@ -56,7 +56,8 @@ def test_status_of_each_kind_of_folder(tmp_path):
         state = job_state(folder(tmp_path, name, text, "config.yaml"))
         assert state.status == JobStatus.MALFORMED and problem in state.problem and state.results is None, name
     # One word per status, written as the word (messages, tables, JSON).
-    assert [str(s) for s in FOLDER_STATUSES] == ["completed", "diverged", "failed", "malformed", "unfinished", "pending"]
+    assert [str(s) for s in FOLDER_STATUSES] == ["completed", "diverged", "failed", "evaluated", "malformed", "unfinished",
+                                                 "pending"]
     assert f"{JobStatus.QUEUED}" == "queued" and json.dumps({"s": JobStatus.FAILED}) == '{"s": "failed"}'
 
 
@@ -117,7 +118,8 @@ def test_the_job_folder_module_imports_without_torch():
 JOB_FOLDER_NAMES = {v for k, v in vars(job_folder).items() if k.isupper() and isinstance(v, str)}
 STATUS_WORDS = {s.value for s in JobStatus}
 # String constants equal to a job-folder name or status word that mean something else.
-OTHER_MEANINGS = {("sweeps/overrides.py", "config.yaml")}  # the sweep launcher's own Hydra config file
+OTHER_MEANINGS = {("sweeps/overrides.py", "config.yaml"),  # the sweep launcher's own Hydra config file
+                  ("mtssl/eval/weights.py", "checkpoints")}  # torch hub's folder of downloaded weights
 
 
 def _spelled(value: str) -> bool:

@@ -137,6 +137,12 @@ def _objectives() -> list[str]:
     return sorted(OBJECTIVES)
 
 
+def _weights_branches() -> list[str]:
+    from mtssl.eval.weights import BRANCHES
+
+    return list(BRANCHES)
+
+
 def _pipelines() -> list[str]:
     from mtssl.data.pipelines import AUGMENTATION_PIPELINES
 
@@ -297,6 +303,8 @@ FIELD_CHECKS: dict[str, Check] = {
     "eval.augmented_epochs": integer(1),
     "eval.augmented_batch_size": integer(1),
     "eval.augmented_lr": number(0, low_open=True),
+    "eval.weights": text(null=True),
+    "eval.weights_branch": choice(_weights_branches),
 }
 # Sections passed on as keyword arguments (to timm, to the objective): their keys are not ours to check.
 OPEN_SECTIONS = ("method.objective_kwargs", "backbone.kwargs")
@@ -304,6 +312,7 @@ OPEN_SECTIONS = ("method.objective_kwargs", "backbone.kwargs")
 OPTIONAL_PATTERNS = (  # a method's 2-view transform may leave these to the global view type (views=global)
     *(f"method.two_view.{k}" for k in ("scale", "blur_p", "solarize_p", "jitter")),
     "train.collective_timeout_s",  # absent from the config.yaml of older jobs (re-evaluation): the default
+    "eval.weights", "eval.weights_branch",  # the same (absent: the job's own weights)
 )
 
 

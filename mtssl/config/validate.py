@@ -63,6 +63,10 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
         f"use a multiple of {world_size}",
     )
     check_out_dir(cfg.out_dir)
+    if cfg.eval.get("weights") is not None:  # evaluated only (mtssl.eval.evaluate_weights): the file is there
+        from mtssl.eval.weights import check_weights_source
+
+        check_weights_source(cfg)
     if check_data:
         validate_data(cfg)
 
@@ -172,6 +176,7 @@ def validate_data(cfg: DictConfig) -> None:
         val_samples, _ = list_image_folder(data.root, data.val_split)
     except DataError as error:
         raise ConfigError(str(error)) from error
+    all_train = train_samples
     if data.subset is not None:
         train_samples = class_balanced_subset(train_samples, data.subset, data.subset_seed)
     _require(
@@ -179,6 +184,9 @@ def validate_data(cfg: DictConfig) -> None:
         f"train.batch_size: {cfg.train.batch_size} is larger than the {len(train_samples)} training images "
         f"(data.subset={data.subset}); lower train.batch_size or raise data.subset",
     )
+    from mtssl.eval.bank import check_knn_k  # the kNN banks' sizes: the evaluation owns what they hold
+
+    check_knn_k(cfg, all_train)
     for split, samples in ((data.train_split, train_samples), (data.val_split, val_samples)):
         problem = undecodable_sample([path for path, _ in samples])
         _require(problem is None, f"data.root: {problem} in {Path(data.root) / split}; point data.root at a "

@@ -30,7 +30,8 @@ from mtssl.distributed.fsdp import full_state_dict, state_sha256
 from mtssl.distributed.process_group import DistEnv
 from mtssl.eval.augmented import ProbeStopped, augmented_linear_probe, augmented_train_transform
 from mtssl.eval.features import FEATURE_DTYPES, FeatureShard, extract_feature_shard
-from mtssl.eval.knn import knn_classify_sharded
+from mtssl.eval.bank import bank_samples
+from mtssl.eval.knn import evaluated_ks, headline_k, knn_classify_sharded
 from mtssl.eval.linear import linear_probe_sharded
 from mtssl.job_folder import AUGMENTED_STATE, BACKBONE_EXPORT, EVAL_STATE
 from mtssl.model.siamese import backbone_kwargs, build_backbone
@@ -61,11 +62,7 @@ def evaluation_samples(cfg: DictConfig, train_samples: list | None) -> tuple[lis
 
     ``train_samples=None`` lists the pretraining images again from ``data.*`` (re-evaluation)."""
     if cfg.eval.train_subset is not None or train_samples is None:
-        all_train, _ = list_image_folder(cfg.data.root, cfg.data.train_split)
-        if cfg.eval.train_subset is not None:
-            train_samples = class_balanced_subset(all_train, cfg.eval.train_subset, cfg.data.subset_seed)
-        else:
-            train_samples = all_train if cfg.data.subset is None else class_balanced_subset(all_train, cfg.data.subset, cfg.data.subset_seed)
+        train_samples = bank_samples(cfg, list_image_folder(cfg.data.root, cfg.data.train_split)[0])
     val_samples, _ = list_image_folder(cfg.data.root, cfg.data.val_split)
     if cfg.eval.val_subset is not None:
         val_samples = class_balanced_subset(val_samples, cfg.eval.val_subset, cfg.data.subset_seed)
@@ -129,10 +126,10 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
                     train_samples: list | None, out_dir: Path, stop=None) -> dict:
     """Evaluate the online (and target) backbone state dicts, phase by phase (a collective, all ranks).
 
-    Returns the results.json evaluation fields: ``knn``/``knn_target`` per k, the headline
-    ``knn_top1``/``knn_top5`` (largest k), ``linear`` per protocol and the headline ``linear_top1``/``linear_top5``
-    (``frozen_features``). Finished phases recorded in ``out_dir/eval_state.json`` for the same weights and
-    eval settings are not redone.
+    Returns the results.json evaluation fields: ``knn``/``knn_target`` per k (``eval.knn_k`` and the headline k),
+    the headline ``knn_top1``/``knn_top5`` (k = ``KNN_HEADLINE_K``, ``knn_headline_k``), ``linear`` per protocol and
+    the headline ``linear_top1``/``linear_top5`` (``headline_fields``). Finished phases recorded in
+    ``out_dir/eval_state.json`` for the same weights and eval settings are not redone.
     """
     out_dir = Path(out_dir)
     weights = state_sha256(online_state)
@@ -150,7 +147,8 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
     val_set = EvalImageFolder(val_samples, transform, report_unreadable=True)
     num_classes = 1 + max(label for _, label in train_samples + val_samples)
     dtype = FEATURE_DTYPES[cfg.eval.feature_dtype]
-    knn_args = dict(num_classes=num_classes, ks=tuple(cfg.eval.knn_k), temperature=cfg.eval.knn_temperature)
+    knn_args = dict(num_classes=num_classes, ks=evaluated_ks(cfg.eval.knn_k, len(train_samples)),
+                    temperature=cfg.eval.knn_temperature)
 
     def shards(state: dict, name: str) -> tuple[FeatureShard, FeatureShard]:
         backbone = _frozen_backbone(cfg, state, env.device)
@@ -222,19 +220,39 @@ def evaluate_states(cfg: DictConfig, env: DistEnv, online_state: dict, target_st
         else:  # SimSiam: the target is the online network
             finished("knn_target", phases["knn"])
 
-    headline = f"k{max(cfg.eval.knn_k)}"
-    knn, knn_target = phases["knn"], phases["knn_target"]
     linear = {name: phases[phase] for name, phase in (("frozen_features", "linear"), ("augmented", "linear_augmented"))
               if phase in planned}
-    main_linear = linear.get("frozen_features") or linear["augmented"]  # the headline: the first protocol run
-    fields = {
-        "weights_sha256": weights,
-        "knn": knn, "knn_top1": knn[headline]["top1"], "knn_top5": knn[headline]["top5"],
-        "knn_target": knn_target, "knn_top1_target": knn_target[headline]["top1"], "knn_top5_target": knn_target[headline]["top5"],
-        "linear": linear, "linear_top1": main_linear["top1"], "linear_top5": main_linear["top5"], "linear_lr": main_linear["lr"],
-        "eval_skipped_files": sorted(unreadable),
-    }
-    log.info("kNN (k=%s) top-1 online %.2f target %.2f", headline[1:], fields["knn_top1"], fields["knn_top1_target"])
+    fields = {"weights_sha256": weights, "knn": phases["knn"], "knn_target": phases["knn_target"], "linear": linear,
+              **headline_fields(phases["knn"], phases["knn_target"], linear, headline_k(len(train_samples))),
+              "eval_skipped_files": sorted(unreadable)}
+    log.info("kNN (k=%s) top-1 online %.2f target %.2f", fields["knn_headline_k"], fields["knn_top1"],
+             fields["knn_top1_target"])
     for name, result in linear.items():
         log.info("linear probe (%s) top-1 %.2f, lr %g", name, result["top1"], result["lr"])
     return fields
+
+
+# Evaluation entries of results.json holding one result per k or per protocol: a re-evaluation adds to them.
+PER_SETTING_FIELDS = ("knn", "knn_target", "linear")
+
+
+def headline_fields(knn: dict, knn_target: dict, linear: dict, k: int) -> dict:
+    """The headline fields of results.json: ``knn_top1``/``knn_top5`` (and the target's) at ``k`` (``headline_k``),
+    ``linear_top1``/``linear_top5``/``linear_lr`` of ``frozen_features`` when ``linear`` has it, else ``augmented``."""
+    key = f"k{k}"
+    main_linear = linear.get("frozen_features") or linear["augmented"]
+    return {"knn_headline_k": k, "knn_top1": knn[key]["top1"], "knn_top5": knn[key]["top5"],
+            "knn_top1_target": knn_target[key]["top1"], "knn_top5_target": knn_target[key]["top5"],
+            "linear_top1": main_linear["top1"], "linear_top5": main_linear["top5"], "linear_lr": main_linear["lr"]}
+
+
+def merge_evaluation(previous: dict, fields: dict) -> dict:
+    """``previous`` results.json with the evaluation ``fields`` of a re-evaluation merged in: per-k and
+    per-protocol results it did not recompute (``PER_SETTING_FIELDS``) are kept, the recomputed ones replaced, and
+    the headline fields taken from the merged entries (``headline_fields``, at the new evaluation's headline k)."""
+    merged = {**previous, **fields}
+    for key in PER_SETTING_FIELDS:
+        earlier = previous.get(key) if isinstance(previous.get(key), dict) else {}
+        merged[key] = {**earlier, **fields[key]}
+    merged.update(headline_fields(merged["knn"], merged["knn_target"], merged["linear"], fields["knn_headline_k"]))
+    return merged

@@ -12,7 +12,18 @@ from torch import Tensor
 from mtssl.eval.accuracy import topk_correct
 from mtssl.distributed.collectives import collective_device, device_all_gather_cat, device_all_gather_stack, world_size
 from mtssl.eval.features import FeatureShard, check_feature_pair
+from mtssl.job_folder import KNN_HEADLINE_K
 from mtssl.utils.progress_bar import progress_bar
+
+
+def headline_k(bank_size: int) -> int:
+    """The k of the headline kNN (``knn_top1``): ``KNN_HEADLINE_K``, or the whole bank when it is smaller."""
+    return min(KNN_HEADLINE_K, bank_size)
+
+
+def evaluated_ks(requested: Sequence[int], bank_size: int) -> tuple[int, ...]:
+    """The ks a kNN evaluation computes: ``eval.knn_k`` plus the headline k, ascending."""
+    return tuple(sorted(set(int(k) for k in requested) | {headline_k(bank_size)}))
 
 
 def knn_classify(

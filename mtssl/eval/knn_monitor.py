@@ -34,7 +34,7 @@ from mtssl.distributed.fsdp import full_state_dict
 from mtssl.distributed.process_group import DistEnv
 from mtssl.eval.features import FEATURE_DTYPES, extract_feature_shard
 from mtssl.eval.end_of_training import _frozen_backbone, eval_transform, evaluation_samples
-from mtssl.eval.knn import knn_classify_sharded
+from mtssl.eval.knn import evaluated_ks, headline_k, knn_classify_sharded
 from mtssl.job_folder import KNN_DURING_TRAINING
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,11 @@ class KnnMonitor:
             train = class_balanced_subset(train, cfg.monitor.knn_train_subset, cfg.data.subset_seed)
         if cfg.monitor.knn_val_subset is not None:
             val = class_balanced_subset(val, cfg.monitor.knn_val_subset, cfg.data.subset_seed)
-        self.ks = tuple(cfg.eval.knn_k)
-        if max(self.ks) > len(train):
-            raise ConfigError(f"eval.knn_k: k={max(self.ks)} exceeds the {len(train)} images of the kNN bank during "
-                              f"training; lower eval.knn_k or raise monitor.knn_train_subset")
-        self.headline = f"k{max(self.ks)}"  # the end-of-training headline: both write eval/knn_top1
+        if max(cfg.eval.knn_k) > len(train):  # validate_config refuses it before training (mtssl.eval.bank)
+            raise ConfigError(f"eval.knn_k: k={max(cfg.eval.knn_k)} exceeds the {len(train)} images of the kNN bank "
+                              f"during training; lower eval.knn_k or raise monitor.knn_train_subset")
+        self.ks = evaluated_ks(cfg.eval.knn_k, len(train))
+        self.headline = f"k{headline_k(len(train))}"  # the end-of-training headline: both write eval/knn_top1
         transform = eval_transform(cfg)
         self.train_set, self.val_set = EvalImageFolder(train, transform), EvalImageFolder(val, transform)
         self.num_classes = 1 + max(label for _, label in train + val)
