@@ -195,6 +195,24 @@ def test_the_run_id_is_the_jobs(tmp_path):
     assert len(run_id) <= 64 and run_id.replace("-", "").isalnum()  # W&B's limits on run ids
 
 
+def test_a_run_that_cannot_start_leaves_tensorboard_and_a_warning(tmp_path, monkeypatch, caplog):
+    """Online mode on a node without network (or login): wandb.init fails; the job trains on, TensorBoard only."""
+    import wandb
+
+    def no_network(**kwargs):
+        raise wandb.errors.CommError("cannot reach api.wandb.ai")
+
+    monkeypatch.setattr(wandb, "init", no_network)
+    before = os.environ.get("WANDB_SERVICE"), sys.exit, sys.excepthook
+    with caplog.at_level("WARNING", logger="mtssl.train.scalar_logger"):
+        logger = open_scalar_logger(job_config(*OFFLINE, "logging.wandb_mode=online"), tmp_path, resume_step=None)
+    logger.add_scalar("train/loss", 1.0, 1)
+    logger.close()
+    assert [type(s).__name__ for s in logger.sinks] == ["TensorBoardSink"]
+    assert "cannot reach api.wandb.ai" in caplog.text and "logging.wandb_mode=offline" in caplog.text
+    assert (os.environ.get("WANDB_SERVICE"), sys.exit, sys.excepthook) == before
+
+
 def test_mode_disabled_logs_to_tensorboard_only(tmp_path):
     logger = open_scalar_logger(job_config(*OFFLINE, "logging.wandb_mode=disabled"), tmp_path, resume_step=None)
     logger.close()
