@@ -17,25 +17,33 @@ For the jobs of one table, ``plot_jobs`` writes (each only when there is somethi
   ``<name>_cells.png``           each metric of the table per ablation cell: a bar at the mean over completed
                                  seeds, the sample std as error bar, each seed as a dot, n under the bar.
 Curves: with up to ``MAX_LEGEND_ENTRIES`` jobs, one line per job; with more, one line per ablation cell (its
-seeds averaged on a common step grid, their range shaded). Jobs that did not complete are drawn dashed.
-Non-finite values (a diverging loss) are left as gaps. Each figure's title names the table and how many jobs
-(and of which sweeps) it covers; its legend names them. Curves are read with ``analysis.events`` (a bounded
-number of points per curve). Figures are drawn on matplotlib's Agg canvas without pyplot, so no display is
-needed and the global backend is untouched.
+seeds averaged on a common step grid, their range shaded). The lines pair what the ablation compares
+(``Encoding``): one colour per value of the row axes (e.g. the method) and one line style per value of the
+compared setting (the table's column axis, e.g. predictor shared / separate; else the last axis); the seeds of
+a cell share both. The legend names the axes. The table's random-init reference (a ``train.epochs=0`` job) is
+a grey dotted level in the kNN panel. Jobs that did not complete are drawn faded. Non-finite values (a
+diverging loss) are left as gaps. Each figure's title names the table and how many jobs (and of which sweeps)
+it covers. Panels are at most ``MAX_COLUMNS`` wide and sized to be read on a laptop screen. Curves are read with
+``analysis.events`` (a bounded number of points per curve). Figures are drawn on matplotlib's Agg canvas
+without pyplot, so no display is needed and the global backend is untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from analysis.events import read_scalars
@@ -56,15 +64,75 @@ PROGRESS_MIN_JOBS = 200    # show a progress bar (stderr) when reading the event
 PARALLEL_MIN_JOBS = 100    # read the events of more jobs in MAX_READERS processes
 MAX_READERS = 8
 SEED_AXES = ("seed", "train.seed")
+LINE_STYLES = ["-", "--", ":", "-."]  # one per value of the compared setting (cycled beyond four)
+REFERENCE_STYLE = {"color": "0.35", "linestyle": ":", "linewidth": 2.2}  # the random-init level
+REFERENCE_METRICS = {KNN_TAG: "knn_top1"}  # curve tag -> the table metric whose random-init value is drawn
+INCOMPLETE_ALPHA = 0.4  # lines of jobs that did not complete
+PANEL_INCHES = (6.4, 4.4)  # one panel; at DPI about 700 x 480 pixels
+MAX_COLUMNS = 2            # panels side by side (4 losses: 2 x 2), so a figure fits a laptop screen
+DPI = 110
+FONT_SIZE = 11
 
-__all__ = ["plot_jobs", "read_scalars"]
+__all__ = ["plot_jobs", "curve_plots", "read_scalars"]
 
 
 class Curves:
-    """The scalars of one job (or one cell's average): {tag: DataFrame(step, value[, low, high])}."""
+    """The scalars of one job (or one cell's average): {tag: DataFrame(step, value[, low, high])}; ``axes``: its
+    ablation axis values ({axis: value}, seed left out), which choose its colour and line style."""
 
-    def __init__(self, label: str, scalars: dict[str, pd.DataFrame], completed: bool) -> None:
+    def __init__(self, label: str, scalars: dict[str, pd.DataFrame], completed: bool,
+                 axes: dict[str, str] | None = None) -> None:
         self.label, self.scalars, self.completed = label, scalars, completed
+        self.axes = dict(axes or {})
+
+
+@dataclass
+class Encoding:
+    """How the lines pair what the ablation compares: a colour per value of ``colour_axes`` (joined), a line style
+    per value of ``style_axis``. Without axes (job folders without sweep.json), a colour per line."""
+
+    colour_axes: list[str]
+    style_axis: str | None
+    colours: dict[str, str] = field(default_factory=dict)  # colour key -> matplotlib colour
+    styles: dict[str, str] = field(default_factory=dict)  # style value -> line style
+
+    @classmethod
+    def of(cls, curves: list[Curves], compared: str | None = None) -> "Encoding":
+        """``compared``: the axis of the compared setting (the table's column axis); else the last of two or more."""
+        axes = list(dict.fromkeys(a for c in curves for a in c.axes))
+        style = compared if compared in axes else (axes[-1] if len(axes) >= 2 else None)
+        encoding = cls([a for a in axes if a != style], style)
+        for c in curves:  # in the order of the sweep's grid
+            encoding.colours.setdefault(encoding.colour_key(c), f"C{len(encoding.colours) % 10}")
+            if style is not None:
+                value = str(c.axes.get(style, ""))
+                encoding.styles.setdefault(value, LINE_STYLES[len(encoding.styles) % len(LINE_STYLES)])
+        return encoding
+
+    def colour_key(self, c: Curves) -> str:
+        if not self.colour_axes:
+            return c.label if self.style_axis is None else "all"
+        return " / ".join(str(c.axes.get(a, "")) for a in self.colour_axes)
+
+    def colour(self, c: Curves) -> str:
+        return self.colours[self.colour_key(c)]
+
+    def style(self, c: Curves) -> str:
+        return self.styles.get(str(c.axes.get(self.style_axis, "")), "-") if self.style_axis else "-"
+
+    def title(self) -> str:
+        """The legend's title: which axis the colours and the line styles stand for."""
+        parts = [f"colour: {' / '.join(self.colour_axes)}"] if self.colour_axes else []
+        parts += [f"line: {self.style_axis}"] if self.style_axis else []
+        return ", ".join(parts) or "job"
+
+    def handles(self) -> list[Line2D]:
+        """One legend entry per colour and per line style (not one per line: the seeds of a cell share both)."""
+        entries = [] if self.colour_axes == [] and self.style_axis is not None else [
+            Line2D([], [], color=colour, linewidth=2.5, label=key) for key, colour in self.colours.items()]
+        entries += [Line2D([], [], color="0.15", linestyle=style, linewidth=2.0, label=value)
+                    for value, style in self.styles.items()]
+        return entries
 
 
 def plot_jobs(jobs: pd.DataFrame, out_dir: Path, name: str, table: Table | None = None) -> tuple[list[Path], list[str]]:
@@ -78,6 +146,23 @@ def plot_jobs(jobs: pd.DataFrame, out_dir: Path, name: str, table: Table | None 
         _plot_cells(table, path, f"{name}: {covers}")
         paths.append(path)
 
+    figures, curve_messages = curve_plots(jobs, name, table)
+    messages += curve_messages
+    if figures:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for suffix, figure in figures.items():
+        path = out_dir / f"{name}_{suffix}.png"
+        with matplotlib.rc_context({"font.size": FONT_SIZE}):
+            figure.savefig(path, dpi=DPI, bbox_inches="tight")
+        paths.append(path)
+    return paths, messages
+
+
+def curve_plots(jobs: pd.DataFrame, name: str, table: Table | None = None) -> tuple[dict[str, Figure], list[str]]:
+    """The curve figures of these jobs, {file suffix: Figure} (``curve_figures``), and messages. ``table``: theirs,
+    for the compared setting (its column axis) and the random-init level (its reference row)."""
+    messages: list[str] = []
+    covers = _covers(jobs)
     per_job: list[tuple[object, Curves]] = []
     rows = [job for job in jobs.itertuples(index=False) if (Path(job.job_dir) / TENSORBOARD).is_dir()]
     tb_dirs = [Path(job.job_dir) / TENSORBOARD for job in rows]
@@ -89,10 +174,10 @@ def plot_jobs(jobs: pd.DataFrame, out_dir: Path, name: str, table: Table | None 
             if problem:
                 messages.append(problem)
             elif scalars:
-                per_job.append((job, Curves(str(job.job), scalars, job.status == JobStatus.COMPLETED)))
+                per_job.append((job, Curves(str(job.job), scalars, job.status == JobStatus.COMPLETED, _job_axes(job))))
     if not per_job:
         messages.append(f"{name}: no TensorBoard scalars found in the job directories; no curve plots written")
-        return paths, messages
+        return {}, messages
 
     if len(per_job) <= MAX_LEGEND_ENTRIES:
         curves = [c for _, c in per_job]
@@ -100,12 +185,11 @@ def plot_jobs(jobs: pd.DataFrame, out_dir: Path, name: str, table: Table | None 
     else:
         curves = _cell_means(per_job)
         subject = f"{name}: {covers}; mean over seeds per cell, range shaded ({len(curves)} cells)"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for suffix, tags, ylabel in curve_figures(curves):
-        path = out_dir / f"{name}_{suffix}.png"
-        _plot_panels(curves, tags, ylabel, path, subject)
-        paths.append(path)
-    return paths, messages
+    encoding = Encoding.of(curves, table.column_axis if table is not None else None)
+    levels = reference_levels(table) if table is not None else {}
+    figures = {suffix: curve_figure(curves, tags, ylabel, subject, encoding, levels)
+               for suffix, tags, ylabel in curve_figures(curves)}
+    return figures, messages
 
 
 def curve_figures(curves: list[Curves]) -> list[tuple[str, list[str], str]]:
@@ -147,11 +231,33 @@ def _covers(jobs: pd.DataFrame) -> str:
     return f"{len(jobs)} jobs{where} ({completed} completed)"
 
 
+def _job_axes(job) -> dict[str, str]:
+    """The job's ablation axis values, {axis: value}, the seed left out (empty without axes)."""
+    axes = [a for a in str(getattr(job, "axes", "") or "").split(",") if a and a not in SEED_AXES]
+    return {a: str(getattr(job, a)) for a in axes if hasattr(job, a)}
+
+
 def _cell_label(job) -> str:
     """The job's ablation cell: its axis values without the seed (the job name when it has no axes)."""
-    axes = [a for a in str(getattr(job, "axes", "") or "").split(",") if a and a not in SEED_AXES]
-    values = [f"{a}={getattr(job, a)}" for a in axes if hasattr(job, a)]
-    return ",".join(values) or str(job.job)
+    return ",".join(f"{a}={v}" for a, v in _job_axes(job).items()) or str(job.job)
+
+
+def reference_levels(table: Table) -> dict[str, list[tuple[str, float]]]:
+    """The random-init levels to draw, {curve tag: [(label, value)]}: the table's reference row (the mean of the
+    ``train.epochs=0`` jobs), one level per distinct value over its columns (e.g. per predictor mode)."""
+    if not table.reference_rows:
+        return {}
+    levels: dict[str, list[tuple[str, float]]] = {}
+    for tag, metric in REFERENCE_METRICS.items():
+        found: dict[float, list[str]] = {}
+        for cell, column in zip(table.cells[0], table.columns):
+            if column.metric == metric and not column.delta_of and cell.mean is not None:
+                found.setdefault(round(cell.mean, 6), []).append(column.value)
+        for value, columns in found.items():
+            named = [c for c in columns if c]
+            label = "random init" + (f" ({', '.join(named)})" if len(found) > 1 and named else "")
+            levels.setdefault(tag, []).append((label, value))
+    return levels
 
 
 def _cell_means(per_job: list[tuple[object, Curves]]) -> list[Curves]:
@@ -184,39 +290,53 @@ def _cell_means(per_job: list[tuple[object, Curves]]) -> list[Curves]:
                 scalars[tag] = pd.DataFrame({"step": grid[counted], "value": np.nanmean(stacked[:, counted], axis=0),
                                              "low": np.nanmin(stacked[:, counted], axis=0),
                                              "high": np.nanmax(stacked[:, counted], axis=0)})
-        merged.append(Curves(f"{label} (n={len(members)})", scalars, all(c.completed for c in members)))
+        merged.append(Curves(f"{label} (n={len(members)})", scalars, all(c.completed for c in members),
+                             members[0].axes))
     return merged
 
 
-def _plot_panels(curves: list[Curves], tags: list[str], ylabel: str, path: Path, subject: str) -> None:
-    """One panel per tag, one line per job (or cell) that logged it."""
-    figure = Figure(figsize=(4.5 * len(tags), 3.6), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(tags), squeeze=False)[0]
-    for ax, tag in zip(axes, tags):
-        for i, c in enumerate(curves):
-            if tag not in c.scalars:
-                continue
-            series = c.scalars[tag]
-            colour = f"C{i % 10}"
-            # Same colour for a job in every panel; a marker keeps a lone finite point visible.
-            ax.plot(series["step"], series["value"], color=colour, linestyle="-" if c.completed else "--",
-                    linewidth=1.2, label=c.label, marker="o" if series["value"].notna().sum() < 2 else None)
-            if "low" in series:
-                ax.fill_between(series["step"], series["low"], series["high"], color=colour, alpha=0.15, linewidth=0)
-        ax.set_title(tag)
-        ax.set_xlabel("training step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    figure.suptitle(subject + " (dashed: not completed)", fontsize="medium")
-    if len(curves) <= MAX_LEGEND_ENTRIES:
-        by_label = {}
-        for ax in axes:
-            by_label.update(zip(*reversed(ax.get_legend_handles_labels())))
-        figure.legend(list(by_label.values()), list(by_label), loc="outside lower center", fontsize="small",
-                      ncols=max(1, min(len(tags), len(by_label))))
-    figure.savefig(path, dpi=100, bbox_inches="tight")
+def curve_figure(curves: list[Curves], tags: list[str], ylabel: str, subject: str, encoding: Encoding | None = None,
+                 levels: dict[str, list[tuple[str, float]]] | None = None) -> Figure:
+    """One panel per tag (at most ``MAX_COLUMNS`` side by side), one line per job (or cell) that logged it, coloured
+    and styled by ``encoding``; ``levels``: horizontal random-init levels per tag (``reference_levels``). Each data
+    line's label is its job (or cell), its gid the tag."""
+    encoding = encoding or Encoding.of(curves)
+    levels = levels or {}
+    columns = min(MAX_COLUMNS, len(tags))
+    rows = math.ceil(len(tags) / columns)
+    with matplotlib.rc_context({"font.size": FONT_SIZE}):
+        figure = Figure(figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1] * rows + 0.9), layout="constrained")
+        FigureCanvasAgg(figure)
+        axes = figure.subplots(rows, columns, squeeze=False).ravel()
+        for ax in axes[len(tags):]:
+            ax.set_visible(False)
+        drawn_levels: dict[str, Line2D] = {}
+        for ax, tag in zip(axes, tags):
+            for c in curves:
+                if tag not in c.scalars:
+                    continue
+                series = c.scalars[tag]
+                colour, alpha = encoding.colour(c), 1.0 if c.completed else INCOMPLETE_ALPHA
+                # A marker keeps a lone finite point visible (the final kNN of a job without a kNN monitor).
+                ax.plot(series["step"], series["value"], color=colour, linestyle=encoding.style(c), linewidth=1.8,
+                        alpha=alpha, label=c.label, gid=tag, marker="o" if series["value"].notna().sum() < 2 else None)
+                if "low" in series:
+                    ax.fill_between(series["step"], series["low"], series["high"], color=colour, alpha=0.15,
+                                    linewidth=0)
+            for label, value in levels.get(tag, []):
+                drawn_levels[label] = ax.axhline(value, label=label, gid="random_init", **REFERENCE_STYLE)
+            ax.set_title(tag)
+            ax.set_xlabel("training step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+        incomplete = not all(c.completed for c in curves)
+        figure.suptitle(subject + (" (faded: not completed)" if incomplete else ""))
+        handles = encoding.handles() + list(drawn_levels.values())
+        if len(handles) <= 2 * MAX_LEGEND_ENTRIES:
+            figure.legend(handles=handles, loc="outside lower center", title=encoding.title(),
+                          ncols=max(1, min(6, len(handles))))
+    return figure
 
 
 def _has_values(table: Table) -> bool:

@@ -11,6 +11,7 @@ sweep's status and its tables read thousands of job folders quickly.
       train.log                  rank 0's log, appended by every start of the job
       progress.json              starts, and step / total steps / loss / images per s at the latest logging step
       tb/                        TensorBoard events (train/*, monitor/*, eval/*)
+      wandb/                     Weights & Biases files of the job's run (logging.wandb=true), offline-run-* per start
       checkpoints/step_XXXXXXXX/ DCP checkpoints (mtssl.distributed.checkpoint), the newest train.keep_checkpoints
       knn_during_training.json   the kNN evaluations during training (monitor.knn_every_epochs)
       eval_state.json            the finished evaluation phases (a stopped evaluation resumes from them)
@@ -39,6 +40,7 @@ CONFIG = "config.yaml"
 TRAIN_LOG = "train.log"
 PROGRESS = "progress.json"
 TENSORBOARD = "tb"
+WANDB = "wandb"  # wandb's own folder name under the root dir it is given (wandb.init(dir=out_dir))
 CHECKPOINTS = "checkpoints"
 KNN_DURING_TRAINING = "knn_during_training.json"
 EVAL_STATE = "eval_state.json"

@@ -34,8 +34,9 @@ from mtssl.data.image_folder import DataError
 from mtssl.distributed.checkpoint import CheckpointManager, CheckpointMismatch
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
 from mtssl.distributed.preemption import StopRequest, TrainingInterrupted
-from mtssl.job_folder import (CHECKPOINTS, CONFIG, FINAL_STATUSES, TENSORBOARD, TRAIN_LOG, TRAINER_STATE, JobStatus,
+from mtssl.job_folder import (CHECKPOINTS, CONFIG, FINAL_STATUSES, TRAIN_LOG, TRAINER_STATE, JobStatus,
                               Results, job_state, last_checkpoint_step, record_start, write_results)
+from mtssl.train.scalar_logger import open_scalar_logger
 from mtssl.train.trainer import PretrainOutcome, Trainer, configure_determinism
 
 log = logging.getLogger("mtssl")
@@ -148,6 +149,10 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     if problem:  # init_distributed needs it before validate_config runs
         print(f"invalid config: train.collective_timeout_s: {problem}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    problem = FIELD_CHECKS["logging.wandb"](OmegaConf.select(cfg, "logging.wandb", default=False))
+    if problem:  # wandb not installed: refused before train.log is written
+        print(f"invalid config: logging.wandb: {problem}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     env = init_distributed(OmegaConf.select(cfg, "train.device") or "auto", timeout_s)
     setup_logging(out_dir, env)
     log.info("job started: %d rank(s), pid %d, SLURM job %s", env.world_size, os.getpid(),
@@ -188,11 +193,8 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     writer = None
     try:
         trainer = Trainer(cfg, env, out_dir)
-        if env.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            state_step = last_checkpoint_step(out_dir)
-            writer = SummaryWriter(str(out_dir / TENSORBOARD), purge_step=state_step)
+        if env.is_main:  # TensorBoard, and W&B with logging.wandb (mtssl.train.scalar_logger)
+            writer = open_scalar_logger(cfg, out_dir, resume_step=last_checkpoint_step(out_dir))
         monitor = None
         if cfg.monitor.knn_every_epochs:
             from mtssl.eval.knn_monitor import KnnMonitor  # noqa: deferred, heavy
@@ -228,11 +230,16 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         results.update(status=JobStatus.FAILED, error=f"{type(error).__name__}: {error}")
         if env.is_main:
             write_results(out_dir, results)
+            if writer is not None:
+                writer.log_results(results)
         return EXIT_FAILED
+    else:  # final results (completed or diverged), written to results.json below
+        if writer is not None:
+            writer.log_results(results)
     finally:
         stop.restore()
         if writer is not None:
-            writer.close()
+            writer.close(preempted=stop.requested)
     if env.is_main:
         write_results(out_dir, results)
         if results["status"] == JobStatus.COMPLETED and cfg.train.final_checkpoint_only:

@@ -44,7 +44,7 @@ from mtssl.config import (ConfigError, compose_config, config_changes, config_ha
 from mtssl.config.validate import validate_config
 from mtssl.job_folder import FINAL_STATUSES, SWEEP_SPEC, JobStatus, job_state
 from mtssl.run import OutDirConflict, out_dir_conflict
-from sweeps.grid import SweepJob, expand_grid, quote_value, random_init_job
+from sweeps.grid import SweepJob, expand_grid, override_key, quote_value, random_init_job
 from sweeps.launchers import (Submission, SweepLauncher, TrackedJob, is_final, read_submissions,
                               record_submissions, register_configs, scheduler_states, submitted_overrides)
 from sweeps.overrides import split_overrides
@@ -53,6 +53,7 @@ from sweeps.references import plan_references
 REPO = Path(__file__).resolve().parent.parent
 
 DRY_RUN_FLAG = "--dry-run"
+WANDB_GROUP = "logging.wandb_group"
 CLUSTER_PROFILES = REPO / "slurm" / "profiles"
 register_configs(CLUSTER_PROFILES)
 
@@ -71,7 +72,10 @@ class PlannedJob:
 
     @property
     def overrides(self) -> list[str]:
-        return [*self.job.overrides, f"out_dir={quote_value(str(self.out_dir))}"]
+        # The sweep folder names the W&B group of its jobs (logging.wandb=true), unless the sweep sets one.
+        group = [] if any(override_key(o) == WANDB_GROUP for o in self.job.overrides) else \
+            [f"{WANDB_GROUP}={quote_value(self.out_dir.parent.name)}"]
+        return [*self.job.overrides, *group, f"out_dir={quote_value(str(self.out_dir))}"]
 
 
 @dataclass

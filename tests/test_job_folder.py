@@ -119,7 +119,8 @@ JOB_FOLDER_NAMES = {v for k, v in vars(job_folder).items() if k.isupper() and is
 STATUS_WORDS = {s.value for s in JobStatus}
 # String constants equal to a job-folder name or status word that mean something else.
 OTHER_MEANINGS = {("sweeps/overrides.py", "config.yaml"),  # the sweep launcher's own Hydra config file
-                  ("mtssl/eval/weights.py", "checkpoints")}  # torch hub's folder of downloaded weights
+                  ("mtssl/eval/weights.py", "checkpoints"),  # torch hub's folder of downloaded weights
+                  ("mtssl/train/scalar_logger.py", "wandb")}  # the package, beside the folder it writes
 
 
 def _spelled(value: str) -> bool:
@@ -145,7 +146,7 @@ def test_the_docs_name_every_file_status_and_results_field():
     docs = (REPO / "docs" / "job_folder.md").read_text()
     quoted = {text.rstrip("/").split("/")[-1] for text in re.findall(r"`([^`]+)`", docs)}  # `<sweep_dir>/sweep.json`
     files = {getattr(job_folder, name) for name in ("CONFIG", "TRAIN_LOG", "PROGRESS", "CHECKPOINTS", "TENSORBOARD",
-                                                     "KNN_DURING_TRAINING", "EVAL_STATE", "AUGMENTED_STATE",
+                                                     "KNN_DURING_TRAINING", "EVAL_STATE", "AUGMENTED_STATE", "WANDB",
                                                      "BACKBONE_EXPORT", "RESULTS", "SWEEP_SPEC", "TRAINER_STATE")}
     fields = set(Results.__annotations__) | set(job_folder.Progress.__annotations__)
     missing = sorted((files | STATUS_WORDS | fields) - quoted)

@@ -32,6 +32,7 @@ NON_TRAINING_FIELDS = (
     "train.collective_timeout_s",  # when a waiting rank gives up, not what it computes
     "eval",
     "monitor",  # measured beside training, bitwise unchanged (tests/test_monitors.py)
+    "logging",  # where the scalars are written (TensorBoard, W&B), not what is trained
 )
 
 

@@ -185,6 +185,22 @@ def _feature_dtypes() -> list[str]:
     return list(FEATURE_DTYPES)
 
 
+def _wandb_modes() -> list[str]:
+    from mtssl.train.scalar_logger import WANDB_MODES
+
+    return list(WANDB_MODES)
+
+
+def _wandb_switch(value: Any) -> str | None:
+    """logging.wandb: a boolean; true only where wandb is installed (refused before anything is written)."""
+    problem = boolean()(value)
+    if problem or not value:
+        return problem
+    from mtssl.train.scalar_logger import wandb_missing
+
+    return wandb_missing()
+
+
 _PROBABILITIES = listing(number(0, 1))
 _HEAD = {"hidden_dims": listing(integer(1), min_length=0), "out_dim": integer(1), "last_bn": boolean()}
 
@@ -288,6 +304,12 @@ FIELD_CHECKS: dict[str, Check] = {
     "monitor.knn_every_epochs": integer(0, null=True),
     "monitor.knn_val_subset": integer(1, null=True),
     "monitor.knn_train_subset": integer(1, null=True),
+    "logging": section(),
+    "logging.wandb": _wandb_switch,
+    "logging.wandb_project": text(),
+    "logging.wandb_entity": text(null=True),
+    "logging.wandb_group": text(null=True),
+    "logging.wandb_mode": choice(_wandb_modes),
     "eval": section(),
     "eval.knn_k": listing(integer(1)),
     "eval.knn_temperature": number(0, low_open=True),
@@ -313,6 +335,7 @@ OPTIONAL_PATTERNS = (  # a method's 2-view transform may leave these to the glob
     *(f"method.two_view.{k}" for k in ("scale", "blur_p", "solarize_p", "jitter")),
     "train.collective_timeout_s",  # absent from the config.yaml of older jobs (re-evaluation): the default
     "eval.weights", "eval.weights_branch",  # the same (absent: the job's own weights)
+    "logging",  # absent from the config.yaml of older jobs too: TensorBoard only
 )
 
 

@@ -138,7 +138,7 @@ class TrainingMonitors:
         self.rankme_on = bool(monitor_cfg.get("rankme", True)) if monitor_cfg is not None else False
         self.threshold = monitor_cfg.get("rankme_threshold") if monitor_cfg is not None else None
         self.task_names = list(task_names)
-        self.writer = None  # TensorBoard SummaryWriter (rank 0), set by Trainer.fit
+        self.writer = None  # rank 0's ScalarLogger (TensorBoard, W&B: mtssl.train.scalar_logger), set by Trainer.fit
         self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.sums: dict[str, float] = {}
         self.probes = 0

@@ -353,6 +353,7 @@ class Trainer:
     def fit(self, stop: StopRequest, writer=None, on_epoch_end: Callable[[int, int], None] | None = None) -> PretrainOutcome:
         """Train to ``train.epochs`` (or ``train.max_steps``), resuming from the latest checkpoint.
 
+        ``writer``: rank 0's scalar log (``add_scalar(tag, value, step)``: mtssl.train.scalar_logger), None elsewhere.
         ``on_epoch_end(epochs_done, step)``: called on every rank at each epoch end, a step boundary after that
         step's checkpoint (the final one's after the final checkpoint); e.g. the kNN monitor. Its time counts in
         the wall time, not in the images per second.
