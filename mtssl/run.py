@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -38,21 +37,11 @@ from mtssl.job_folder import (CHECKPOINTS, CONFIG, FINAL_STATUSES, TRAIN_LOG, TR
                               Results, job_state, last_checkpoint_step, record_start, write_results)
 from mtssl.train.scalar_logger import open_scalar_logger
 from mtssl.train.trainer import PretrainOutcome, Trainer, configure_determinism
+from mtssl.utils.exit_codes import EXIT_BAD_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from mtssl.utils.git_revision import git_revision
 
 log = logging.getLogger("mtssl")
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3
-
-
-def git_revision() -> str:
-    """Commit of the mtssl source tree, with '-dirty' when it has uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def setup_logging(out_dir: Path, env: DistEnv) -> None:

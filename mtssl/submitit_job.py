@@ -24,7 +24,8 @@ from mtssl.config import compose_config
 from mtssl.distributed.preemption import StopRequest
 from mtssl.distributed.process_group import destroy_distributed
 from mtssl.job_folder import TRAIN_LOG, JobStatus, job_state
-from mtssl.run import EXIT_BAD_CONFIG, EXIT_INTERRUPTED, EXIT_OK, run_job
+from mtssl.run import run_job
+from mtssl.utils.exit_codes import EXIT_BAD_CONFIG, EXIT_INTERRUPTED, EXIT_OK
 
 EXIT_MEANINGS = {EXIT_BAD_CONFIG: "invalid config", EXIT_INTERRUPTED: "stopped on a signal"}
 

@@ -71,7 +71,8 @@ def test_knn_during_training_leaves_training_unchanged_and_ends_at_the_end_of_jo
     saved = json.loads((tmp_path / "watched" / KNN_DURING_TRAINING).read_text())
     assert saved["evaluations"] == json.loads(json.dumps(monitor.evaluations))
     fields = monitor.results(train_seconds=4 * monitor.seconds)
-    assert (fields["every_epochs"], fields["k"], fields["val_images"], fields["train_images"]) == (1, 5, 12, 16)
+    # k: the headline's, 20, capped at the whole bank of 16 images (not the last of eval.knn_k=[3,5])
+    assert (fields["every_epochs"], fields["k"], fields["val_images"], fields["train_images"]) == (1, 16, 12, 16)
     assert fields["share_of_training"] == pytest.approx(0.25)
 
 
@@ -188,6 +189,7 @@ def test_two_fsdp_ranks_give_the_one_process_knn(tmp_path):
     bank = list_image_folder(root, "train")[0]
     val = class_balanced_subset(list_image_folder(root, "val")[0], 10, cfg.data.subset_seed)
     expected = knn_classify(*extract_features(backbone, EvalImageFolder(bank, transform), 4),
-                            *extract_features(backbone, EvalImageFolder(val, transform), 4), 2, ks=(3, 5))
+                            *extract_features(backbone, EvalImageFolder(val, transform), 4), 2,
+                            ks=(3, 5, len(bank)))  # eval.knn_k, and the headline's 20 capped at the bank
     for r in ranks:
         assert [e["knn"] for e in r["evaluations"]] == [expected]

@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer's package and any layer below):
 
-    utils                        atomic file writes, progress bars (no torch, nothing else from mtssl)
+    utils                        atomic file writes, progress bars, the git revision (no torch, nothing else from mtssl)
     data, loss, distributed,     views and datasets, pair and multi-task losses, process groups / FSDP / DCP,
     job_folder                   the preemption protocol; the job folder's files, status words and schemas
     config                       composition, resolution and run identity

@@ -31,10 +31,9 @@ from mtssl.eval.end_of_training import evaluate_states, merge_evaluation
 from mtssl.eval.weights import load_torch_file
 from mtssl.job_folder import (BACKBONE_EXPORT, CHECKPOINTS, CONFIG, RESULTS, JobStatus, Results, job_state,
                               last_checkpoint_step, write_results)
+from mtssl.utils.exit_codes import EXIT_BAD_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 
 log = logging.getLogger("mtssl")
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_ARGS = 0, 1, 2
 
 
 def load_job(out_dir: Path, overrides: Sequence[str]) -> tuple[DictConfig, Results]:
@@ -96,7 +95,7 @@ def reevaluate(out_dir: str | Path, overrides: Sequence[str] = ()) -> int:
         cfg, results = load_job(out_dir, overrides)
     except ConfigError as error:
         log.error("%s", error)
-        return EXIT_BAD_ARGS
+        return EXIT_BAD_CONFIG
     env = init_distributed(cfg.train.get("device", "auto"), cfg.train.get("collective_timeout_s"))
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING, force=True,
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
@@ -115,7 +114,7 @@ def reevaluate(out_dir: str | Path, overrides: Sequence[str] = ()) -> int:
         code = EXIT_OK
     except ConfigError as error:
         log.error("%s", error)
-        code = EXIT_BAD_ARGS
+        code = EXIT_BAD_CONFIG
     except Exception:
         log.exception("re-evaluation failed")
     finally:
@@ -170,17 +169,17 @@ def take_weights(args: list[str]) -> tuple[str | None, list[str]]:
 def evaluate_weights_command(weights: str, overrides: Sequence[str]) -> int:
     """``python -m mtssl.eval --weights ...``: ``python -m mtssl.run`` with ``eval.weights`` (evaluated only)."""
     from mtssl.config import compose_config
-    from mtssl.run import EXIT_INTERRUPTED, run_job
+    from mtssl.run import run_job
 
     if not any(o.split("=", 1)[0].lstrip("+") == "out_dir" for o in overrides):
         print(f"python -m mtssl.eval {WEIGHTS_FLAG}: give out_dir=<folder> for results.json (python -m mtssl.eval "
               f"--help)", file=sys.stderr)
-        return EXIT_BAD_ARGS
+        return EXIT_BAD_CONFIG
     try:
         cfg = compose_config(list(overrides))
     except ConfigError as error:
         print(f"invalid config: {error}", file=sys.stderr)
-        return EXIT_BAD_ARGS
+        return EXIT_BAD_CONFIG
     cfg.eval.weights = weights  # set here, not as an override: a path needs no Hydra quoting
     code = run_job(cfg)
     destroy_distributed(all_ranks_done=code in (EXIT_OK, EXIT_INTERRUPTED))
@@ -198,13 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights, args = take_weights(args)
     except ConfigError as error:
         print(f"python -m mtssl.eval: {error}", file=sys.stderr)
-        return EXIT_BAD_ARGS
+        return EXIT_BAD_CONFIG
     if weights is not None:
         return evaluate_weights_command(weights, args)
     if not args or args[0].startswith("-") or "=" in args[0]:
         print(USAGE, end="", file=sys.stderr)
         print("\npython -m mtssl.eval: give the out_dir of a finished job first, or --weights FILE", file=sys.stderr)
-        return EXIT_BAD_ARGS
+        return EXIT_BAD_CONFIG
     return reevaluate(args[0], args[1:])
 
 

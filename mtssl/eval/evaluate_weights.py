@@ -27,6 +27,8 @@ from mtssl.eval.end_of_training import EvaluationInterrupted, evaluate_states, m
 from mtssl.eval.weights import check_weights_source, load_backbone_weights
 from mtssl.job_folder import CONFIG, JobStatus, Results, job_state, write_results
 from mtssl.model.siamese import backbone_kwargs, build_backbone
+from mtssl.utils.exit_codes import EXIT_BAD_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from mtssl.utils.git_revision import git_revision
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,6 @@ def evaluate_weights(cfg: DictConfig, env: DistEnv, stop=None) -> Results:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / CONFIG).write_text(OmegaConf.to_yaml(cfg))
     fields = evaluate_states(cfg, env, weights.state_dict, None, None, out_dir, stop)
-    from mtssl.run import git_revision  # noqa: deferred (mtssl.run imports this module when it runs it)
 
     results: Results = {
         "status": JobStatus.EVALUATED.value, "backbone": cfg.backbone.name, "data": cfg.data.name,
@@ -85,7 +86,6 @@ def run_evaluation_only(cfg: DictConfig, env: DistEnv, stop=None) -> int:
     2 bad weights or out_dir, 3 stopped on a signal: rerun to resume, 1 failed, recorded in results.json).
     ``stop``: the caller's StopRequest; by default one is installed here for the evaluation."""
     from mtssl.distributed.preemption import StopRequest
-    from mtssl.run import EXIT_BAD_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 
     own_stop = stop is None
     stop = StopRequest() if own_stop else stop
