@@ -158,21 +158,27 @@ def _validate_optim(cfg: DictConfig) -> None:
 
 
 def validate_data(cfg: DictConfig) -> None:
-    """The data folder: it exists with both splits, at least 2 classes, enough images for one batch, and a
-    sample of its images decodes. A missing root that ``data.download`` will fetch is left to the job's data
+    """The data folder: it exists with both splits holding the same classes, none of them empty (at least 2),
+    ``data.subset`` no larger than the training split, enough images for one batch, and a sample of its images
+    decodes. A missing root that ``data.download`` will fetch is left to the job's data
     step (``mtssl.data.cifar10.prepare_data``), which validates it once downloaded."""
-    from mtssl.data.image_folder import DataError, class_balanced_subset, list_image_folder, undecodable_sample
+    from mtssl.data.image_folder import DataError, class_balanced_subset, list_splits, undecodable_sample
 
     data = cfg.data
     _require(data.root is not None, "data.root: set the data folder, e.g. data.root=/path/to/imagenet")
     if not Path(data.root).exists() and data.download:
         return
-    try:
-        train_samples, _ = list_image_folder(data.root, data.train_split)
-        val_samples, _ = list_image_folder(data.root, data.val_split)
+    try:  # both splits, with the same classes and no empty class folder (mtssl.data.image_folder)
+        train_samples, val_samples, _ = list_splits(data.root, data.train_split, data.val_split)
     except DataError as error:
         raise ConfigError(str(error)) from error
     if data.subset is not None:
+        _require(
+            data.subset <= len(train_samples),
+            f"data.subset: {data.subset} training images were asked for, but {Path(data.root) / data.train_split} "
+            f"holds {len(train_samples)}; set data.subset={len(train_samples)} or lower, or data.subset=null for "
+            f"all of them",
+        )
         train_samples = class_balanced_subset(train_samples, data.subset, data.subset_seed)
     _require(
         cfg.train.batch_size <= len(train_samples),

@@ -1,0 +1,104 @@
+"""What a new user tripped over (issue 29), one case per item: silent bad data, lost or misplaced work, tracebacks,
+a hang, a wrong estimate. Each case runs at tiny sizes (an ImageFolder of 8-16 random 32 px JPEGs per class, one
+or two sweep jobs that are planned, never trained) and failed before its fix. Items 2, 3, 8 and 9 (the
+re-evaluation, ``python -m mtssl.eval``) are in tests/test_new_user_catalogue_eval.py.
+
+One case starts ``python -m mtssl.run`` as a user's shell would (``--help``, item 14: 3 to 5 s, importing torch);
+the SIGHUP case (item 5) starts a plain Python process that imports only the signal module of mtssl.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf, open_dict
+
+from mtssl.config import ConfigError, available, compose_config
+from mtssl.config.validate import check_out_dir, validate_config
+from tests.support.data import REPO, make_image_folder
+from tests.support.jobs import SMALL_HEADS, job_config
+
+# A job that validates against a tiny folder (2 classes x 8 images) and builds its trainer in about a second.
+TINY_JOB = ["data=cifar10", "data.download=false", "data.subset=null", "data.num_workers=0", "train.device=cpu",
+            "train.batch_size=8", "train.epochs=3", "backbone=resnet18", "+backbone.kwargs.layers=[1,1,1,1]",
+            *SMALL_HEADS]
+
+
+def checkout_env() -> dict[str, str]:
+    """The environment with this checkout first on PYTHONPATH (whichever copy of mtssl is installed)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.fixture
+def restore_logging():
+    """run_job replaces the root logger's handlers (its console and train.log): put them back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def folder_files(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Bad data trained on silently
+
+
+def _val_class_not_in_train(root: Path) -> Path:
+    make_image_folder(root, classes=2, per_class=8)
+    make_image_folder(root / "extra", classes=1, per_class=2, splits=("val",))
+    (root / "extra" / "val" / "class_0").rename(root / "val" / "class_9")
+    return root / "val"
+
+
+def _empty_class_folder(root: Path) -> Path:
+    make_image_folder(root, classes=3, per_class=8)
+    empty = root / "train" / "class_1"
+    for image in empty.iterdir():
+        image.unlink()
+    return empty
+
+
+@pytest.mark.parametrize("build, expected", [
+    (_val_class_not_in_train, r"the train and val splits must hold the same classes: .*val has class folder\(s\) "
+                              r"\['class_9'\] that .*train lacks"),
+    (_empty_class_folder, r"class folder .*train/class_1 holds no images \(files ending in \.jpg"),
+], ids=["val_class_not_in_train", "empty_class_folder"])
+def test_item01_val_class_not_in_train(tmp_path, build, expected):
+    """Refused by validate_config, which python -m mtssl.run, sweeps/launch.py and python -m mtssl.eval all call
+    before anything trains, naming the folder."""
+    root = tmp_path / "data"
+    named = build(root)
+    with pytest.raises(ConfigError, match=expected) as refused:
+        validate_config(job_config(f"data.root={root}", *TINY_JOB))
+    assert str(named) in str(refused.value) and str(refused.value).startswith("data.root:")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 16. An oversized data.subset used the whole folder silently
+
+
+def test_item16_subset_larger_than_the_folder_is_refused(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=30)  # 60 training images
+    with pytest.raises(ConfigError) as refused:
+        validate_config(job_config(f"data.root={root}", *TINY_JOB, "data.subset=1000"))
+    message = str(refused.value)
+    assert message.startswith("data.subset: 1000 training images were asked for")
+    assert f"{root / 'train'} holds 60" in message
+    assert "data.subset=60 or lower" in message and "data.subset=null" in message
+    validate_config(job_config(f"data.root={root}", *TINY_JOB, "data.subset=60"))  # all of them: accepted
