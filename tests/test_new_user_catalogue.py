@@ -90,6 +90,40 @@ def test_item01_val_class_not_in_train(tmp_path, build, expected):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 4. An out_dir that is no folder of the job's own
+
+
+@pytest.mark.parametrize("out_dir, expected", [
+    ("", "is empty, so the job would write into the current folder"),
+    ("  ", "is empty, so the job would write into the current folder"),
+    (".", "is the current folder"),
+    ("..", "is a parent of the current folder"),
+], ids=["empty", "blank", "dot", "parent"])
+def test_item04_empty_out_dir_is_refused(tmp_path, monkeypatch, out_dir, expected):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(ConfigError, match=re.escape(expected)) as refused:
+        check_out_dir(out_dir)
+    message = str(refused.value)
+    assert message.startswith("out_dir:") and re.search(r"out_dir=(\.\./)?runs/demo$", message), message
+    assert os.listdir(work) == []
+    assert compose_config(["out_dir=''"]).out_dir == ""  # what `out_dir=''` on the command line gives
+    check_out_dir("runs/demo")  # a folder of its own, relative to the current one: accepted
+
+
+def test_item04_relative_out_dir_in_a_deleted_folder_is_refused(tmp_path, monkeypatch):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()  # a shell still sitting in a folder that was removed
+    with pytest.raises(ConfigError, match=r"out_dir: 'runs/demo' is relative to the current folder, which no "
+                                          r"longer exists; give an absolute path"):
+        check_out_dir("runs/demo")
+    check_out_dir(tmp_path / "runs" / "demo")  # an absolute one still works
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 16. An oversized data.subset used the whole folder silently
 
 

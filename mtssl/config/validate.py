@@ -68,12 +68,36 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
 
 
 def check_out_dir(out_dir: str | os.PathLike) -> None:
-    """Raise ConfigError unless out_dir exists as a writable folder or can be created. Creating a folder is
-    tried in its nearest existing ancestor (a temporary folder, removed at once): permissions alone do not
-    tell, e.g. for root under /proc or on a read-only mount."""
+    """Raise ConfigError unless out_dir names a folder of the job's own that exists as a writable folder or can
+    be created. Refused: an empty out_dir, a relative one when the current folder no longer exists, and one that
+    is the current folder, one of its parents, the home folder or the repository (the job would scatter its
+    checkpoints, logs and tb/ among other files). Creating a folder is tried in its nearest existing ancestor (a
+    temporary folder, removed at once): permissions alone do not tell, e.g. for root under /proc or on a
+    read-only mount."""
     import tempfile
 
-    path = Path(os.path.abspath(os.path.expanduser(str(out_dir))))
+    from mtssl.config.compose import REPO_ROOT
+
+    expanded = os.path.expanduser(str(out_dir))
+    try:
+        cwd = Path(os.getcwd())
+    except FileNotFoundError:  # the current folder was deleted: a relative out_dir is relative to nowhere
+        if not os.path.isabs(expanded):
+            raise ConfigError(f"out_dir: {str(out_dir)!r} is relative to the current folder, which no longer exists; "
+                              f"give an absolute path (out_dir=/path/to/runs/demo) or run from an existing folder")
+        cwd = None
+    if not str(out_dir).strip():
+        raise ConfigError(f"out_dir: {str(out_dir)!r} is empty, so the job would write into the current folder "
+                          f"({cwd}); name a folder of its own, e.g. out_dir=runs/demo")
+    path = Path(os.path.abspath(expanded))
+    shared = {parent: "a parent of the current folder" for parent in (cwd.parents if cwd else ())}
+    shared.update({Path.home(): "the home folder", REPO_ROOT: "the mtssl repository"})
+    if cwd is not None:
+        shared[cwd] = "the current folder"
+    if path in shared:
+        raise ConfigError(f"out_dir: {out_dir!s} is {shared[path]} ({path}), not a folder of the job's own: its "
+                          f"checkpoints, logs and tb/ would land among other files; name a new folder, e.g. "
+                          f"out_dir={Path(str(out_dir)) / 'runs' / 'demo'}")
     existing = path
     while not existing.exists():
         existing = existing.parent
