@@ -124,6 +124,36 @@ def test_item04_relative_out_dir_in_a_deleted_folder_is_refused(tmp_path, monkey
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 5. SIGHUP while the stop checkpoint is written
+
+SIGHUP_AFTER_CTRL_C = textwrap.dedent("""
+    import os, signal, time
+    from mtssl.distributed.preemption import StopRequest, ignore_interrupts
+
+    stop = StopRequest()
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the job stops at its next step boundary
+    time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGHUP)  # the terminal closes while the stop checkpoint is written
+    time.sleep(0.05)
+    print("main:", stop.requested, [signal.Signals(s).name for s in stop.received], flush=True)
+    stop.restore()
+    ignore_interrupts(0)  # a DataLoader worker: the terminal sends both to every process of the job
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        os.kill(os.getpid(), signum)
+    time.sleep(0.05)
+    print("worker: alive", flush=True)
+""")
+
+
+def test_item05_sighup_counts_as_a_stop_request():
+    proc = subprocess.run([sys.executable, "-c", SIGHUP_AFTER_CTRL_C], capture_output=True, text=True, timeout=60,
+                          env=checkout_env(), cwd=REPO)
+    assert proc.returncode == 0, f"exit {proc.returncode} (-1: killed by SIGHUP): {proc.stderr[-2000:]}"
+    assert "main: True ['SIGINT', 'SIGHUP']" in proc.stdout
+    assert "worker: alive" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 16. An oversized data.subset used the whole folder silently
 
 
