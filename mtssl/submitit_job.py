@@ -53,7 +53,9 @@ class MtsslJob(submitit.helpers.Checkpointable):
             return self._requeue(stop, out_dir, rank)
         if code != EXIT_OK:
             meaning = EXIT_MEANINGS.get(code, JobStatus.FAILED.value)
-            raise RuntimeError(f"mtssl job {out_dir} ended with exit code {code} ({meaning}); see {out_dir / TRAIN_LOG}")
+            where = ("its message above (a refused job writes nothing in its out_dir)" if code == EXIT_BAD_CONFIG
+                     else out_dir / TRAIN_LOG)
+            raise RuntimeError(f"mtssl job {out_dir} ended with exit code {code} ({meaning}); see {where}")
         if rank != 0:
             return {"rank": rank}
         results = job_state(out_dir).results or {}

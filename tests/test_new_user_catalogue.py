@@ -154,6 +154,31 @@ def test_item05_sighup_counts_as_a_stop_request():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 6. A refused run writes nothing
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ("bad_data", "the train and val splits must hold the same classes"),
+    ("refused_by_the_trainer", "train.sync_bn: synchronised BatchNorm needs CUDA"),
+])
+def test_item06_refused_run_writes_nothing(tmp_path, single_process, restore_logging, capsys, problem, expected):
+    from mtssl.run import EXIT_BAD_CONFIG, run_job
+
+    root = tmp_path / "data"
+    overrides = []
+    if problem == "bad_data":
+        _val_class_not_in_train(root)
+    else:
+        make_image_folder(root, classes=2, per_class=8)
+        overrides = ["train.sync_bn=true"]  # passes validate_config; the trainer refuses it on CPU
+    out = tmp_path / "run"
+    code = run_job(compose_config([f"data.root={root}", f"out_dir={out}", *TINY_JOB, *overrides]))
+    assert code == EXIT_BAD_CONFIG
+    assert expected in capsys.readouterr().out
+    assert folder_files(out) == [] and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 16. An oversized data.subset used the whole folder silently
 
 
