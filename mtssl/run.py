@@ -27,6 +27,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mtssl.config import ConfigError, changes_from_file, compose_config, config_hash, describe_changes, resolve_config
+from mtssl.config.quoting import check_override_syntax
 from mtssl.config.renames import refuse_renamed
 from mtssl.config.schema import FIELD_CHECKS
 from mtssl.config.validate import check_device, check_out_dir, validate_config, validate_data
@@ -376,7 +377,8 @@ def show_config(overrides: list[str], recipe_only: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m mtssl.run [key=value ...]``: a renamed field is refused naming its replacement,
+    """``python -m mtssl.run [key=value ...]``: a renamed field is refused naming its replacement, a value Hydra
+    cannot read unquoted (a non-ASCII letter, ``~``, ...) is refused showing it quoted,
     ``--show-recipe`` prints the recipe and ``--cfg job`` the effective config (both exit without writing
     anything); anything else goes to Hydra, which runs the job."""
     from hydra._internal.utils import get_args_parser
@@ -391,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     if args is not None:
         try:
             refuse_renamed(args.overrides)
+            check_override_syntax(args.overrides, multirun=args.multirun)  # before Hydra's lexer error
         except ConfigError as error:
             print(f"invalid config: {error}", file=sys.stderr)
             sys.exit(EXIT_BAD_CONFIG)

@@ -179,6 +179,42 @@ def test_item06_refused_run_writes_nothing(tmp_path, single_process, restore_log
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 10. A value Hydra's lexer cannot read
+
+
+@pytest.mark.parametrize("typed, intended, problem", [
+    (["{d}/runs/café"], "{d}/runs/café", "Hydra cannot read the value '{d}/runs/café' unquoted (token recognition "
+                                         "error at: 'é')"),
+    (["{d}/my runs (2)"], "{d}/my runs (2)", "Hydra cannot read the value '{d}/my runs (2)' unquoted"),
+    (["{d}/my", "runs"], "{d}/my runs", "'runs' is not a key=value override: if it is the rest of out_dir's value "
+                                        "(the shell splits an unquoted value at its spaces)"),
+], ids=["accent", "space_and_parentheses", "space_split_by_the_shell"])
+def test_item10_out_dir_with_a_space_or_an_accent_shows_the_quoting(tmp_path, monkeypatch, capsys, typed, intended,
+                                                                     problem):
+    """``python -m mtssl.run``'s entry point, in this process: the refusal comes before Hydra parses anything."""
+    import shlex
+
+    from mtssl.run import main
+
+    typed, intended, problem = ([t.format(d=tmp_path) for t in typed], intended.format(d=tmp_path),
+                                problem.format(d=tmp_path))
+    argv = ["mtssl.run", f"out_dir={typed[0]}", *typed[1:], "train.epochs=0"]
+    monkeypatch.setattr(sys, "argv", argv)  # what Hydra would read
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    printed = capsys.readouterr()
+    assert "Traceback" not in printed.out + printed.err
+    assert problem in printed.err, printed.err
+    quoted = f"\"out_dir='{intended}'\""  # single quotes for Hydra inside double quotes for the shell
+    assert f": {quoted} (docs/configuration.md, \"Quoting values\")" in printed.err
+    assert not Path(intended).exists() and not Path(typed[0]).exists()
+    # What the message shows is what the shell hands Hydra once typed: it composes to the intended path.
+    [word] = shlex.split(quoted)
+    assert compose_config([word]).out_dir == intended
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 16. An oversized data.subset used the whole folder silently
 
 
