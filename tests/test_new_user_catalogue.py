@@ -179,6 +179,53 @@ def test_item06_refused_run_writes_nothing(tmp_path, single_process, restore_log
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Sweeps, launched in this process: the launcher's config composed from sweeps/conf, with a one- or two-job
+# ablation of tiny jobs over a tiny folder (planned and validated, never trained).
+
+
+@pytest.fixture
+def sweep_data(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "data", classes=2, per_class=16)  # 32 training images
+
+
+def sweep_config(sweep_dir: Path, data_root: Path, *overrides: str, axes=None, job_overrides=(), hours: float = 1.2):
+    """The launcher's config as ``python sweeps/launch.py`` composes it, with a tiny ablation and budget."""
+    from hydra import compose, initialize_config_dir
+
+    import sweeps.launch  # noqa: F401 - registers the launcher schemas and cluster profiles
+
+    with initialize_config_dir(config_dir=str(REPO / "sweeps" / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"sweep_dir={sweep_dir}", "tables.plots=false", "poll_s=0.1", *overrides])
+    with open_dict(cfg):
+        cfg.ablation = OmegaConf.create({"name": "pair", "fixed": [*TINY_JOB, f"data.root={data_root}"],
+                                         "axes": axes or {"predictor": ["separate"]}, "seeds": [0]})
+        cfg.budget = OmegaConf.create({"name": "tiny", "regime": "official", "random_init_reference": False,
+                                       "resources": {"ranks_per_job": 1, "gpus": False,
+                                                     "hours_per_job": {"default": hours}}})
+        cfg.job_overrides = list(job_overrides)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. launcher=slurm without SLURM
+
+
+def test_item07_slurm_launcher_without_slurm_is_refused_before_writing(tmp_path, sweep_data, monkeypatch, capsys):
+    from sweeps.launch import launch
+
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no sbatch, srun or sacct here
+    sweep_dir = tmp_path / "sweep"
+    assert launch(sweep_config(sweep_dir, sweep_data, "launcher=slurm", "cluster=local")) == 2
+    err = capsys.readouterr().err
+    assert "launcher=slurm: this machine has no SLURM (sbatch, srun, sacct not found on PATH)" in err
+    assert "launcher=local" in err and "--dry-run" in err and "Nothing was submitted." in err
+    assert not sweep_dir.exists()  # no sweep.json
+    # Planning a SLURM sweep stays possible anywhere.
+    assert launch(sweep_config(sweep_dir, sweep_data, "launcher=slurm", "cluster=local", "dry_run=true")) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 10. A value Hydra's lexer cannot read
 
 
@@ -212,6 +259,94 @@ def test_item10_out_dir_with_a_space_or_an_accent_shows_the_quoting(tmp_path, mo
     # What the message shows is what the shell hands Hydra once typed: it composes to the intended path.
     [word] = shlex.split(quoted)
     assert compose_config([word]).out_dir == intended
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 11. launcher.max_parallel=0 hung
+
+
+@pytest.mark.parametrize("value", [0, -2])
+def test_item11_max_parallel_below_one_is_refused(tmp_path, sweep_data, capsys, value):
+    from sweeps.launch import launch
+
+    sweep_dir = tmp_path / "sweep"
+    # A dry run is checked too (the real launch printed "1 job(s) to submit" and then waited forever).
+    assert launch(sweep_config(sweep_dir, sweep_data, f"launcher.max_parallel={value}", "dry_run=true")) == 2
+    err = capsys.readouterr().err
+    assert f"launcher.max_parallel: {value} jobs at once would never start one" in err
+    assert "launcher.max_parallel=1" in err and "Nothing was submitted." in err
+    assert not sweep_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 12. A running job got a second copy
+
+
+def test_item12_running_job_is_listed_skipped_and_never_copied(tmp_path, sweep_data, single_process,
+                                                              restore_logging, capsys):
+    from mtssl.job_folder import read_progress, update_progress
+    from mtssl.run import EXIT_BAD_CONFIG, run_job
+    from sweeps.launch import Resources, launch, plan_sweep
+
+    sweep_dir = tmp_path / "sweep"
+    planned = plan_sweep(sweep_config(sweep_dir, sweep_data), sweep_dir, Resources(1, False, 1))[0]
+    job = planned.out_dir
+    job.mkdir(parents=True)
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the job's running rank 0
+    try:
+        # What a job started by hand (or by another launch) has written by now: its owner, then its config.
+        started = int(Path(f"/proc/{owner.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22
+        update_progress(job, starts=1, owner={"host": socket.gethostname(), "pid": owner.pid, "pid_start": started})
+        (job / "config.yaml").write_text(OmegaConf.to_yaml(planned.config))
+        before = folder_files(job), read_progress(job)
+
+        assert launch(sweep_config(sweep_dir, sweep_data, "dry_run=true")) == 0
+        out = capsys.readouterr().out
+        assert re.search(rf"predictor=separate\s+running\s+{re.escape(str(job))}", out), out
+        assert "resume" not in out
+
+        assert launch(sweep_config(sweep_dir, sweep_data, "dry_run=true", job_overrides=["train.epochs=2"])) == 2
+        err = capsys.readouterr().err
+        assert (f"predictor=separate: a running job (pid {owner.pid} on host {socket.gethostname()}): "
+                f"train.epochs: 3 → 2") in err
+        assert "Nothing was submitted." in err
+
+        assert launch(sweep_config(sweep_dir, sweep_data)) == 1  # the real relaunch: the job did not complete here
+        out = capsys.readouterr().out
+        assert f"predictor=separate: already running (pid {owner.pid}" in out
+        assert "0 job(s) to submit, 1 already queued or running, 0 finished" in out
+        assert not (sweep_dir / ".submitit").exists()  # nothing submitted
+
+        # A copy started anyway (by hand, by a launcher that queued it earlier) refuses to run beside it.
+        assert run_job(compose_config(planned.overrides)) == EXIT_BAD_CONFIG
+        assert f"{job} is in use by a running job (pid {owner.pid} on host" in capsys.readouterr().out
+        assert (folder_files(job), read_progress(job)) == before
+    finally:
+        owner.kill()
+        owner.wait()
+    # Once the owner is gone, the job is an unfinished one again: resumed by the next launch.
+    assert launch(sweep_config(sweep_dir, sweep_data, "dry_run=true")) == 0
+    assert re.search(r"predictor=separate\s+resume", capsys.readouterr().out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 13. The dry run's estimate ignored the jobs' own size
+
+
+def test_item13_estimate_follows_the_jobs_epochs_and_subset(tmp_path, sweep_data, capsys):
+    from sweeps.launch import launch
+
+    axes = {"predictor": ["separate", "shared"]}
+    sweep_dir = tmp_path / "sweep"
+    assert launch(sweep_config(sweep_dir, sweep_data, "dry_run=true", axes=axes)) == 0
+    assert "about 2.4 hours of wall time for the 2 job(s)" in capsys.readouterr().out  # 2 x 1.2 h, as budgeted
+    # train.epochs 3 -> 1 and 32 -> 8 training images: each job is 1 x 8 / (3 x 32) of the budget's.
+    assert launch(sweep_config(sweep_dir, sweep_data, "dry_run=true", axes=axes,
+                               job_overrides=["train.epochs=1", "data.subset=8"])) == 0
+    expected = round(2 * 1.2 * (1 * 8) / (3 * 32), 3)
+    out = capsys.readouterr().out
+    assert f"about {expected:g} hours of wall time for the 2 job(s)" in out, out
+    assert "scaled to each job's epochs and training images" in out
 
 
 # ---------------------------------------------------------------------------------------------------------------
