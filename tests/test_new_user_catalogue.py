@@ -350,6 +350,38 @@ def test_item13_estimate_follows_the_jobs_epochs_and_subset(tmp_path, sweep_data
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 14. python -m mtssl.run --help
+
+
+def test_item14_run_help_is_short_and_points_the_way(tmp_path):
+    """A real ``python -m mtssl.run --help`` (Hydra prints the help and exits; in this process it would keep Hydra's
+    global state): 3 to 5 s, mostly importing torch, more on a busy machine."""
+    proc = subprocess.run([sys.executable, "-m", "mtssl.run", "--help"], capture_output=True, text=True, timeout=120,
+                          env=checkout_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    assert len(text.splitlines()) <= 50, f"{len(text.splitlines())} lines"
+    for group in ("method", "views", "predictor", "backbone", "data", "regime"):
+        assert f"{group}: {', '.join(available(group))}" in text, group  # each group with its presets
+    assert "--show-recipe" in text and "--cfg job" in text
+    assert "docs/configuration.md" in text and "README.md" in text
+    assert "augmented_lr" not in text and "linear_lrs" not in text  # not the whole config (--cfg job prints it)
+    assert not os.listdir(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 15. The CPU-only install
+
+
+def test_item15_cpu_only_install_is_documented():
+    readme = (REPO / "README.md").read_text()
+    pins = re.search(r"pip install (torch==\S+) (torchvision==\S+) &&", readme)
+    assert pins, "the quick start's install line"
+    assert (f"pip install {pins.group(1)} {pins.group(2)} --index-url https://download.pytorch.org/whl/cpu"
+            in readme)  # the same versions, CPU builds
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 16. An oversized data.subset used the whole folder silently
 
 
