@@ -172,8 +172,9 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     ``stop``: stop-signal handlers the caller installed itself, so it can read afterwards which
     signal stopped the job (mtssl.submitit_job requeues on SIGUSR2); by default installed here.
     A refused job (exit 2 before training: a bad config or data folder, an out_dir in use by a running job or
-    holding another training config) writes nothing; an accepted one names this process the job's owner in
-    progress.json until it ends, so that no second copy starts in the same out_dir.
+    holding another training config) writes nothing; one with nothing to do only logs so and counts its start.
+    An accepted one names this process the job's owner in progress.json until it ends, so that no second copy
+    starts in the same out_dir.
     """
     out_dir = Path(cfg.out_dir)
     try:
@@ -194,6 +195,10 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     try:
         cfg, code = _admit(cfg, env, out_dir)
         if cfg is None:
+            if code == EXIT_OK:  # final results, nothing to do: still a start (a requeue or relaunch counts), logged
+                job_log.open(out_dir)
+                if env.is_main:
+                    record_start(out_dir)
             return code
         stop = stop if stop is not None else StopRequest()
         try:
