@@ -129,10 +129,12 @@ def test_config_mismatch_is_refused(data_root, tmp_path):
     procs = start_job(data_root, out, 2)
     interrupt_at(procs, out, 2)
     assert wait(procs) == [3, 3]
+    train_log = (out / "train.log").read_bytes()
     procs = start_job(data_root, out, 1, extra=["train.seed=1"])
     assert wait(procs) == [2]
-    log = (out / "train.log").read_text()
+    log = (out.parent / f"{out.name}.rank0.log").read_text()  # its console: a refused run writes nothing in out_dir
     assert "holds a checkpoint" in log and "of a different training config: train.seed: 0 → 1." in log
+    assert (out / "train.log").read_bytes() == train_log
     assert not (out / "results.json").exists()
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["seed"] == 0  # still its checkpoints' config
 
