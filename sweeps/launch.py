@@ -16,8 +16,9 @@ job config (mtssl/conf: ``train.epochs=1``, ``method=simsiam``) is forwarded to 
 the GPU-hours estimate and the output directories, and stops there.
 
 Each job writes to ``<sweep_dir>/<job name>/``; ``<sweep_dir>/sweep.json`` lists the grid. Launching again
-skips jobs with final results, follows jobs still queued, and resubmits the others (they resume from
-their checkpoints). A relaunch whose jobs' training configs differ from those that jobs in ``sweep_dir``
+skips jobs with final results, follows jobs still queued, skips a job whose folder names a live owner
+process on this machine (started by hand or by another launch: never a second copy), and resubmits the
+others (they resume from their checkpoints). A relaunch whose jobs' training configs differ from those that jobs in ``sweep_dir``
 finished, checkpointed or are queued with is refused before anything is submitted or written (exit 2),
 naming the jobs and the fields: use a new ``sweep_dir``. The launcher reports each job's id, state and log
 as they change and, once every job has ended, writes the result tables (analysis/make_tables.py). Exit status: 0 when every job completed
