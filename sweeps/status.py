@@ -4,7 +4,8 @@
     python sweeps/status.py <sweep_dir> [--watch SECONDS]      # installed: mtssl-status <sweep_dir>
 
 One table, one line per job: its state (``completed``, ``diverged``, ``failed`` from results.json; else
-``running`` or ``queued`` as the scheduler says; else ``unfinished``, started but not running now,
+``running`` or ``queued`` as the scheduler says, or ``running`` while the folder's owner process is alive on
+this machine; else ``unfinished``, started but not running now,
 ``malformed``, an unusable results.json, or ``pending``, nothing written yet: mtssl.job_folder.JobStatus),
 step / total steps, last loss and images/s (from its progress.json or results.json), how many times it was
 requeued or restarted, its job id and log; then a one-line summary (``12 completed, 3 running, 1 failed
