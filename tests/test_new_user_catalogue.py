@@ -316,6 +316,9 @@ def test_item12_running_job_is_listed_skipped_and_never_copied(tmp_path, sweep_d
         assert f"predictor=separate: already running (pid {owner.pid}" in out
         assert "0 job(s) to submit, 1 already queued or running, 0 finished" in out
         assert not (sweep_dir / ".submitit").exists()  # nothing submitted
+        from sweeps.status import sweep_rows
+
+        assert [row["state"] for row in sweep_rows(sweep_dir)] == ["running"]  # and the status table says so
 
         # A copy started anyway (by hand, by a launcher that queued it earlier) refuses to run beside it.
         assert run_job(compose_config(planned.overrides)) == EXIT_BAD_CONFIG
