@@ -9,7 +9,8 @@ sweep's status and its tables read thousands of job folders quickly.
     out_dir/
       config.yaml                the effective config (resolved), written when the job starts
       train.log                  rank 0's log, appended by every start of the job
-      progress.json              starts, and step / total steps / loss / images per s at the latest logging step
+      progress.json              starts, the process running the job now, and step / total steps / loss / images
+                                 per s at the latest logging step
       tb/                        TensorBoard events (train/*, monitor/*, eval/*)
       wandb/                     Weights & Biases files of the job's run (logging.wandb=true), offline-run-* per start
       checkpoints/step_XXXXXXXX/ DCP checkpoints (mtssl.distributed.checkpoint), the newest train.keep_checkpoints
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -82,7 +84,8 @@ class JobStatus(str, Enum):
     MALFORMED = "malformed"  # results.json is there but unusable (``JobState.problem`` says why)
     UNFINISHED = "unfinished"  # started (STARTED_MARKERS), no results.json: running, stopped on a signal, or killed
     PENDING = "pending"  # nothing written yet
-    # An unfinished or pending job whose latest submission the scheduler reports (sweeps/status.py).
+    # An unfinished or pending job whose latest submission the scheduler reports (sweeps/status.py), or whose
+    # progress.json names a live process on this host as its owner (``live_status``).
     RUNNING = "running"
     QUEUED = "queued"
 
@@ -223,6 +226,14 @@ def write_results(out_dir: Path | str, results: Results) -> None:
 
 
 # ------------------------------------------------------------------------------------------- progress.json
+class Owner(TypedDict):
+    """The process running a job (its rank 0), as progress.json records it at the start."""
+
+    host: str  # socket.gethostname()
+    pid: int
+    pid_start: int | None  # the process's start time (clock ticks after boot, /proc/<pid>/stat): a reused pid differs
+
+
 class Progress(TypedDict, total=False):
     """progress.json, rewritten (atomically, by rank 0) at every start and every logging step."""
 
@@ -232,6 +243,7 @@ class Progress(TypedDict, total=False):
     epoch: int  # epochs done
     loss: float  # total loss at the latest logging step (mean over ranks)
     images_per_s: float  # training throughput since the logging step before it
+    owner: Owner | None  # the process running the job now (rank 0), null once it ended
     updated: float  # unix time of this update
 
 
@@ -258,8 +270,63 @@ def update_progress(out_dir: Path | str, **fields: Any) -> None:
 
 
 def record_start(out_dir: Path | str) -> None:
-    """Count one more start of the job in progress.json (rank 0, as the job starts)."""
-    update_progress(out_dir, starts=int((read_progress(out_dir) or {}).get("starts", 0)) + 1)
+    """Count one more start of the job in progress.json and name this process its owner (rank 0, once the job
+    is accepted: a refused run writes nothing)."""
+    update_progress(out_dir, starts=int((read_progress(out_dir) or {}).get("starts", 0)) + 1, owner=this_process())
+
+
+def record_end(out_dir: Path | str) -> None:
+    """Clear the owner in progress.json (rank 0, whenever a started job ends; a killed one leaves a dead pid)."""
+    if (read_progress(out_dir) or {}).get("owner") is not None:
+        update_progress(out_dir, owner=None)
+
+
+# --------------------------------------------------------------------------------------------------- owner
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot, field 22 of /proc/<pid>/stat); None without /proc or
+    without that process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])  # after "pid (comm)": state is field 3, starttime 22
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def this_process() -> Owner:
+    """This process as a job's owner."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid())}
+
+
+def _alive(owner: Owner) -> bool:
+    """Whether the owner process still runs (on this host: another host's processes cannot be seen from here)."""
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    recorded_start = owner.get("pid_start")
+    if recorded_start is not None and Path("/proc").is_dir():
+        return process_start(pid) == recorded_start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def live_owner(out_dir: Path | str) -> Owner | None:
+    """The process that runs the job in ``out_dir`` now: the owner progress.json names when it is alive on this
+    host and is not this process; None otherwise (ended, killed, or on another host, where only the scheduler
+    can tell)."""
+    owner = (read_progress(out_dir) or {}).get("owner")
+    if not isinstance(owner, dict) or (owner.get("host") == socket.gethostname() and owner.get("pid") == os.getpid()):
+        return None
+    return owner if _alive(owner) else None
+
+
+def describe_owner(owner: Owner) -> str:
+    """``pid 1234 on host node1``."""
+    return f"pid {owner.get('pid')} on host {owner.get('host')}"
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -302,6 +369,12 @@ class JobState:
     status: JobStatus  # never RUNNING or QUEUED: only a scheduler knows those
     results: Results | None = None  # results.json, for COMPLETED, DIVERGED and FAILED
     problem: str | None = None  # MALFORMED: what is wrong with results.json
+
+
+def live_status(out_dir: Path | str) -> JobStatus:
+    """``job_state``'s status, or RUNNING while the job's owner process is alive on this host (a rerun of a failed
+    job, or one trained on past its train.max_steps, runs beside its old results.json)."""
+    return JobStatus.RUNNING if live_owner(out_dir) is not None else job_state(out_dir).status
 
 
 def job_state(out_dir: Path | str) -> JobState:

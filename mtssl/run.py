@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mtssl.config import ConfigError, changes_from_file, compose_config, config_hash, describe_changes, resolve_config
+from mtssl.config.quoting import check_override_syntax
 from mtssl.config.renames import refuse_renamed
 from mtssl.config.schema import FIELD_CHECKS
 from mtssl.config.validate import check_device, check_out_dir, validate_config, validate_data
@@ -33,8 +35,10 @@ from mtssl.data.image_folder import DataError
 from mtssl.distributed.checkpoint import CheckpointManager, CheckpointMismatch
 from mtssl.distributed.process_group import DistEnv, destroy_distributed, init_distributed
 from mtssl.distributed.preemption import StopRequest, TrainingInterrupted
-from mtssl.job_folder import (CHECKPOINTS, CONFIG, FINAL_STATUSES, TRAIN_LOG, TRAINER_STATE, JobStatus,
-                              Results, job_state, last_checkpoint_step, record_start, write_results)
+from mtssl.distributed.collectives import host_any
+from mtssl.job_folder import (CHECKPOINTS, CONFIG, FINAL_STATUSES, TRAIN_LOG, TRAINER_STATE, JobStatus, Results,
+                              describe_owner, job_state, last_checkpoint_step, live_owner, record_end, record_start,
+                              write_results)
 from mtssl.train.scalar_logger import open_scalar_logger
 from mtssl.train.trainer import PretrainOutcome, Trainer, configure_determinism
 from mtssl.utils.exit_codes import EXIT_BAD_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
@@ -44,22 +48,46 @@ log = logging.getLogger("mtssl")
 
 
 
-def setup_logging(out_dir: Path, env: DistEnv) -> None:
-    """Rank 0 logs INFO to the console and out_dir/train.log; other ranks only warnings."""
-    root = logging.getLogger()
-    root.handlers.clear()
-    # Dated, with milliseconds: multi-day jobs, and requeue latency is read from these lines.
-    fmt = logging.Formatter(f"%(asctime)s.%(msecs)03d [rank {env.rank}] %(levelname)s %(name)s: %(message)s",
-                            "%Y-%m-%d %H:%M:%S")
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(fmt)
-    root.addHandler(console)
-    root.setLevel(logging.INFO if env.is_main else logging.WARNING)
-    if env.is_main:
+class JobLog:
+    """Rank 0 logs INFO to the console and to out_dir/train.log, other ranks only warnings. The file is opened
+    only once the job is accepted (``open``), with the lines logged before it: a refused run writes nothing."""
+
+    def __init__(self, env: DistEnv):
+        root = logging.getLogger()
+        root.handlers.clear()
+        # Dated, with milliseconds: multi-day jobs, and requeue latency is read from these lines.
+        self.format = logging.Formatter(f"%(asctime)s.%(msecs)03d [rank {env.rank}] %(levelname)s %(name)s: "
+                                        f"%(message)s", "%Y-%m-%d %H:%M:%S")
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(self.format)
+        root.addHandler(console)
+        root.setLevel(logging.INFO if env.is_main else logging.WARNING)
+        self.opened = False  # train.log opened: the job was accepted
+        # The lines before the job is accepted, kept for train.log (never flushed on their own: no target yet).
+        self.pending: logging.handlers.MemoryHandler | None = None
+        if env.is_main:
+            self.pending = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
+            root.addHandler(self.pending)
+
+    def open(self, out_dir: Path) -> None:
+        """Rank 0: create out_dir, open train.log (appended) and write the lines logged so far into it."""
+        self.opened = True
+        if self.pending is None:
+            return
         out_dir.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(out_dir / TRAIN_LOG)
-        file_handler.setFormatter(fmt)
-        root.addHandler(file_handler)
+        file_handler.setFormatter(self.format)
+        self.pending.setTarget(file_handler)
+        self.pending.flush()
+        self.discard()
+        logging.getLogger().addHandler(file_handler)
+
+    def discard(self) -> None:
+        """Drop the lines kept for train.log (a refused run); the console has shown them."""
+        if self.pending is not None:
+            logging.getLogger().removeHandler(self.pending)
+            self.pending.buffer.clear()
+            self.pending = None
 
 
 @dataclass
@@ -76,7 +104,8 @@ class OutDirConflict:
 
 
 def out_dir_conflict(cfg: DictConfig, out_dir: Path | str) -> OutDirConflict | None:
-    """What ``out_dir`` holds that ``cfg`` must not reuse: final results or a checkpoint of another training config.
+    """What ``out_dir`` holds that ``cfg`` must not reuse: final results, a checkpoint, or a running job (its owner
+    alive on this host, ``mtssl.job_folder.live_owner``) of another training config.
 
     Only training fields count (``mtssl.config.NON_TRAINING_FIELDS`` may differ). Recorded configs are compared by
     hash (results.json, the checkpoint's trainer state); results.json of older versions, without a hash, by the
@@ -84,6 +113,13 @@ def out_dir_conflict(cfg: DictConfig, out_dir: Path | str) -> OutDirConflict | N
     """
     out_dir = Path(out_dir)
     state = job_state(out_dir)
+    owner = live_owner(out_dir)
+    if owner is not None:  # running now, maybe before its first checkpoint: its config.yaml is what it trains
+        changes = changes_from_file(out_dir / CONFIG, cfg)
+        if not changes:  # the same training config, or not written yet (the owner is recorded first)
+            return None
+        return OutDirConflict(out_dir, f"a running job ({describe_owner(owner)})",
+                              describe_changes(out_dir / CONFIG, cfg, changes))
     if state.status in FINAL_STATUSES:
         holds, recorded_hash = f"final results (results.json status {state.status})", state.results.get("config_hash")
         recorded = out_dir / CONFIG
@@ -125,6 +161,10 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
 
     ``stop``: stop-signal handlers the caller installed itself, so it can read afterwards which
     signal stopped the job (mtssl.submitit_job requeues on SIGUSR2); by default installed here.
+    A refused job (exit 2 before training: a bad config or data folder, an out_dir in use by a running job or
+    holding another training config) writes nothing; one with nothing to do only logs so and counts its start.
+    An accepted one names this process the job's owner in progress.json until it ends, so that no second copy
+    starts in the same out_dir.
     """
     out_dir = Path(cfg.out_dir)
     try:
@@ -143,11 +183,37 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         print(f"invalid config: logging.wandb: {problem}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     env = init_distributed(OmegaConf.select(cfg, "train.device") or "auto", timeout_s)
-    setup_logging(out_dir, env)
+    job_log = JobLog(env)
     log.info("job started: %d rank(s), pid %d, SLURM job %s", env.world_size, os.getpid(),
              os.environ.get("SLURM_JOB_ID", "none"))
-    if env.is_main:
-        record_start(out_dir)
+    try:
+        cfg, code = _admit(cfg, env, out_dir)
+        if cfg is None:
+            if code == EXIT_OK:  # final results, nothing to do: still a start (a requeue or relaunch counts), logged
+                job_log.open(out_dir)
+                if env.is_main:
+                    record_start(out_dir)
+            return code
+        if cfg.eval.get("weights") is not None:  # weights no mtssl job trained: evaluated only, nothing is trained
+            from mtssl.eval.evaluate_weights import run_evaluation_only  # noqa: deferred, heavy
+
+            job_log.open(out_dir)
+            return run_evaluation_only(cfg, env, stop)
+        stop = stop if stop is not None else StopRequest()
+        try:
+            return _train_and_evaluate(cfg, env, out_dir, stop, job_log)
+        finally:
+            stop.restore()
+    finally:
+        job_log.discard()
+        if job_log.opened and env.is_main:
+            record_end(out_dir)
+
+
+def _admit(cfg: DictConfig, env: DistEnv, out_dir: Path) -> tuple[DictConfig | None, int]:
+    """The resolved config of a job that may run, or (None, exit code) for one that must not: a bad config, an
+    out_dir in use by a running job or holding results or a checkpoint of another training config, or final
+    results of this one (nothing to do). Writes nothing in out_dir."""
     try:
         cfg = resolve_config(cfg)
         validate_config(cfg, world_size=env.world_size)
@@ -155,15 +221,20 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
             validate_data(cfg)
     except (ConfigError, DataError) as error:
         log.error("invalid config: %s", error)
-        return EXIT_BAD_CONFIG
-    if cfg.eval.get("weights") is not None:  # weights no mtssl job trained: evaluated only, nothing is trained
-        from mtssl.eval.evaluate_weights import run_evaluation_only  # noqa: deferred, heavy
-
-        return run_evaluation_only(cfg, env, stop)
+        return None, EXIT_BAD_CONFIG
+    owner = live_owner(out_dir) if env.is_main else None
+    if host_any([owner is not None])[0]:  # all ranks agree, and rank 0 records its own start only after this
+        if owner is not None:
+            log.error("%s is in use by a running job (%s): a second copy would train beside it in the same folder. "
+                      "Wait for it to end (or stop it), then rerun to resume; or use another out_dir=...",
+                      out_dir, describe_owner(owner))
+        return None, EXIT_BAD_CONFIG
+    if cfg.eval.get("weights") is not None:  # evaluated only: mtssl.eval.evaluate_weights checks its out_dir itself
+        return cfg, EXIT_OK
     conflict = out_dir_conflict(cfg, out_dir)
     if conflict is not None:
         log.error("%s", conflict.message())
-        return EXIT_BAD_CONFIG
+        return None, EXIT_BAD_CONFIG
     previous = job_state(out_dir)
     if previous.status in FINAL_STATUSES and _more_steps_asked(previous.results, cfg):
         log.info("%s holds results of a run cut short at train.max_steps=%s; training on from its last checkpoint",
@@ -172,24 +243,29 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         log.info("%s already holds final results of this training config (status %s): nothing to do. Changed "
                  "fields outside the training config (eval.*) are not applied to them; re-evaluate with "
                  "python -m mtssl.eval %s eval.<key>=...", out_dir, previous.status, out_dir)
-        return EXIT_OK
-    if env.is_main:
-        (out_dir / CONFIG).write_text(OmegaConf.to_yaml(cfg))
-    configure_determinism(cfg.train, env.device)
+        return None, EXIT_OK
+    return cfg, EXIT_OK
 
+
+def _train_and_evaluate(cfg: DictConfig, env: DistEnv, out_dir: Path, stop: StopRequest, job_log: JobLog) -> int:
+    """Pretrain and evaluate an admitted job; returns the exit code. The job folder is started (train.log, the
+    owner in progress.json, config.yaml) once the trainer is built: a config the trainer refuses writes nothing."""
+    configure_determinism(cfg.train, env.device)
     results = base_results(cfg, env)
-    stop = stop if stop is not None else StopRequest()
     writer = None
     try:
         trainer = Trainer(cfg, env, out_dir)
-        if env.is_main:  # TensorBoard, and W&B with logging.wandb (mtssl.train.scalar_logger)
-            writer = open_scalar_logger(cfg, out_dir, resume_step=last_checkpoint_step(out_dir))
         monitor = None
         if cfg.monitor.knn_every_epochs:
             from mtssl.eval.knn_monitor import KnnMonitor  # noqa: deferred, heavy
 
-            monitor = KnnMonitor(cfg, env, trainer.model.online.backbone, trainer.train_samples, out_dir, writer, stop,
+            monitor = KnnMonitor(cfg, env, trainer.model.online.backbone, trainer.train_samples, out_dir, None, stop,
                                  resume_step=last_checkpoint_step(out_dir))
+        _start_job_folder(cfg, env, out_dir, job_log)
+        if env.is_main:  # TensorBoard, and W&B with logging.wandb (mtssl.train.scalar_logger)
+            writer = open_scalar_logger(cfg, out_dir, resume_step=last_checkpoint_step(out_dir))
+            if monitor is not None:
+                monitor.writer = writer
         outcome = trainer.fit(stop, writer, on_epoch_end=monitor)
         results.update(_outcome_fields(outcome, cfg))
         if monitor is not None:
@@ -217,6 +293,8 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     except Exception as error:
         log.exception("job failed")
         results.update(status=JobStatus.FAILED, error=f"{type(error).__name__}: {error}")
+        if not job_log.opened:  # failed while building the trainer: still a job that ran, and failed
+            _start_job_folder(cfg, env, out_dir, job_log)
         if env.is_main:
             write_results(out_dir, results)
             if writer is not None:
@@ -226,7 +304,6 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         if writer is not None:
             writer.log_results(results)
     finally:
-        stop.restore()
         if writer is not None:
             writer.close(preempted=stop.requested)
     if env.is_main:
@@ -237,6 +314,15 @@ def run_job(cfg: DictConfig, stop: StopRequest | None = None) -> int:
                 log.info("train.final_checkpoint_only: deleted %d earlier checkpoint(s)", len(deleted))
         log.info("results: %s", json.dumps({k: results.get(k) for k in ("status", "knn_top1", "linear_top1", "weights_sha256")}))
     return EXIT_OK
+
+
+def _start_job_folder(cfg: DictConfig, env: DistEnv, out_dir: Path, job_log: JobLog) -> None:
+    """Rank 0, once the job is accepted: train.log (with the lines so far), this process as the owner in
+    progress.json (before config.yaml: a relaunch then sees a running job as soon as it has a config), config.yaml."""
+    job_log.open(out_dir)
+    if env.is_main:
+        record_start(out_dir)
+        (out_dir / CONFIG).write_text(OmegaConf.to_yaml(cfg))
 
 
 def _more_steps_asked(previous: Results, cfg: DictConfig) -> bool:
@@ -300,7 +386,8 @@ def show_config(overrides: list[str], recipe_only: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m mtssl.run [key=value ...]``: a renamed field is refused naming its replacement,
+    """``python -m mtssl.run [key=value ...]``: a renamed field is refused naming its replacement, a value Hydra
+    cannot read unquoted (a non-ASCII letter, ``~``, ...) is refused showing it quoted,
     ``--show-recipe`` prints the recipe and ``--cfg job`` the effective config (both exit without writing
     anything); anything else goes to Hydra, which runs the job."""
     from hydra._internal.utils import get_args_parser
@@ -315,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     if args is not None:
         try:
             refuse_renamed(args.overrides)
+            check_override_syntax(args.overrides, multirun=args.multirun)  # before Hydra's lexer error
         except ConfigError as error:
             print(f"invalid config: {error}", file=sys.stderr)
             sys.exit(EXIT_BAD_CONFIG)

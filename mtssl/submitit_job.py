@@ -7,8 +7,8 @@ SIGUSR2 handler would pickle the callable and run ``scontrol requeue`` at once, 
 all ranks agree, write a checkpoint and stop (``run_job`` returns 3). Only then does global rank 0 call
 submitit's saved handler, which requeues the job with submitit's bookkeeping (timeout countdown, updated
 submission pickle). The requeued run composes the same config and resumes from the checkpoint in
-``out_dir``, so it ends with the same weights as an uninterrupted run. SIGTERM and SIGINT stop the job
-the same way but never requeue it.
+``out_dir``, so it ends with the same weights as an uninterrupted run. SIGTERM, SIGHUP and SIGINT stop the
+job the same way but never requeue it.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ class MtsslJob(submitit.helpers.Checkpointable):
             return self._requeue(stop, out_dir, rank)
         if code != EXIT_OK:
             meaning = EXIT_MEANINGS.get(code, JobStatus.FAILED.value)
-            raise RuntimeError(f"mtssl job {out_dir} ended with exit code {code} ({meaning}); see {out_dir / TRAIN_LOG}")
+            where = ("its message above (a refused job writes nothing in its out_dir)" if code == EXIT_BAD_CONFIG
+                     else out_dir / TRAIN_LOG)
+            raise RuntimeError(f"mtssl job {out_dir} ended with exit code {code} ({meaning}); see {where}")
         if rank != 0:
             return {"rank": rank}
         results = job_state(out_dir).results or {}
@@ -64,7 +66,7 @@ class MtsslJob(submitit.helpers.Checkpointable):
     @staticmethod
     def _requeue(stop: StopRequest, out_dir: Path, rank: int) -> dict:
         """After the stop checkpoint: requeue through submitit on SIGUSR2; end without a result on SIGTERM or SIGINT."""
-        if stop.signum == signal.SIGTERM or signal.SIGINT in stop.received:
+        if stop.signum in (signal.SIGTERM, signal.SIGHUP) or signal.SIGINT in stop.received:
             # scancel, or a cluster that preempts with SIGTERM: SLURM requeues preempted jobs itself. SIGINT is a
             # person's Ctrl-C (or submitit's local cancel): they asked the job to stop, not to come back.
             name = signal.Signals(signal.SIGINT if signal.SIGINT in stop.received else stop.signum).name

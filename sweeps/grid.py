@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from mtssl.config import ConfigError
+from mtssl.config.quoting import quote_value  # noqa: F401 - a job's out_dir override (sweeps/launch.py)
 
 SEED_AXIS = "train.seed"
 # Characters kept in a job directory name; anything else becomes "_".
@@ -49,11 +50,6 @@ def format_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(format_value(v) for v in value) + "]"
     return str(value)
-
-
-def quote_value(text: str) -> str:
-    """A string as a quoted Hydra override value, e.g. a path holding '=' or ','."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def override_key(override: str) -> str:

@@ -16,8 +16,9 @@ job config (mtssl/conf: ``train.epochs=1``, ``method=simsiam``) is forwarded to 
 the GPU-hours estimate and the output directories, and stops there.
 
 Each job writes to ``<sweep_dir>/<job name>/``; ``<sweep_dir>/sweep.json`` lists the grid. Launching again
-skips jobs with final results, follows jobs still queued, and resubmits the others (they resume from
-their checkpoints). A relaunch whose jobs' training configs differ from those that jobs in ``sweep_dir``
+skips jobs with final results, follows jobs still queued, skips a job whose folder names a live owner
+process on this machine (started by hand or by another launch: never a second copy), and resubmits the
+others (they resume from their checkpoints). A relaunch whose jobs' training configs differ from those that jobs in ``sweep_dir``
 finished, checkpointed or are queued with is refused before anything is submitted or written (exit 2),
 naming the jobs and the fields: use a new ``sweep_dir``. The launcher reports each job's id, state and log
 as they change and, once every job has ended, writes the result tables (analysis/make_tables.py). Exit status: 0 when every job completed
@@ -41,10 +42,11 @@ from submitit.core.utils import FailedSubmissionError, UncompletedJobError
 
 from mtssl.config import (ConfigError, compose_config, config_changes, config_hash, describe_recipe,
                           format_changes, resolve_config)
+from mtssl.config.quoting import check_override_syntax
 from mtssl.config.validate import validate_config
-from mtssl.job_folder import FINAL_STATUSES, SWEEP_SPEC, JobStatus, job_state
+from mtssl.job_folder import FINAL_STATUSES, SWEEP_SPEC, JobStatus, describe_owner, live_owner, live_status
 from mtssl.run import OutDirConflict, out_dir_conflict
-from sweeps.grid import SweepJob, expand_grid, override_key, quote_value, random_init_job
+from sweeps.grid import RANDOM_INIT, SweepJob, expand_grid, override_key, quote_value, random_init_job
 from sweeps.launchers import (Submission, SweepLauncher, TrackedJob, is_final, read_submissions,
                               record_submissions, register_configs, scheduler_states, submitted_overrides)
 from sweeps.overrides import split_overrides
@@ -64,11 +66,12 @@ class PlannedJob:
 
     job: SweepJob
     out_dir: Path
-    state: JobStatus  # of its job folder, when planned
+    state: JobStatus  # of its job folder, when planned (RUNNING while the folder's owner process is alive)
     backbone: str
     config: DictConfig | None = None  # resolved
     conflict: OutDirConflict | None = None  # out_dir holds results or a checkpoint of another training config
     recipe: str = ""  # the resolved recipe items, shown by --dry-run
+    size: float = 1.0  # its training work (epochs x images) over the budget's, which hours_per_job is for
 
     @property
     def overrides(self) -> list[str]:
@@ -131,24 +134,55 @@ def plan_sweep(cfg: DictConfig, sweep_dir: Path, resources: Resources) -> list[P
     if not budget.get("regime"):
         raise ConfigError(f"budget.regime: budget {budget.name} names no job regime; set budget.regime=<name> "
                           f"(mtssl/conf/regime/<name>.yaml)")
-    jobs = expand_grid(
-        axes=OmegaConf.to_container(ablation.axes, resolve=True),
-        seeds=list(budget.get("seeds") or ablation.seeds),  # a budget may fix its own seeds
-        fixed=list(ablation.get("fixed") or []),
-        regime=str(budget.regime),
-        job_overrides=list(cfg.job_overrides or []),
-    )
+    grid = dict(axes=OmegaConf.to_container(ablation.axes, resolve=True),
+                seeds=list(budget.get("seeds") or ablation.seeds),  # a budget may fix its own seeds
+                fixed=list(ablation.get("fixed") or []), regime=str(budget.regime))
+    jobs = expand_grid(**grid, job_overrides=list(cfg.job_overrides or []))
     planned = [plan_job(job, sweep_dir, resources) for job in jobs]
     if budget.get("random_init_reference"):
         planned = random_init_references(planned, sweep_dir, resources) + planned
+    if cfg.job_overrides:  # job keys (train.epochs=1 data.subset=500) change the work that hours_per_job is for
+        budget_jobs = {job.name: job for job in expand_grid(**grid)}
+        for p in planned:
+            p.size = job_size(p, budget_job(p.job, budget_jobs))
     # The ablation's reference weights (evaluated only), last: sweep.json's axes are read from the first job.
     return planned + plan_references(ablation, jobs, lambda job: plan_job(job, sweep_dir, resources))
+
+
+def budget_job(job: SweepJob, budget_jobs: dict[str, SweepJob]) -> SweepJob:
+    """The job as the budget alone composes it (without job_overrides): what budget.resources.hours_per_job is for."""
+    if job.reference == RANDOM_INIT:  # "random_init" (the first grid job's) or "random_init,<grid job>"
+        name = job.name.split(",", 1)[1] if "," in job.name else next(iter(budget_jobs))
+        return random_init_job(budget_jobs[name], False)
+    return budget_jobs[job.name]
+
+
+def training_work(cfg: DictConfig, images_in_folder: int) -> tuple[int, int]:
+    """(epochs, training images) of a job config over a training folder of ``images_in_folder`` images."""
+    subset = cfg.data.subset
+    return int(cfg.train.epochs), images_in_folder if subset is None else min(int(subset), images_in_folder)
+
+
+def job_size(planned: PlannedJob, budget: SweepJob) -> float:
+    """The planned job's training work (epochs x training images) over the budget's own job's, both over the
+    planned job's data folder: the factor its hours_per_job estimate is scaled by. An evaluation-only job
+    (train.epochs=0, as the random-init reference) scales with the images only."""
+    from mtssl.data.image_folder import list_image_folder
+
+    folder = len(list_image_folder(planned.config.data.root, planned.config.data.train_split)[0])
+    epochs, images = training_work(planned.config, folder)
+    try:  # composed only (its data.root may be one of the job keys): epochs and subset are plain values
+        budget_epochs, budget_images = training_work(compose_job(list(budget.overrides)), folder)
+    except ConfigError:
+        return 1.0
+    epoch_ratio = epochs / budget_epochs if budget_epochs else 1.0
+    return epoch_ratio * images / budget_images
 
 
 def plan_job(job: SweepJob, sweep_dir: Path, resources: Resources) -> PlannedJob:
     """Compose, resolve and validate one job; raise ConfigError naming the job."""
     out_dir = sweep_dir / job.name
-    candidate = PlannedJob(job, out_dir, job_state(out_dir).status, backbone="")
+    candidate = PlannedJob(job, out_dir, live_status(out_dir), backbone="")
     try:
         job_cfg = resolve_config(compose_job(candidate.overrides))
         validate_config(job_cfg, check_data=True, world_size=resources.ranks)
@@ -192,7 +226,8 @@ def hours_per_job(cfg: DictConfig, backbone: str) -> float:
 def print_plan(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob], resources: Resources, kind: str) -> None:
     action = {JobStatus.COMPLETED: "skip (done)", JobStatus.DIVERGED: "skip (done)", JobStatus.FAILED: "rerun",
               JobStatus.UNFINISHED: "resume", JobStatus.MALFORMED: "resume", JobStatus.PENDING: "submit",
-              JobStatus.EVALUATED: "skip (done)"}
+              JobStatus.EVALUATED: "skip (done)",
+              JobStatus.RUNNING: str(JobStatus.RUNNING)}  # followed if this sweep submitted it, else skipped
     print(f"Sweep {cfg.ablation.name} (budget {cfg.budget.name}: regime {cfg.budget.regime}, launcher {kind}): "
           f"{len(planned)} jobs, "
           f"{resources.ranks} rank(s) each ({resources.nodes} node(s) x {resources.tasks_per_node} task(s)"
@@ -205,16 +240,22 @@ def print_plan(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob], reso
         print(f"  {p.job.name.ljust(width)}  {action[p.state]:<12} {p.out_dir}")
         if cfg.dry_run:
             print(f"    {p.recipe}")
-    to_run = [p for p in planned if p.state not in FINAL_STATUSES]
-    hours = sum(hours_per_job(cfg, p.backbone) for p in to_run)
-    all_hours = sum(hours_per_job(cfg, p.backbone) for p in planned)
+    to_run = [p for p in planned if p.state not in (*FINAL_STATUSES, JobStatus.RUNNING)]
+    hours = sum(hours_per_job(cfg, p.backbone) * p.size for p in to_run)
+    all_hours = sum(hours_per_job(cfg, p.backbone) * p.size for p in planned)
+    source = "budget.resources.hours_per_job" + (", scaled to each job's epochs and training images"
+                                                 if any(p.size != 1.0 for p in planned) else "")
     if resources.gpus:
-        print(f"Estimate: {resources.ranks} GPUs x {all_hours:g} job-hours = {resources.ranks * all_hours:g} GPU-hours "
-              f"for the sweep, {resources.ranks * hours:g} GPU-hours for the {len(to_run)} job(s) to run "
-              f"(rough: budget.resources.hours_per_job)")
+        print(f"Estimate: {resources.ranks} GPUs x {_hours(all_hours)} job-hours = {_hours(resources.ranks * all_hours)} "
+              f"GPU-hours for the sweep, {_hours(resources.ranks * hours)} GPU-hours for the {len(to_run)} job(s) to "
+              f"run (rough: {source})")
     else:
-        print(f"Estimate: 0 GPU-hours (CPU jobs); about {hours:g} hours of wall time for the {len(to_run)} job(s) "
-              f"to run, one after another (budget.resources.hours_per_job)")
+        print(f"Estimate: 0 GPU-hours (CPU jobs); about {_hours(hours)} hours of wall time for the {len(to_run)} "
+              f"job(s) to run, one after another ({source})")
+
+
+def _hours(hours: float) -> str:
+    return f"{round(hours, 3):g}"
 
 
 def write_sweep_json(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob]) -> None:
@@ -257,11 +298,11 @@ def queued_config_change(planned: PlannedJob, submission: Submission) -> str | N
 
 def refuse_relaunch(sweep_dir: Path, stale: list[str], queued: bool = False) -> int:
     """Print why the jobs of ``sweep_dir`` cannot be relaunched with this config; return exit status 2."""
-    print(f"sweeps/launch.py: {len(stale)} job(s) in {sweep_dir} hold results, checkpoints or queued runs of a "
-          f"different training config than this launch composes:\n"
+    print(f"sweeps/launch.py: {len(stale)} job(s) in {sweep_dir} hold results, checkpoints, running or queued runs "
+          f"of a different training config than this launch composes:\n"
           + "".join(f"  {line}\n" for line in stale)
           + "Relaunching them here would mix two configs in one sweep. Launch into a new sweep_dir (sweep_dir=...), "
-          + ("or cancel those jobs (scancel) and " if queued else "or ")
+          + ("or stop those jobs (scancel; a local one: its process) and " if queued else "or ")
           + "delete their job directories to rerun them with this config.\nNothing was submitted.", file=sys.stderr)
     return 2
 
@@ -271,6 +312,7 @@ def launch(cfg: DictConfig) -> int:
     sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
     try:
         launcher = hydra.utils.instantiate(cfg.launcher)
+        launcher.check(dry_run=bool(cfg.dry_run))  # max_parallel; SLURM's commands on this machine
         resources = job_resources(cfg, launcher.kind)
         if not cfg.wait and launcher.kind == "local":
             raise ConfigError("wait: false needs launcher=slurm; local jobs are started by the launcher, "
@@ -281,7 +323,7 @@ def launch(cfg: DictConfig) -> int:
         return 2
     stale = [f"{p.job.name}: {p.conflict.holds}: {p.conflict.fields}" for p in planned if p.conflict]
     if stale:
-        return refuse_relaunch(sweep_dir, stale)
+        return refuse_relaunch(sweep_dir, stale, queued=any(p.state == JobStatus.RUNNING for p in planned if p.conflict))
     print_plan(cfg, sweep_dir, planned, resources, launcher.kind)
     if cfg.dry_run:
         print("Dry run: nothing submitted.")
@@ -290,6 +332,7 @@ def launch(cfg: DictConfig) -> int:
     submissions = read_submissions(sweep_dir)
     to_submit: list[tuple[str, list[str]]] = []
     attached: list[TrackedJob] = []
+    running_elsewhere = 0  # running jobs this sweep did not submit: never a second copy
     latest_of = {p.job.name: submissions[p.job.name][-1] for p in planned
                  if p.state not in FINAL_STATUSES and submissions.get(p.job.name)}
     states = scheduler_states(list(latest_of.values()))  # one sacct call for the whole sweep
@@ -307,6 +350,11 @@ def launch(cfg: DictConfig) -> int:
                 attached.append(TrackedJob(p.job.name, latest))
                 attached[-1].state = state
                 continue
+        owner = live_owner(p.out_dir) if p.state == JobStatus.RUNNING else None
+        if owner is not None:  # started outside this sweep's submissions (by hand, or by another launch still queueing)
+            report(f"{p.job.name}: already running ({describe_owner(owner)}), not submitted again")
+            running_elsewhere += 1
+            continue
         to_submit.append((p.job.name, p.overrides))
     if stale:
         return refuse_relaunch(sweep_dir, stale, queued=True)
@@ -314,7 +362,8 @@ def launch(cfg: DictConfig) -> int:
     for t in attached:
         report(f"{t.name}: job {t.submission.job_id} already {t.state}, following it")
     done = sum(p.state in FINAL_STATUSES for p in planned)
-    report(f"{len(to_submit)} job(s) to submit, {len(attached)} already queued or running, {done} finished")
+    report(f"{len(to_submit)} job(s) to submit, {len(attached) + running_elsewhere} already queued or running, "
+           f"{done} finished")
 
     try:
         return submit_and_follow(cfg, sweep_dir, planned, launcher, resources, to_submit, attached)
@@ -341,14 +390,14 @@ def submit_and_follow(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob
         except KeyboardInterrupt:
             if launcher.kind == "local":
                 # Ctrl-C reached the local jobs too (one process group); submitit's local controller then ends them.
-                report(f"stopped the sweep; its local jobs were stopped as well. Launch again to resume them from "
-                       f"their last checkpoints")
+                report("stopped the sweep; its local jobs were stopped as well. Launch again to resume them from "
+                       "their last checkpoints")
             else:
                 report(f"stopped following the sweep; submitted SLURM jobs keep running. Follow them with "
                        f"`python sweeps/status.py {sweep_dir}`, or launch again to follow them and write the tables")
             return 130
 
-    states = {p.job.name: job_state(p.out_dir).status for p in planned}
+    states = {p.job.name: live_status(p.out_dir) for p in planned}
     unfinished = {name: state for name, state in states.items() if state not in FINAL_STATUSES}
     write_tables(cfg, sweep_dir)
     if unfinished:
@@ -382,6 +431,7 @@ def take_job_overrides(argv: list[str]) -> list[str]:
     except SystemExit:
         return argv  # let hydra.main report its own usage error
     try:
+        check_override_syntax(args.overrides, multirun=args.multirun)  # before Hydra's lexer error
         _, job = split_overrides(args.overrides)
     except ConfigError as error:
         print(f"sweeps/launch.py: {error}\nNothing was submitted.", file=sys.stderr)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -32,10 +33,14 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 from omegaconf import OmegaConf
 from submitit.slurm.slurm import SlurmInfoWatcher
 
+from mtssl.utils.errors import ConfigError
 from mtssl.utils.progress_bar import Progress
 from mtssl.submitit_job import MtsslJob
 
 SUBMISSIONS_FILE = Path(".submitit") / "submissions.json"
+# What launcher=slurm runs on the launching machine: submitit submits with sbatch (its job script calls srun)
+# and the launcher follows the jobs with sacct.
+SLURM_COMMANDS = ("sbatch", "srun", "sacct")
 
 # sacct states after which a SLURM job never runs again. PREEMPTED and NODE_FAIL are not among them: with
 # PreemptMode=REQUEUE, and for a node lost under a requeueable job (JobRequeue=1, sbatch --requeue), SLURM
@@ -191,6 +196,17 @@ class SweepLauncher:
         """How many jobs may be submitted at once (None: all)."""
         return None
 
+    def check(self, dry_run: bool = False) -> None:
+        """Raise ConfigError when this launcher cannot run the sweep here (``dry_run``: only plan it): checked
+        before anything is planned, written or submitted."""
+        if self._EXECUTOR == "slurm" and not dry_run:
+            missing = [command for command in SLURM_COMMANDS if shutil.which(command) is None]
+            if missing:
+                raise ConfigError(
+                    f"launcher=slurm: this machine has no SLURM ({', '.join(missing)} not found on PATH), so no job "
+                    f"can be submitted from here. Launch from a SLURM login node, run the jobs on this machine with "
+                    f"launcher=local, or add --dry-run to plan the sweep (its jobs, GPU-hours and folders) here")
+
     def submit(self, executor: submitit.AutoExecutor, jobs: Sequence[tuple[str, list[str]]]) -> list[TrackedJob]:
         """Submit (name, overrides) pairs, each job running MtsslJob()(overrides); the caller records them."""
         if not jobs:
@@ -252,6 +268,12 @@ class LocalSweepLauncher(SweepLauncher, LocalLauncher):
     @property
     def max_parallel(self) -> int | None:
         return self._max_parallel
+
+    def check(self, dry_run: bool = False) -> None:
+        if isinstance(self._max_parallel, bool) or not isinstance(self._max_parallel, int) or self._max_parallel < 1:
+            raise ConfigError(f"launcher.max_parallel: {self._max_parallel!r} jobs at once would never start one; "
+                              f"set launcher.max_parallel=1 (the default) or more")
+        super().check(dry_run)
 
     def make_executor(self, tasks_per_node: int, gpus_per_node: int) -> submitit.AutoExecutor:
         # Ranks of concurrent jobs share the cores: one OpenMP pool per rank, not one per core per rank.

@@ -4,7 +4,8 @@
     python sweeps/status.py <sweep_dir> [--watch SECONDS]      # installed: mtssl-status <sweep_dir>
 
 One table, one line per job: its state (``completed``, ``diverged``, ``failed`` from results.json; else
-``running`` or ``queued`` as the scheduler says; else ``unfinished``, started but not running now,
+``running`` or ``queued`` as the scheduler says, or ``running`` while the folder's owner process is alive on
+this machine; else ``unfinished``, started but not running now,
 ``malformed``, an unusable results.json, or ``pending``, nothing written yet: mtssl.job_folder.JobStatus),
 step / total steps, last loss and images/s (from its progress.json or results.json), how many times it was
 requeued or restarted, its job id and log; then a one-line summary (``12 completed, 3 running, 1 failed
@@ -20,7 +21,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mtssl.job_folder import RESULT_STATUSES, SWEEP_SPEC, TRAIN_LOG, JobStatus, job_state, read_progress
+from mtssl.job_folder import RESULT_STATUSES, SWEEP_SPEC, TRAIN_LOG, JobStatus, job_state, live_owner, read_progress
 from mtssl.utils.progress_bar import progress_bar
 from sweeps.launchers import read_submissions, scheduler_states
 
@@ -50,12 +51,13 @@ def job_progress(job_dir: Path) -> dict:
             "images_per_s": progress.get("images_per_s"), "requeues": None if starts is None else max(0, starts - 1)}
 
 
-def display_state(state: JobStatus, scheduler: str | None) -> JobStatus:
-    """One state per job: completed/diverged/failed from results, else running/queued from the scheduler,
-    else the folder's own (unfinished: started, not running now; malformed; pending: nothing written or queued)."""
-    if state in RESULT_STATUSES:
+def display_state(state: JobStatus, scheduler: str | None, owner_alive: bool = False) -> JobStatus:
+    """One state per job: completed/diverged/failed from results, else running/queued from the scheduler (or
+    running while the folder's owner process is alive on this host), else the folder's own (unfinished: started,
+    not running now; malformed; pending: nothing written or queued)."""
+    if state in RESULT_STATUSES and not owner_alive:
         return state
-    if scheduler in SCHEDULER_RUNNING:
+    if scheduler in SCHEDULER_RUNNING or owner_alive:
         return JobStatus.RUNNING
     if scheduler in SCHEDULER_QUEUED:
         return JobStatus.QUEUED
@@ -78,7 +80,7 @@ def sweep_rows(sweep_dir: Path, query_scheduler: bool = True) -> list[dict]:
         sub = latest.get(job["name"])
         scheduler = states.get(sub.job_id) if sub else None
         state = job_state(job_dir)
-        row = {"name": job["name"], "state": display_state(state.status, scheduler),
+        row = {"name": job["name"], "state": display_state(state.status, scheduler, live_owner(job_dir) is not None),
                "job_id": sub.job_id if sub else None, "scheduler": scheduler,
                "log": sub.stdout if sub else (str(job_dir / TRAIN_LOG) if (job_dir / TRAIN_LOG).exists() else None),
                **job_progress(job_dir)}

@@ -242,10 +242,11 @@ COMMANDS = documented_commands()
 
 @pytest.fixture(scope="module")
 def placeholders(tmp_path_factory):
-    """Stand-ins for the reader's paths: a data folder big enough for every documented batch (2 classes,
-    1,040 training images of 8 px), a finished job, a sweep directory; MTSSL_DATA_ROOT points at the data."""
+    """Stand-ins for the reader's paths: a data folder big enough for every documented batch and subset (2 classes,
+    4,000 training images of 8 px: data=cifar10's data.subset, which a larger one would refuse), a finished job, a
+    sweep directory; MTSSL_DATA_ROOT points at the data."""
     root = tmp_path_factory.mktemp("docs")
-    data = make_image_folder(root / "data", classes=2, per_class=520, size=8, splits=("train",))
+    data = make_image_folder(root / "data", classes=2, per_class=2000, size=8, splits=("train",))
     make_image_folder(data, classes=2, per_class=2, size=8, splits=("val",))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MTSSL_DATA_ROOT", str(data))

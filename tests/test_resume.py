@@ -129,10 +129,12 @@ def test_config_mismatch_is_refused(data_root, tmp_path):
     procs = start_job(data_root, out, 2)
     interrupt_at(procs, out, 2)
     assert wait(procs) == [3, 3]
+    train_log = (out / "train.log").read_bytes()
     procs = start_job(data_root, out, 1, extra=["train.seed=1"])
     assert wait(procs) == [2]
-    log = (out / "train.log").read_text()
+    log = (out.parent / f"{out.name}.rank0.log").read_text()  # its console: a refused run writes nothing in out_dir
     assert "holds a checkpoint" in log and "of a different training config: train.seed: 0 → 1." in log
+    assert (out / "train.log").read_bytes() == train_log
     assert not (out / "results.json").exists()
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["seed"] == 0  # still its checkpoints' config
 
@@ -142,10 +144,15 @@ def test_config_mismatch_is_refused(data_root, tmp_path):
 
 
 def rerun_log(data_root: Path, out_dir: Path, extra=()) -> tuple[int, str]:
-    """Rerun a job in out_dir on one rank; its exit code and what it added to train.log."""
-    before = len((out_dir / "train.log").read_text())
+    """Rerun a job in out_dir on one rank; its exit code and what it printed (its console log: a refused rerun
+    writes nothing in out_dir, train.log included)."""
+    console = out_dir.parent / f"{out_dir.name}.rank0.log"
+    before = len(console.read_text()) if console.exists() else 0
+    train_log = (out_dir / "train.log").read_bytes() if (out_dir / "train.log").exists() else None
     [code] = wait(start_job(data_root, out_dir, 1, extra=extra))
-    return code, (out_dir / "train.log").read_text()[before:]
+    if code != 0:
+        assert ((out_dir / "train.log").read_bytes() if (out_dir / "train.log").exists() else None) == train_log
+    return code, console.read_text()[before:]
 
 
 @pytest.mark.parametrize("extra, fields", [

@@ -27,6 +27,8 @@ Modules
     compose.py   composition (Hydra) and resolution: the effective config a job runs with
     identity.py  the training fields, the run's hash, the fields two configs differ in
     errors.py    ConfigError
+    renames.py   renamed fields, refused naming their replacement
+    quoting.py   override values Hydra cannot read unquoted, shown quoted
     schema.py    the field checks (FIELD_CHECKS): each field's type, range or choices, checked once
     validate.py  validate_config: what spans fields, the output directory, the data folder
 

@@ -16,6 +16,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from mtssl.config.errors import ConfigError
+from mtssl.config.quoting import check_override_syntax
 from mtssl.config.renames import refuse_renamed
 from mtssl.data.views import ViewType, build_view_layout
 
@@ -36,12 +37,14 @@ def available(group: str) -> list[str]:
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose the job config with Hydra's compose API (as ``python -m mtssl.run`` would); an override of a
-    renamed field is refused, naming its replacement (``mtssl.config.renames``)."""
+    renamed field is refused, naming its replacement (``mtssl.config.renames``), and one whose value Hydra cannot
+    read unquoted, showing it quoted (``mtssl.config.quoting``)."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     refuse_renamed(overrides)
+    check_override_syntax(overrides)
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             return compose(config_name=CONFIG_NAME, overrides=list(overrides))

@@ -72,12 +72,36 @@ def validate_config(cfg: DictConfig, check_data: bool = True, world_size: int = 
 
 
 def check_out_dir(out_dir: str | os.PathLike) -> None:
-    """Raise ConfigError unless out_dir exists as a writable folder or can be created. Creating a folder is
-    tried in its nearest existing ancestor (a temporary folder, removed at once): permissions alone do not
-    tell, e.g. for root under /proc or on a read-only mount."""
+    """Raise ConfigError unless out_dir names a folder of the job's own that exists as a writable folder or can
+    be created. Refused: an empty out_dir, a relative one when the current folder no longer exists, and one that
+    is the current folder, one of its parents, the home folder or the repository (the job would scatter its
+    checkpoints, logs and tb/ among other files). Creating a folder is tried in its nearest existing ancestor (a
+    temporary folder, removed at once): permissions alone do not tell, e.g. for root under /proc or on a
+    read-only mount."""
     import tempfile
 
-    path = Path(os.path.abspath(os.path.expanduser(str(out_dir))))
+    from mtssl.config.compose import REPO_ROOT
+
+    expanded = os.path.expanduser(str(out_dir))
+    try:
+        cwd = Path(os.getcwd())
+    except FileNotFoundError:  # the current folder was deleted: a relative out_dir is relative to nowhere
+        if not os.path.isabs(expanded):
+            raise ConfigError(f"out_dir: {str(out_dir)!r} is relative to the current folder, which no longer exists; "
+                              f"give an absolute path (out_dir=/path/to/runs/demo) or run from an existing folder")
+        cwd = None
+    if not str(out_dir).strip():
+        raise ConfigError(f"out_dir: {str(out_dir)!r} is empty, so the job would write into the current folder "
+                          f"({cwd}); name a folder of its own, e.g. out_dir=runs/demo")
+    path = Path(os.path.abspath(expanded))
+    shared = {parent: "a parent of the current folder" for parent in (cwd.parents if cwd else ())}
+    shared.update({Path.home(): "the home folder", REPO_ROOT: "the mtssl repository"})
+    if cwd is not None:
+        shared[cwd] = "the current folder"
+    if path in shared:
+        raise ConfigError(f"out_dir: {out_dir!s} is {shared[path]} ({path}), not a folder of the job's own: its "
+                          f"checkpoints, logs and tb/ would land among other files; name a new folder, e.g. "
+                          f"out_dir={Path(str(out_dir)) / 'runs' / 'demo'}")
     existing = path
     while not existing.exists():
         existing = existing.parent
@@ -162,22 +186,28 @@ def _validate_optim(cfg: DictConfig) -> None:
 
 
 def validate_data(cfg: DictConfig) -> None:
-    """The data folder: it exists with both splits, at least 2 classes, enough images for one batch, and a
-    sample of its images decodes. A missing root that ``data.download`` will fetch is left to the job's data
+    """The data folder: it exists with both splits holding the same classes, none of them empty (at least 2),
+    ``data.subset`` no larger than the training split, enough images for one batch, and a sample of its images
+    decodes. A missing root that ``data.download`` will fetch is left to the job's data
     step (``mtssl.data.cifar10.prepare_data``), which validates it once downloaded."""
-    from mtssl.data.image_folder import DataError, class_balanced_subset, list_image_folder, undecodable_sample
+    from mtssl.data.image_folder import DataError, class_balanced_subset, list_splits, undecodable_sample
 
     data = cfg.data
     _require(data.root is not None, "data.root: set the data folder, e.g. data.root=/path/to/imagenet")
     if not Path(data.root).exists() and data.download:
         return
-    try:
-        train_samples, _ = list_image_folder(data.root, data.train_split)
-        val_samples, _ = list_image_folder(data.root, data.val_split)
+    try:  # both splits, with the same classes and no empty class folder (mtssl.data.image_folder)
+        train_samples, val_samples, _ = list_splits(data.root, data.train_split, data.val_split)
     except DataError as error:
         raise ConfigError(str(error)) from error
     all_train = train_samples
     if data.subset is not None:
+        _require(
+            data.subset <= len(train_samples),
+            f"data.subset: {data.subset} training images were asked for, but {Path(data.root) / data.train_split} "
+            f"holds {len(train_samples)}; set data.subset={len(train_samples)} or lower, or data.subset=null for "
+            f"all of them",
+        )
         train_samples = class_balanced_subset(train_samples, data.subset, data.subset_seed)
     _require(
         cfg.train.batch_size <= len(train_samples),

@@ -23,6 +23,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 log = logging.getLogger(__name__)
 
 
+IMAGE_FILES = f"files ending in {', '.join(IMG_EXTENSIONS[:3])}, ..."  # what a class folder must hold
+
+
 class DataError(ValueError):
     """A data root, split or subset that cannot be used; the message says how to fix it."""
 
@@ -44,15 +47,43 @@ def list_image_folder(root: str | os.PathLike, split: str) -> tuple[list[tuple[s
         raise DataError(f"data.root: {root!s} has no '{split}' folder; expected {split_dir}/<class>/*.jpg")
     classes = sorted(d.name for d in os.scandir(split_dir) if d.is_dir())
     samples = []
+    empty = []
     for index, name in enumerate(classes):
         files = sorted(f.path for f in os.scandir(split_dir / name) if f.name.lower().endswith(IMG_EXTENSIONS))
         samples.extend((path, index) for path in files)
+        if not files:
+            empty.append(name)
     if not samples:
         raise DataError(f"data.root: split folder {split_dir} holds no images (expected <class>/*.jpg)")
+    if empty:
+        # A class without images would still take a label: training silently covers the other classes only.
+        raise DataError(f"data.root: class folder {split_dir / empty[0]} holds no images ({IMAGE_FILES})"
+                        + (f", nor do {len(empty) - 1} other class folder(s) of {split_dir}: {empty[1:6]}"
+                           if len(empty) > 1 else "")
+                        + "; add its images or remove the folder")
     present = {label for _, label in samples}
     if len(present) < 2:
         raise DataError(f"data.root: split folder {split_dir} has images of {len(present)} class; at least 2 are needed")
     return samples, classes
+
+
+def list_splits(root: str | os.PathLike, train_split: str, val_split: str
+                ) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[str]]:
+    """Both splits of ``root``: (train samples, val samples, class names), refused (DataError) unless the two
+    splits hold the same classes. Labels are class indices in sorted order per split, so a class in one split only
+    would give the other split's images wrong labels (and val images of a class never trained on)."""
+    train, train_classes = list_image_folder(root, train_split)
+    val, val_classes = list_image_folder(root, val_split)
+    if train_classes != val_classes:
+        only_val = sorted(set(val_classes) - set(train_classes))
+        only_train = sorted(set(train_classes) - set(val_classes))
+        parts = [f"{Path(root) / val_split} has class folder(s) {only_val[:5]} that {Path(root) / train_split} lacks"
+                 if only_val else "",
+                 f"{Path(root) / train_split} has class folder(s) {only_train[:5]} that {Path(root) / val_split} lacks"
+                 if only_train else ""]
+        raise DataError(f"data.root: the {train_split} and {val_split} splits must hold the same classes: "
+                        f"{'; '.join(p for p in parts if p)}; add or remove class folders so that both list the same")
+    return train, val, train_classes
 
 
 def class_balanced_subset(samples: list[tuple[str, int]], size: int, seed: int = 0) -> list[tuple[str, int]]:

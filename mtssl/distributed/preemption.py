@@ -1,9 +1,9 @@
 """The preemption protocol: a stop signal ends a job at the next safe point, after a checkpoint, to be resumed.
 
-SIGUSR2 (SLURM's warning before the time limit or a preemption), SIGTERM and a first SIGINT only set a flag
-(``StopRequest``); the training loop acts on it at its next step boundary (all ranks agree, write a checkpoint and
+SIGUSR2 (SLURM's warning before the time limit or a preemption), SIGTERM, SIGHUP (the terminal closed, e.g. right
+after a Ctrl-C, while the stop checkpoint is written) and a first SIGINT only set a flag (``StopRequest``); the training loop acts on it at its next step boundary (all ranks agree, write a checkpoint and
 raise ``TrainingInterrupted``), the evaluation after its current phase. ``mtssl.run`` then exits with code 3 and
-``mtssl.submitit_job`` requeues the job on SIGUSR2. DataLoader workers ignore SIGINT (``ignore_interrupts``).
+``mtssl.submitit_job`` requeues the job on SIGUSR2. DataLoader workers ignore SIGINT and SIGHUP (``ignore_interrupts``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import signal
 import time
 from pathlib import Path
 
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+# What a terminal sends to every process of the job: only the main process decides when to stop.
+TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGHUP)
 SIGINT_NOTICE = (b"mtssl: SIGINT: stopping at the next step boundary after a checkpoint (exit 3, rerun to resume); "
                  b"press Ctrl-C again to abort at once, losing the steps since the last checkpoint\n")
 
@@ -66,7 +68,9 @@ class StopRequest:
 
 
 def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGINT, which a terminal's Ctrl-C sends to the whole process
-    group; torch's worker loop would otherwise end on the KeyboardInterrupt, and the main process then fails with
-    "DataLoader worker exited unexpectedly" before its stop checkpoint. The main process decides when to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT and SIGHUP, which a terminal's Ctrl-C and its closing
+    send to the whole process group; torch's worker loop would otherwise end on the KeyboardInterrupt (or the
+    worker die of SIGHUP), and the main process then fails with "DataLoader worker exited unexpectedly" before its
+    stop checkpoint. The main process decides when to stop."""
+    for signum in TERMINAL_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
