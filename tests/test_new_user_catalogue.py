@@ -29,7 +29,7 @@ from tests.support.jobs import SMALL_HEADS, job_config
 # A job that validates against a tiny folder (2 classes x 8 images) and builds its trainer in about a second.
 TINY_JOB = ["data=cifar10", "data.download=false", "data.subset=null", "data.num_workers=0", "train.device=cpu",
             "train.batch_size=8", "train.epochs=3", "backbone=resnet18", "+backbone.kwargs.layers=[1,1,1,1]",
-            *SMALL_HEADS]
+            "eval.knn_k=[3]", *SMALL_HEADS]  # a k the smallest bank here (8 images) holds
 
 
 def checkout_env() -> dict[str, str]:
