@@ -28,6 +28,7 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     """The SLURM tests of one cluster run one after another on one worker (under ``--dist loadgroup``): a module
     that uses another cluster names its own group (``pytest.mark.xdist_group``)."""

@@ -181,8 +181,8 @@ def _evaluation_worker(rank, world_size, port, root, out):
     from mtssl.train.trainer import PretrainOutcome, Trainer
 
     env = init_distributed("cpu")
-    cfg = job_config(root, ["backbone=resnet18", "method=byol", "eval.linear_epochs=1", "eval.knn_k=[3]",
-                            "eval.linear_lrs=[0.1]", "eval.batch_size=8"])
+    cfg = job_config(root, ["backbone=resnet18", "+backbone.kwargs.layers=[1,1,1,1]", "method=byol",
+                            "eval.linear_epochs=1", "eval.knn_k=[3]", "eval.linear_lrs=[0.1]", "eval.batch_size=8"])
     trainer = Trainer(cfg, env, out / f"rank{rank}")
     g = torch.Generator().manual_seed(rank)  # each rank its own images, hence its own BN statistics
     local = GLOBAL_BATCH // world_size

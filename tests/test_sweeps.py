@@ -151,7 +151,7 @@ def test_bare_form_runs_end_to_end_on_the_local_launcher(config_dir, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     result = results(sweep_dir / "predictor=shared")
     assert result["status"] == "completed" and result["epochs"] == 1 and result["steps"] == 2 * 16 // 8
-    assert set(result["knn"]) == {"k2"}
+    assert set(result["knn"]) == {"k2", "k20"}  # eval.knn_k, and the headline k (20; the bank holds 32)
     assert yaml.safe_load((sweep_dir / "predictor=shared" / "config.yaml").read_text())["train"]["epochs"] == 1
 
 

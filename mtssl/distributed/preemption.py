@@ -1,8 +1,9 @@
 """The preemption protocol: a stop signal ends a job at the next safe point, after a checkpoint, to be resumed.
 
 SIGUSR2 (SLURM's warning before the time limit or a preemption), SIGTERM, SIGHUP (the terminal closed, e.g. right
-after a Ctrl-C, while the stop checkpoint is written) and a first SIGINT only set a flag (``StopRequest``); the training loop acts on it at its next step boundary (all ranks agree, write a checkpoint and
-raise ``TrainingInterrupted``), the evaluation after its current phase. ``mtssl.run`` then exits with code 3 and
+after a Ctrl-C, while the stop checkpoint is written) and a first SIGINT only set a flag (``StopRequest``); the
+training loop acts on it at its next step boundary (all ranks agree, write a checkpoint and raise
+``TrainingInterrupted``), the evaluation after its current phase. ``mtssl.run`` then exits with code 3 and
 ``mtssl.submitit_job`` requeues the job on SIGUSR2. DataLoader workers ignore SIGINT and SIGHUP (``ignore_interrupts``).
 """
 
