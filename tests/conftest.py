@@ -1,4 +1,5 @@
-"""Fixtures for every test: the leak guard, one-rank process groups, one thread, tiny datasets, the SLURM cluster.
+"""Fixtures for every test: the leak guard, one-rank process groups, one thread, tiny datasets, the SLURM cluster,
+the root logger put back, `python -m mtssl.eval` in process.
 
 Builders that tests call directly live in ``tests/support/`` (import them from there, never from a test module
 or from this file).
@@ -6,6 +7,7 @@ or from this file).
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -105,3 +107,27 @@ def slurm_cluster():
         if problem:
             pytest.skip(problem)
         yield
+
+
+@pytest.fixture
+def restore_logging():
+    """run_job and mtssl.eval replace the root logger's handlers (the console, train.log): close theirs and put the
+    earlier ones back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def eval_cli(monkeypatch, restore_logging):
+    """`python -m mtssl.eval ARGS` in this process (returns its exit code), as one rank outside torchrun."""
+    from mtssl.eval.__main__ import main
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    return main

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -184,20 +183,6 @@ def test_timm_weights_are_found_in_the_local_hub_cache(tmp_path, monkeypatch):
     assert weights.source == "timm:resnet18" and weights.format == "state_dict"
 
 
-@pytest.fixture
-def eval_cli(monkeypatch):
-    """`python -m mtssl.eval ARGS` in this process; the logging that run_job configures is put back."""
-    from mtssl.eval.__main__ import main
-
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield main
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:], root.level = handlers, level
 
 
 def test_eval_weights_command_writes_an_evaluated_results_json(tmp_path, data_root, eval_cli):

@@ -9,7 +9,6 @@ the SIGHUP case (item 5) starts a plain Python process that imports only the sig
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import socket
@@ -37,17 +36,6 @@ def checkout_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
-@pytest.fixture
-def restore_logging():
-    """run_job replaces the root logger's handlers (its console and train.log): put them back."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def folder_files(path: Path) -> list[str]:

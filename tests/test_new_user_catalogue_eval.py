@@ -9,7 +9,6 @@ evaluation, in a few seconds.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -53,17 +52,6 @@ def finished_job(tmp_path: Path, root: Path, *overrides: str) -> tuple[Path, dic
     return out, online
 
 
-@pytest.fixture
-def cli(monkeypatch):
-    """`python -m mtssl.eval ARGS` in this process (its exit code); the logging it configures is put back."""
-    from mtssl.eval.__main__ import main
-
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield main
-    root.handlers[:], root.level = handlers, level
 
 
 def test_item02_headline_knn_is_k20_whatever_else_is_asked(tmp_path):
@@ -94,7 +82,7 @@ def test_item02_headline_knn_is_k20_whatever_else_is_asked(tmp_path):
     assert fields["knn_top1"] == pytest.approx(expected["k20"]["top1"])
 
 
-def test_item03_reevaluation_keeps_results_it_did_not_recompute(tmp_path, cli):
+def test_item03_reevaluation_keeps_results_it_did_not_recompute(tmp_path, eval_cli):
     """An earlier re-evaluation wrote the augmented probe and k=50; a re-evaluation with other settings (bf16
     features, the default protocols and ks) replaces what it recomputes and keeps those."""
     root = make_image_folder(tmp_path / "data", classes=2, per_class=12)
@@ -105,7 +93,7 @@ def test_item03_reevaluation_keeps_results_it_did_not_recompute(tmp_path, cli):
     before["knn"]["k50"] = {"top1": 42.0, "top5": 100.0}
     write_results(out, before)
 
-    assert cli([str(out), "eval.feature_dtype=bf16", "eval.knn_k=[3,20]"]) == 0
+    assert eval_cli([str(out), "eval.feature_dtype=bf16", "eval.knn_k=[3,20]"]) == 0
     after = json.loads((out / RESULTS).read_text())
     assert after["linear"]["augmented"] == augmented
     assert after["knn"]["k50"] == {"top1": 42.0, "top5": 100.0}
@@ -117,13 +105,13 @@ def test_item03_reevaluation_keeps_results_it_did_not_recompute(tmp_path, cli):
     assert after["eval_config"]["feature_dtype"] == "bf16" and after["steps"] == 0
 
 
-def test_item08_truncated_backbone_export_is_a_clear_error(tmp_path, cli, capsys):
+def test_item08_truncated_backbone_export_is_a_clear_error(tmp_path, eval_cli, capsys):
     """A truncated backbone.pth: exit 2, a message naming the file and what to do (no torch.load traceback)."""
     root = make_image_folder(tmp_path / "data", classes=2, per_class=4)
     out, _ = finished_job(tmp_path, root, "eval.knn_k=[3]")
     data = (out / BACKBONE_EXPORT).read_bytes()
     (out / BACKBONE_EXPORT).write_bytes(data[: len(data) // 2])
-    assert cli([str(out)]) == 2
+    assert eval_cli([str(out)]) == 2
     logged = capsys.readouterr().err
     assert "Traceback" not in logged
     assert f"ERROR mtssl: {out / BACKBONE_EXPORT} (" in logged and "truncated" in logged and "copy" in logged
@@ -145,9 +133,9 @@ def test_item09_knn_k_larger_than_the_bank_is_refused_before_training(tmp_path):
     assert not (tmp_path / "job").exists()
 
 
-def test_item14_eval_help_exits_0_with_a_usage(cli, capsys):
+def test_item14_eval_help_exits_0_with_a_usage(eval_cli, capsys):
     """`python -m mtssl.eval --help`: exit 0, what it evaluates, the main overrides and where the docs are."""
-    assert cli(["--help"]) == 0
+    assert eval_cli(["--help"]) == 0
     text = capsys.readouterr().out
     for needle in ("usage: python -m mtssl.eval", "results.json", "eval.knn_k", "eval.linear_protocols",
                    "eval.feature_dtype", "docs/evaluation.md"):
