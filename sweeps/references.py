@@ -26,10 +26,10 @@ from typing import Any, Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from mtssl.config import ConfigError, available
+from mtssl.eval.weights import TIMM_PREFIX
 from mtssl.job_folder import REFERENCE_JOB_PREFIX, WEIGHTS_REFERENCE
 from sweeps.grid import SweepJob, merge_overrides, quote_value
 
-TIMM_PREFIX = "timm:"  # mtssl.eval.weights.TIMM_PREFIX, not imported: it loads torch, and launching reads this
 _UNSAFE = re.compile(r"[^A-Za-z0-9._,+@-]")
 ENTRY_KEYS = {"weights", "name", "backbone", "branch", "overrides"}
 

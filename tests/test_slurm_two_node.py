@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from tests.support.data import make_image_folder
-from tests.support.slurm import proc_status, rank_pids, run_slurm_command, usr2_pending_or_running, wait_for
+from tests.support.slurm import freeze_until_usr2, proc_status, rank_pids, run_slurm_command, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm_two_node")]  # its own cluster
 
@@ -283,19 +283,18 @@ def test_preempted_job_comes_back_on_the_nodes_in_the_other_order_with_the_same_
         wait_for(lambda: reached_step(sweep_dir, 2), "training to reach step 2", 240, launcher)
         pids = rank_pids(sweep_dir)
         assert len(pids) == 2, pids
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        hostfile.write_text("node2\nnode1\n")
-        # A high-partition job needing both CPUs of node2 can only start by preempting the sweep job.
-        high = run_slurm_command("sbatch", "--parsable", "--partition=high", "--nodelist=node2", "--cpus-per-task=2",
-                                 f"--output={tmp_path / 'high.out'}", "--wrap", "sleep 2")
-        assert high.returncode == 0, high.stderr
-        wait_for(lambda: all(usr2_pending_or_running(p) for p in pids), "SLURM's SIGUSR2", 150, launcher)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+
+        high_job: list[str] = []
+
+        def preempt() -> None:
+            hostfile.write_text("node2\nnode1\n")
+            # A high-partition job needing both CPUs of node2 can only start by preempting the sweep job.
+            high = run_slurm_command("sbatch", "--parsable", "--partition=high", "--nodelist=node2",
+                                     "--cpus-per-task=2", f"--output={tmp_path / 'high.out'}", "--wrap", "sleep 2")
+            assert high.returncode == 0, high.stderr
+            high_job.append(high.stdout.strip().split(";")[0])
+
+        freeze_until_usr2(pids, launcher, preempt)
     finish(launcher, name)
     record = submission(sweep_dir)
     assert rank_hosts(record) == [{0: "node1", 1: "node2"}, {0: "node2", 1: "node1"}]
@@ -305,7 +304,7 @@ def test_preempted_job_comes_back_on_the_nodes_in_the_other_order_with_the_same_
     assert "this job is preempted" in Path(record["stdout"]).read_text()
     states = accounted(record["job_id"])
     assert states[-1] == "COMPLETED" and "REQUEUED" in states, states
-    assert accounted(high.stdout.strip().split(";")[0])[-1] == "COMPLETED"
+    assert accounted(high_job[0])[-1] == "COMPLETED"
     result, uninterrupted = results(sweep_dir), results(one_node)
     assert result["status"] == "completed" and result["steps"] == STEPS
     assert result["weights_sha256"] == uninterrupted["weights_sha256"]

@@ -30,7 +30,7 @@ from sweeps.launchers import Submission, SweepLauncher, TrackedJob, record_submi
 from sweeps.overrides import split_overrides
 from sweeps.status import format_rows, sweep_rows
 from tests.support.data import make_image_folder
-from tests.support.slurm import proc_status, rank_pids, usr2_pending_or_running, wait_for
+from tests.support.slurm import freeze_until_usr2, rank_pids, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = [sys.executable, str(REPO / "sweeps" / "launch.py")]
@@ -519,16 +519,7 @@ def hold_until_usr2(sweep_dir: Path, job: str, step: int, launcher: subprocess.P
     wait_for(reached, f"training to reach step {step}", 240, launcher)
     pids = rank_pids(sweep_dir)
     assert len(pids) == 2, pids
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    wait_for(lambda: all("State:\tT" in (proc_status(p) or "State:\tT") for p in pids), "ranks to stop", 10, launcher)
-    then()
-    wait_for(lambda: all(usr2_pending_or_running(p) for p in pids), "SLURM's SIGUSR2", 150, launcher)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+    freeze_until_usr2(pids, launcher, then)
 
 
 def run_interrupted_job(config_dir: Path, sweep_dir: Path, extra=(), then=lambda: None) -> tuple[str, str]:

@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from mtssl.config.errors import ConfigError
 from mtssl.data.image_folder import class_balanced_subset
+from mtssl.eval.knn import headline_k
 
 
 def bank_samples(cfg: DictConfig, all_train: list) -> list:
@@ -36,4 +37,4 @@ def check_knn_k(cfg: DictConfig, all_train: list) -> None:
     for size, what, field in banks:
         if largest > size:
             raise ConfigError(f"eval.knn_k: k={largest} exceeds the {size} images of {what}; use ks of at most "
-                              f"{size} (e.g. eval.knn_k=[{min(20, size)}]) or raise {field}")
+                              f"{size} (e.g. eval.knn_k=[{headline_k(size)}]) or raise {field}")

@@ -78,6 +78,22 @@ def usr2_pending_or_running(pid: int) -> bool:
     return any(mask & (1 << (signal.SIGUSR2 - 1)) for mask in masks)
 
 
+def freeze_until_usr2(pids: list[int], launcher: subprocess.Popen, then=lambda: None) -> None:
+    """Freeze a job's ranks, call ``then`` (what makes SLURM signal them: a preempting job, a time limit near),
+    and let them go on once SLURM's SIGUSR2 is pending. Freezing stands in for a slow job: the signal then surely
+    lands mid-training."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: all("State:\tT" in (proc_status(p) or "State:\tT") for p in pids), "ranks to stop", 10, launcher)
+    then()
+    wait_for(lambda: all(usr2_pending_or_running(p) for p in pids), "SLURM's SIGUSR2", 150, launcher)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 def wait_for(condition, what: str, timeout_s: float, launcher: subprocess.Popen) -> None:
     """Poll ``condition`` until it holds; fail the test on a timeout or when ``launcher`` ended meanwhile."""
     deadline = time.monotonic() + timeout_s
