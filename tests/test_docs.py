@@ -49,7 +49,7 @@ LAUNCH = REPO / "sweeps" / "launch.py"
 # Commands that cannot run in seconds, with the reason.
 NOT_RUN = {
     'python -m pytest -q -n 2 -m "not slow and not slurm"': "the inner test loop itself (minutes)",
-    "python -m pytest -q -rs -n 2 --dist loadgroup --durations=25": "the full suite itself, which .ci/run calls",
+    "python -m pytest -q -rs -n 3 --dist loadgroup --durations=25": "the full suite itself, which .ci/run calls",
     "python -m pytest -q -x tests/test_views.py": "a test module, which the suite runs anyway",
     "python sweeps/launch.py ablation=local_crops --dry-run": "the example ablation of docs/extending.md, whose YAML "
                                                               "file the reader writes first",
