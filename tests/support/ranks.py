@@ -19,13 +19,8 @@ def _rank_main(rank: int, fn, *args) -> None:
     """One spawned rank, as srun or torchrun would start it. A rank they start is exec'd, so its DataLoader
     workers fork (Linux's default); a spawned one inherits "spawn", and every worker of every loader would import
     torch, torchvision and timm again (~6 s of CPU per worker: 12 s per feature extraction)."""
-    use_fork_for_workers()
-    fn(rank, *args)
-
-
-def use_fork_for_workers() -> None:
-    """Inside a spawned rank: start its DataLoader workers by fork, as in a rank that srun or torchrun exec'd."""
     multiprocessing.set_start_method("fork", force=True)
+    fn(rank, *args)
 
 
 def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
