@@ -37,10 +37,14 @@ def pytest_configure(config):
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     """The SLURM tests of one cluster run one after another on one worker (under ``--dist loadgroup``): a module
-    that uses another cluster names its own group (``pytest.mark.xdist_group``)."""
+    that uses another cluster names its own group (``pytest.mark.xdist_group``). Tests marked ``first`` are
+    collected first."""
     for item in items:
         if item.get_closest_marker("slurm") and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+    # xdist hands out the groups first (largest first), then single tests in this order, each to the first worker
+    # that is nearly idle: the longest single test (marked ``first``) then starts early instead of ending the run.
+    items.sort(key=lambda item: item.get_closest_marker("first") is None)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -14,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.first]  # ~4-8 minutes on one thread: started early (tests/conftest.py)
 
 # The README quick start (regime=cpu: ResNet-18 with the last BN gamma at 0, a 2,500-image subset, batch 128,
 # MoCo v3 at temperature 0.2) on a shorter schedule, so that CI checks that its recipe learns.

@@ -22,3 +22,13 @@ def test_slurm_tests_run_in_the_slurm_group_on_one_worker(pytester, monkeypatch)
     assert len(lines) == 4, result.outlines
     assert len({line.split()[0] for line in lines}) == 1, lines  # one worker ([gw0] or [gw1]) ran them all
     assert not any("test_plain@" in line for line in result.outlines)
+
+
+def test_a_test_marked_first_is_collected_first(pytester, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    pytester.makeconftest("from tests.conftest import pytest_collection_modifyitems  # noqa: F401\n")
+    pytester.makeini("[pytest]\nmarkers =\n    slurm: needs the local SLURM cluster\n    first: started early\n")
+    pytester.makepyfile(test_order="import pytest\n\ndef test_a():\n    pass\n\n"
+                                   "@pytest.mark.first\ndef test_b():\n    pass\n\ndef test_c():\n    pass\n")
+    result = pytester.runpytest("--collect-only", "-q", "-p", "no:cacheprovider")
+    assert [line.split("::")[-1] for line in result.outlines if "::" in line] == ["test_b", "test_a", "test_c"]
