@@ -183,8 +183,6 @@ def test_timm_weights_are_found_in_the_local_hub_cache(tmp_path, monkeypatch):
     assert weights.source == "timm:resnet18" and weights.format == "state_dict"
 
 
-
-
 def test_eval_weights_command_writes_an_evaluated_results_json(tmp_path, data_root, eval_cli):
     """`python -m mtssl.eval --weights FILE ... out_dir=DIR`: results.json with status evaluated, the file's SHA-256
     (of its bytes, computed here) and source, and the kNN of the weights loaded directly; a rerun with other eval

@@ -52,8 +52,6 @@ def finished_job(tmp_path: Path, root: Path, *overrides: str) -> tuple[Path, dic
     return out, online
 
 
-
-
 def test_item02_headline_knn_is_k20_whatever_else_is_asked(tmp_path):
     """eval.knn_k=[10,20,50]: knn_top1 is the k=20 kNN (it was the largest k), every k is under knn; with
     eval.knn_k=[10,50] k=20 is computed all the same. Compared with the plain kNN of the same features (three
