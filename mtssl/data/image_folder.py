@@ -95,7 +95,9 @@ def class_balanced_subset(samples: list[tuple[str, int]], size: int, seed: int =
         by_class.setdefault(label, []).append(i)
     labels = sorted(by_class)
     generator = torch.Generator().manual_seed(seed)
-    shuffled = {c: [by_class[c][j] for j in torch.randperm(len(by_class[c]), generator=generator)] for c in labels}
+    # .tolist(): iterating a tensor makes one tensor per element (about 1 s for CIFAR-10's 50,000 images)
+    orders = {c: torch.randperm(len(by_class[c]), generator=generator).tolist() for c in labels}
+    shuffled = {c: [by_class[c][j] for j in orders[c]] for c in labels}
     chosen: list[int] = []
     rank = 0
     while len(chosen) < size:  # round-robin over classes keeps counts within one of each other
