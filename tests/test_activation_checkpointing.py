@@ -18,13 +18,14 @@ from mtssl.config.validate import validate_config
 from mtssl.distributed.process_group import destroy_distributed, init_distributed
 from mtssl.model.activation_checkpoint import CheckpointedForward
 from mtssl.train.trainer import Trainer
+from tests.support.jobs import TINY_RESNET
 
 # Tiny and fast: narrow nets (1 block per ResNet stage, 2 ViT blocks), 16/8 px views, batch 4.
 SIZES = ["data.small_images=true", "data.view_sizes.global=16", "data.view_sizes.local=8", "data.view_sizes.cutout=16",
          "train.batch_size=4", "optim.warmup_epochs=0", "method.projector.hidden_dims=[32]",
          "method.predictor.hidden_dims=[32]", "method.projector.out_dim=16", "method.predictor.out_dim=16"]
 RESNET = ["method=byol", "views=global_local_cutout", "backbone=resnet18", "data=cifar10",
-          "+backbone.kwargs.layers=[1,1,1,1]", "+backbone.kwargs.channels=[8,16,32,64]", "+backbone.kwargs.stem_width=8",
+          *TINY_RESNET,
           *SIZES]
 VIT = ["method=byol", "views=global_local_cutout", "backbone=vit_tiny", "data=cifar10", "+backbone.kwargs.depth=2",
        "+backbone.kwargs.embed_dim=32", "+backbone.kwargs.num_heads=2", "backbone.drop_path_rate=0.5", *SIZES]

@@ -16,7 +16,7 @@ from mtssl.loss.multitask import multitask_loss
 from mtssl.loss.objectives import gather_keys, mocov3_pair_loss
 from mtssl.train.trainer import Trainer
 from tests.support.data import make_image_folder
-from tests.support.jobs import GLOBAL_BATCH, global_views
+from tests.support.jobs import GLOBAL_BATCH, TINY_RESNET, global_views
 from tests.support.jobs import sharded_job_config as job_config
 from tests.support.ranks import free_port, run_ranks
 from tests.support.ranks import set_rank_env as set_env
@@ -131,12 +131,12 @@ def assert_states_close(actual, expected, rtol=1e-5):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
-    ["backbone=resnet18", "method=byol"],
+    ["backbone=resnet18", *TINY_RESNET, "method=byol"],
     # SGD, not the ViT preset's AdamW: Adam turns round-off-level gradients (the attention key
     # bias has an exactly zero gradient in exact arithmetic) into full-size steps of either sign.
     ["backbone=vit_tiny", "method=byol", "+backbone.kwargs.depth=2", "optim.name=sgd", "optim.base_lr=0.05"],
-    ["backbone=resnet18", "method=mocov3"],
-    ["backbone=resnet18", "method=simsiam", "views=global_local"],
+    ["backbone=resnet18", *TINY_RESNET, "method=mocov3"],
+    ["backbone=resnet18", *TINY_RESNET, "method=simsiam", "views=global_local"],
 ], ids=["resnet-byol", "vit-byol", "resnet-mocov3", "resnet-simsiam"])
 def test_fsdp_two_ranks_match_one_process(tmp_path, overrides):
     root = make_image_folder(tmp_path / "data", per_class=8)

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from mtssl.config import ConfigError
 from mtssl.distributed.process_group import select_device
 from tests.support.data import make_image_folder
+from tests.support.jobs import TINY_RESNET
 
 
 # ---------------------------------------------------------------------------- 10: more local ranks than GPUs
@@ -80,7 +81,7 @@ def test_knn_ties_are_reranked_in_blocks_of_bounded_memory(monkeypatch):
 TWO_RANK_DEADLINE_S = 240
 TINY_TRAINER = [
     "data.subset=null", "train.batch_size=8", "train.epochs=2", "optim.warmup_epochs=0", "backbone=resnet18",
-    "+backbone.kwargs.layers=[1,1,1,1]", "+backbone.kwargs.channels=[8,16,32,64]", "+backbone.kwargs.stem_width=8",
+    *TINY_RESNET,
     "method.projector.hidden_dims=[16]", "method.predictor.hidden_dims=[16]", "method.projector.out_dim=8",
     "method.predictor.out_dim=8", "train.log_every_steps=1",
 ]
@@ -277,7 +278,7 @@ def test_cuda_determinism_refuses_the_vit_position_embedding_resample(tmp_path, 
 # ---------------------------------------------------------------------------- 12: a stop inside an evaluation phase
 EVAL_TINY = [
     "data.subset=null", "train.batch_size=8", "train.epochs=0", "data.num_workers=0", "backbone=resnet18",
-    "+backbone.kwargs.layers=[1,1,1,1]", "+backbone.kwargs.channels=[8,16,32,64]", "+backbone.kwargs.stem_width=8",
+    *TINY_RESNET,
     "eval.linear_epochs=3", "eval.knn_k=[3]", "eval.batch_size=4",
     "eval.linear_lrs=[0.1]",
 ]

@@ -12,12 +12,13 @@ import pytest
 import mtssl.job_folder as job_folder
 from mtssl.job_folder import Results, read_progress
 from tests.support.data import make_image_folder
+from tests.support.jobs import TINY_RESNET
 
 pytestmark = pytest.mark.slow
 
 TINY = ["data=cifar10", "data.download=false", "data.subset=null", "data.num_workers=0", "train.device=cpu",
         "train.batch_size=8", "train.epochs=2", "train.log_every_steps=1", "train.checkpoint_every_steps=1",
-        "method.projector.hidden_dims=[32]", "method.predictor.hidden_dims=[32]", "+backbone.kwargs.layers=[1,1,1,1]",
+        "method.projector.hidden_dims=[32]", "method.predictor.hidden_dims=[32]", *TINY_RESNET,
         "views=global", "eval.linear_epochs=1", "eval.knn_k=[3]", "eval.batch_size=16", "eval.linear_lrs=[0.1]"]
 
 

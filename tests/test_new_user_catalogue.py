@@ -23,11 +23,11 @@ from omegaconf import OmegaConf, open_dict
 from mtssl.config import ConfigError, available, compose_config
 from mtssl.config.validate import check_out_dir, validate_config
 from tests.support.data import REPO, make_image_folder
-from tests.support.jobs import SMALL_HEADS, job_config
+from tests.support.jobs import SMALL_HEADS, TINY_RESNET, job_config
 
 # A job that validates against a tiny folder (2 classes x 8 images) and builds its trainer in about a second.
 TINY_JOB = ["data=cifar10", "data.download=false", "data.subset=null", "data.num_workers=0", "train.device=cpu",
-            "train.batch_size=8", "train.epochs=3", "backbone=resnet18", "+backbone.kwargs.layers=[1,1,1,1]",
+            "train.batch_size=8", "train.epochs=3", "backbone=resnet18", *TINY_RESNET,
             "eval.knn_k=[3]", *SMALL_HEADS]  # a k the smallest bank here (8 images) holds
 
 

@@ -20,15 +20,15 @@ import pytest
 import yaml
 
 from tests.support.data import make_image_folder
+from tests.support.jobs import TINY_RESNET
 from tests.support.ranks import free_port, rank_env
 
 # One worker for the module under xdist: its tests share the uninterrupted reference run (a module fixture).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resume")]
 
-# One block per stage: half of ResNet-18's parameters to all-gather and reduce over gloo at every step (which
-# costs more here than the compute), and the resume logic does not depend on the depth.
+# The tiny ResNet (tests/support/jobs.py): the resume logic does not depend on the size.
 TINY = [
-    "data.subset=null", "train.batch_size=8", "train.epochs=3", "data.num_workers=0", "+backbone.kwargs.layers=[1,1,1,1]",
+    "data.subset=null", "train.batch_size=8", "train.epochs=3", "data.num_workers=0", *TINY_RESNET,
     "method.projector.hidden_dims=[64]", "method.predictor.hidden_dims=[64]",
     "train.log_every_steps=1", "train.checkpoint_every_steps=4",
     "eval.linear_epochs=2", "eval.knn_k=[3,5]", "eval.batch_size=16", "eval.linear_lrs=[0.1]",

@@ -9,12 +9,13 @@ import sys
 import pytest
 
 from tests.support.data import make_image_folder
+from tests.support.jobs import TINY_RESNET
 
 pytestmark = pytest.mark.slow
 
-# One block per stage: what is asserted (a recorded divergence, the unreadable files counted) does not depend on depth.
+# The tiny ResNet: what is asserted (a recorded divergence, the unreadable files counted) does not depend on its size.
 TINY = [
-    "data.subset=null", "train.batch_size=8", "train.epochs=2", "data.num_workers=0", "+backbone.kwargs.layers=[1,1,1,1]",
+    "data.subset=null", "train.batch_size=8", "train.epochs=2", "data.num_workers=0", *TINY_RESNET,
     "method.projector.hidden_dims=[64]", "method.predictor.hidden_dims=[64]", "train.log_every_steps=1",
     "eval.linear_epochs=2", "eval.knn_k=[3,5]", "eval.batch_size=16", "eval.linear_lrs=[0.1]",
 ]

@@ -35,6 +35,7 @@ import pytest
 import yaml
 
 from tests.support.data import make_image_folder
+from tests.support.jobs import TINY_RESNET
 from tests.support.slurm import freeze_until_usr2, proc_status, rank_pids, run_slurm_command, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm_two_node")]  # its own cluster
@@ -109,7 +110,7 @@ def tiny_job(config_dir: Path) -> list[str]:
         "data=cifar10", f"data.root={data}", "data.download=false", "data.subset=null", "data.num_workers=0",
         "train.device=cpu", "train.batch_size=8", "train.epochs=3", "train.log_every_steps=1",
         "train.checkpoint_every_steps=2",
-        "method.projector.hidden_dims=[32]", "method.predictor.hidden_dims=[32]", "+backbone.kwargs.layers=[1,1,1,1]",
+        "method.projector.hidden_dims=[32]", "method.predictor.hidden_dims=[32]", *TINY_RESNET,
         "monitor.rankme=false", "eval.linear_epochs=1", "eval.knn_k=[3]", "eval.batch_size=16",
         "eval.linear_lrs=[0.1]",
     ]

@@ -30,6 +30,7 @@ from sweeps.launchers import Submission, SweepLauncher, TrackedJob, record_submi
 from sweeps.overrides import split_overrides
 from sweeps.status import format_rows, sweep_rows
 from tests.support.data import make_image_folder
+from tests.support.jobs import TINY_RESNET
 from tests.support.slurm import freeze_until_usr2, rank_pids, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -292,7 +293,7 @@ def config_dir(tmp_path_factory, data_root) -> Path:
             "data=cifar10", f"data.root={data_root}", "data.download=false", "data.subset=null", "data.num_workers=0",
             "train.device=cpu", "train.batch_size=8", "train.epochs=3", "train.log_every_steps=1",
             "train.checkpoint_every_steps=4", "method.projector.hidden_dims=[64]",
-            "method.predictor.hidden_dims=[64]", "+backbone.kwargs.layers=[1,1,1,1]",
+            "method.predictor.hidden_dims=[64]", *TINY_RESNET,
             "eval.linear_epochs=2", "eval.knn_k=[3,5]", "eval.batch_size=16", "eval.linear_lrs=[0.1]",
         ],
         "axes": {"predictor": ["separate", "shared"]}, "seeds": [0],
