@@ -120,7 +120,8 @@ STATUS_WORDS = {s.value for s in JobStatus}
 # String constants equal to a job-folder name or status word that mean something else.
 OTHER_MEANINGS = {("sweeps/overrides.py", "config.yaml"),  # the sweep launcher's own Hydra config file
                   ("mtssl/eval/weights.py", "checkpoints"),  # torch hub's folder of downloaded weights
-                  ("mtssl/train/scalar_logger.py", "wandb")}  # the package, beside the folder it writes
+                  ("mtssl/train/scalar_logger.py", "wandb"),  # the package, beside the folder it writes
+                  ("mtssl/__init__.py", "wandb")}  # the package, whose import is deferred
 
 
 def _spelled(value: str) -> bool:
