@@ -15,7 +15,7 @@ Stages (docs/gpu_acceptance.md lists each check and its pass criterion):
   bf16_batchnorm   eager training_step, {per-view, ghost} x {NCHW, channels_last}: bf16 against fp32
   sync_audit       20 non-logging ``Trainer.fit`` steps under torch.cuda.set_sync_debug_mode("error"), six jobs
   gpu_pipeline     data.pipeline=gpu on CUDA against its CPU path, its float path and the fast pipeline
-  prefetcher       a profiler trace over 10 steps: the side-stream copy overlaps compute, next() never syncs
+  prefetcher       a profiler trace over 10 steps: compute never waits on the side-stream copy, next() never syncs
   throughput       ResNet-50 224/96 at 128 per GPU: modes against a plain timm step, MFU, host time, memory
   resume           stopped halfway and resumed: bitwise equal to the uninterrupted run (cuda_deterministic)
   evaluation       sharded kNN against one process (ties, padded shards, collapsed features), the kNN monitor
@@ -806,10 +806,33 @@ def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(a, b) for a, b in merged]
 
 
+def _intersection(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The intersection of two merged (sorted, disjoint) interval lists."""
+    out, i, j = [], 0, 0
+    while i < len(xs) and j < len(ys):
+        start, end = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
+        if start < end:
+            out.append((start, end))
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in intervals)
+
+
 def analyse_prefetch_trace(events: list[dict], annotation: str = NEXT_ANNOTATION) -> dict:
     """From a Chrome trace of torch.profiler (``traceEvents``): where host-to-device copies ran, how much of the
     side-stream copy time overlapped kernels on the compute stream (the stream with the most kernel time), and
-    the synchronising CUDA runtime calls made inside ``annotation`` ranges (the prefetcher's ``next()``)."""
+    the synchronising CUDA runtime calls made inside ``annotation`` ranges (the prefetcher's ``next()``).
+
+    Overlap alone misjudges a host-bound step, whose compute stream is idle most of the time with nothing to
+    run: a copy made then costs nothing. The copy delays training only where the compute stream is idle while a
+    kernel already launched to it waits (``compute_wait_share``): a kernel is queued from the end of its launch
+    call (matched by correlation id) to its start."""
     def stream(event):
         return (event.get("args") or {}).get("stream", event.get("tid"))
 
@@ -823,10 +846,15 @@ def analyse_prefetch_trace(events: list[dict], annotation: str = NEXT_ANNOTATION
     compute_kernels = _merged([(k["ts"], k["ts"] + k["dur"]) for k in kernels if stream(k) == compute])
     side = [c for c in copies if stream(c) != compute]
     side_time = sum(c["dur"] for c in side)
-    overlap = 0.0
-    for copy in side:
-        start, end = copy["ts"], copy["ts"] + copy["dur"]
-        overlap += sum(max(0.0, min(end, b) - max(start, a)) for a, b in compute_kernels)
+    side_copies = _merged([(c["ts"], c["ts"] + c["dur"]) for c in side])
+    overlap = _length(_intersection(side_copies, compute_kernels))
+    launched = {e["args"]["correlation"]: e["ts"] + e["dur"] for e in complete
+                if e.get("cat") == "cuda_runtime" and "correlation" in (e.get("args") or {})}
+    queued = _merged([(launched[k["args"]["correlation"]], k["ts"]) for k in kernels if stream(k) == compute
+                      and launched.get((k.get("args") or {}).get("correlation"), k["ts"]) < k["ts"]])
+    copy_queued = _intersection(side_copies, queued)
+    waited = _length(copy_queued) - _length(_intersection(copy_queued, compute_kernels))
+    span = (compute_kernels[-1][1] - compute_kernels[0][0]) if compute_kernels else 0.0
     ranges = [(e["ts"], e["ts"] + e["dur"], e.get("tid")) for e in complete
               if e.get("cat") == "user_annotation" and e.get("name") == annotation]
     syncs = [e["name"] for e in complete if e.get("cat") in ("cuda_runtime", "cuda_driver")
@@ -838,6 +866,8 @@ def analyse_prefetch_trace(events: list[dict], annotation: str = NEXT_ANNOTATION
             "side_stream_pageable_copies": sum("Pageable" in c.get("name", "") for c in side),
             "compute_stream_copies": len(copies) - len(side), "compute_stream_copy_bytes": copy_bytes(copies) - copy_bytes(side),
             "side_copy_us": side_time, "overlap_share": overlap / side_time if side_time else None,
+            "compute_wait_us": waited, "compute_wait_share": waited / side_time if side_time else None,
+            "compute_busy_share": _length(compute_kernels) / span if span else None,
             "next_calls": len(ranges), "synchronising_calls_in_next": len(syncs), "synchronising_call_names": sorted(set(syncs))}
 
 
@@ -896,10 +926,12 @@ def stage_prefetcher(run: Run, stage: Stage) -> None:
                 f"{found['side_stream_copy_bytes'] / 2**20:.1f} MiB on streams {found['side_streams']}; "
                 f"{found['compute_stream_copies']} copies on the compute stream",
                 ">= 1 per step, >= 90% of host-to-device bytes, none pageable", cuda_only=True)
-    overlap = found["overlap_share"]
-    stage.check("side-stream copy time overlapping compute", overlap is not None and overlap >= 0.5,
-                "-" if overlap is None else f"{100 * overlap:.0f}% of {found['side_copy_us'] / 1e3:.2f} ms",
-                ">= 50%", cuda_only=True)
+    overlap, wait, busy = found["overlap_share"], found["compute_wait_share"], found["compute_busy_share"]
+    stage.check("compute stream waiting on side-stream copies", wait is not None and wait <= 0.1,
+                "-" if wait is None else f"{100 * wait:.0f}% of {found['side_copy_us'] / 1e3:.2f} ms of copies; "
+                f"the copies overlap compute for {100 * overlap:.0f}%, the compute stream is busy "
+                f"{100 * (busy or 0):.0f}% of the profiled steps",
+                "<= 10% (idle with a launched kernel waiting, while a copy runs)", cuda_only=True)
     if run.cuda:  # the device timeline, the runtime calls and the next() ranges (the CPU operators left out)
         document["traceEvents"] = [e for e in document.get("traceEvents", [])
                                    if e.get("ph") == "M" or e.get("cat") in TRACE_CATEGORIES]
@@ -1111,16 +1143,30 @@ def stage_evaluation(run: Run, stage: Stage) -> None:
                 f"k{max(ks)} top-1 {sharded[f'k{max(ks)}']['top1']:.2f} vs {one[f'k{max(ks)}']['top1']:.2f}",
                 "equal accuracies", sharded=sharded, one_process=one)
 
+    # The tie rule (the k-th place goes to the smaller global index) decides the neighbours alone only where the
+    # similarities are equal on every device: on a grid of 16 levels (exact in float32, ties at the k-th value in
+    # every row), the neighbours chosen on the device must be those of an exact integer sort by (level, index).
+    from mtssl.eval.knn import _top_k_by_index
+
+    levels = torch.randint(0, 16, (n_val, n_train), generator=g)
+    index = torch.randperm(n_train, generator=g)  # a shard's global indices, in no order
+    expected = index[((15 - levels) * n_train + index).topk(max(ks), dim=1, largest=False).indices]
+    chosen = index.to(device)[_top_k_by_index((levels.float() / 16).to(device), index.to(device), max(ks))[1]].cpu()
+    differing = int((chosen != expected).any(dim=1).sum())
+    stage.check(f"top-k with exact ties on {device.type}: the neighbours of an exact sort by (similarity, index)",
+                differing == 0, f"{differing} of {n_val} queries with other neighbours",
+                "0 (ties go to the smaller index on every device)")
+    # End to end on tied features, the devices' float rounding differs (matmul, exp, the order of scatter_add),
+    # which can flip a near-equal vote: measured, not judged.
     tied_train, tied_val = train.clone(), val.clone()
     quarter = n_train // 4
     tied_train[2 * quarter: 3 * quarter] = tied_train[:quarter] * 2.0  # exact cosine ties, other labels
     tied_val[: n_val // 4] = tied_train[: n_val // 4]
     results = [knn_classify_sharded(shard(tied_train.to(d), train_y.to(d), pad), shard(tied_val.to(d), val_y.to(d), pad),
                                     classes, ks, temperature) for d, pad in ((device, 3), (cpu, 0))]
-    stage.check(f"sharded kNN with exact ties: padded shards on {device.type} vs one unpadded shard on CPU",
-                results[0] == results[1],
-                f"k{max(ks)} top-1 {results[0][f'k{max(ks)}']['top1']:.2f} vs {results[1][f'k{max(ks)}']['top1']:.2f}",
-                "equal accuracies (ties go to the smaller index on every device)", device=results[0], cpu=results[1])
+    stage.measure(f"sharded kNN with exact ties: padded shards on {device.type} vs one unpadded shard on CPU",
+                  ", ".join(f"k{k} top-1 {results[0][f'k{k}']['top1']:.2f} vs {results[1][f'k{k}']['top1']:.2f}" for k in ks),
+                  device=results[0], cpu=results[1])
 
     # Collapsed features (item 8): every similarity ties; the neighbours must be the smallest indices.
     n = run.scale.collapsed_bank

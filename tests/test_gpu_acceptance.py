@@ -81,6 +81,23 @@ def test_prefetch_trace_analysis_measures_overlap_streams_and_syncs(ga):
     assert ga.analyse_prefetch_trace([])["overlap_share"] is None
 
 
+def test_compute_waits_on_a_copy_only_while_idle_with_a_kernel_launched(ga):
+    # Compute stream 7: kernels over [0, 100] and [150, 200]; side-stream copy over [90, 160]. relu launched at
+    # [95, 100]: it is queued over [100, 150], all inside the copy and with the stream idle, so compute waited
+    # 50 of the copy's 70 us. Launched at [145, 150] instead (the host was late), it waits for nothing.
+    def events(relu_launch):
+        return [_event("kernel", "conv", 0, 100, args={"stream": 7, "correlation": 1}),
+                _event("kernel", "relu", 150, 50, args={"stream": 7, "correlation": 2}),
+                _event("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 90, 70, args={"stream": 20, "bytes": 1000}),
+                _event("cuda_runtime", "cudaLaunchKernel", -5, 1, args={"correlation": 1}),
+                _event("cuda_runtime", "cudaLaunchKernel", relu_launch, 5, args={"correlation": 2})]
+
+    waiting = ga.analyse_prefetch_trace(events(95))
+    assert waiting["compute_wait_us"] == pytest.approx(50) and waiting["compute_wait_share"] == pytest.approx(50 / 70)
+    assert waiting["overlap_share"] == pytest.approx(20 / 70) and waiting["compute_busy_share"] == pytest.approx(150 / 200)
+    assert ga.analyse_prefetch_trace(events(145))["compute_wait_us"] == 0
+
+
 def test_stage_status_follows_its_checks(ga):
     gpu = ga.Stage("s", "t", 10, cuda=True)
     gpu.check("a", True, "1", "c")
@@ -153,7 +170,7 @@ CPU_CHECKS = {
     "throughput": ["per_view", "ghost", "ghost+cl", "per_view + activation checkpointing", "plain timm"],
     "resume": ["runs completed", "resumed at step 2 vs uninterrupted (4 steps, ResNet-18, cuda_deterministic)"],
     "evaluation": ["sharded kNN (padded shards) vs one-process kNN on cpu",
-                   "sharded kNN with exact ties: padded shards on cpu vs one unpadded shard on CPU",
+                   "top-k with exact ties on cpu: the neighbours of an exact sort by (similarity, index)",
                    "collapsed features, 3000 bank rows: neighbours are the smallest indices", "kNN monitor on the FSDP bf16 backbone"],
     "compile": ["eager vs compiled loss"],
 }
