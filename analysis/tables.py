@@ -75,7 +75,7 @@ CANONICAL_ORDER = {
     "method": ["byol", "simsiam", "mocov3"],
     "views": ["global", "global_local", "global_cutout", "global_local_cutout"],
     "predictor": ["shared", "separate"],
-    "backbone": ["resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"],
+    "backbone": ["resnet10t", "resnet18", "resnet50", "vit_micro", "vit_tiny", "vit_small", "vit_base"],
 }
 
 

@@ -66,6 +66,8 @@ SWEEP_SPEC = "sweep.json"
 # whose folder is REFERENCE_JOB_PREFIX + its name; the tables show it as a reference row.
 WEIGHTS_REFERENCE = "reference_weights"
 REFERENCE_JOB_PREFIX = "reference="
+# SWEEP_SPEC's record of the axes whose values the budget replaced: {axis: {"ablation": [...], "budget": [...]}}.
+REPLACED_AXES = "replaced_axes"
 
 # What a job has written once it started; a folder without any of them is still pending.
 STARTED_MARKERS = (CONFIG, TRAIN_LOG, PROGRESS, TENSORBOARD, CHECKPOINTS)

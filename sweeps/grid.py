@@ -121,6 +121,23 @@ def expand_grid(axes: Mapping[str, Sequence[Any]], seeds: Sequence[int] = (0,), 
     return jobs
 
 
+def sweep_axes(ablation_axes: Mapping[str, Sequence[Any]], budget_axes: Mapping[str, Sequence[Any]] | None
+               ) -> tuple[dict[str, list], dict[str, list]]:
+    """The ablation's axes, a budget's ``axes`` replacing the values of the axes it names.
+
+    The rule: a budget's ``axes.<key>`` replaces the values of the ablation's axis ``<key>``; an axis the ablation
+    does not sweep is not added (one budget serves every ablation). A CPU budget sweeps CPU-sized backbones this
+    way. Returns (the axes, {each replaced axis: the ablation's own values}).
+    """
+    axes = {str(key): list(values) for key, values in ablation_axes.items()}
+    replaced = {}
+    for key, values in (budget_axes or {}).items():
+        if key in axes and list(values) != axes[key]:
+            replaced[key] = axes[key]
+            axes[key] = list(values)
+    return axes, replaced
+
+
 RANDOM_INIT = "random_init"
 
 

@@ -44,9 +44,10 @@ from mtssl.config import (ConfigError, compose_config, config_changes, config_ha
                           format_changes, resolve_config)
 from mtssl.config.quoting import check_override_syntax
 from mtssl.config.validate import validate_config
-from mtssl.job_folder import FINAL_STATUSES, SWEEP_SPEC, JobStatus, describe_owner, live_owner, live_status
+from mtssl.job_folder import FINAL_STATUSES, REPLACED_AXES, SWEEP_SPEC, JobStatus, describe_owner, live_owner, live_status
 from mtssl.run import OutDirConflict, out_dir_conflict
-from sweeps.grid import RANDOM_INIT, SweepJob, expand_grid, override_key, quote_value, random_init_job
+from sweeps.grid import (RANDOM_INIT, SweepJob, expand_grid, override_key, quote_value, random_init_job,
+                         sweep_axes)
 from sweeps.launchers import (Submission, SweepLauncher, TrackedJob, is_final, read_submissions,
                               record_submissions, register_configs, scheduler_states, submitted_overrides)
 from sweeps.overrides import split_overrides
@@ -134,7 +135,8 @@ def plan_sweep(cfg: DictConfig, sweep_dir: Path, resources: Resources) -> list[P
     if not budget.get("regime"):
         raise ConfigError(f"budget.regime: budget {budget.name} names no job regime; set budget.regime=<name> "
                           f"(mtssl/conf/regime/<name>.yaml)")
-    grid = dict(axes=OmegaConf.to_container(ablation.axes, resolve=True),
+    axes, _ = budget_axes(cfg)
+    grid = dict(axes=axes,
                 seeds=list(budget.get("seeds") or ablation.seeds),  # a budget may fix its own seeds
                 fixed=list(ablation.get("fixed") or []), regime=str(budget.regime))
     jobs = expand_grid(**grid, job_overrides=list(cfg.job_overrides or []))
@@ -147,6 +149,12 @@ def plan_sweep(cfg: DictConfig, sweep_dir: Path, resources: Resources) -> list[P
             p.size = job_size(p, budget_job(p.job, budget_jobs))
     # The ablation's reference weights (evaluated only), last: sweep.json's axes are read from the first job.
     return planned + plan_references(ablation, jobs, lambda job: plan_job(job, sweep_dir, resources))
+
+
+def budget_axes(cfg: DictConfig) -> tuple[dict[str, list], dict[str, list]]:
+    """The sweep's axes: the ablation's, with the budget's ``axes`` replacing those it names (sweeps/grid.py)."""
+    return sweep_axes(OmegaConf.to_container(cfg.ablation.axes, resolve=True),
+                      OmegaConf.to_container(cfg.budget.axes, resolve=True) if cfg.budget.get("axes") else None)
 
 
 def budget_job(job: SweepJob, budget_jobs: dict[str, SweepJob]) -> SweepJob:
@@ -223,6 +231,32 @@ def hours_per_job(cfg: DictConfig, backbone: str) -> float:
     return float(table.get(backbone, table.get("default", 0.0)))
 
 
+def view_pixels(job_cfg: DictConfig) -> float:
+    """Pixels of one sample's views over those of the default views (global_local_cutout at the data preset's
+    sizes, which ``hours_per_job`` is stated for): the training compute a job's views cost, roughly."""
+    from mtssl.data.views import VIEW_TYPES
+
+    sizes = job_cfg.data.get("view_sizes") or {}
+    default = sum(t.count * int(sizes.get(name) or t.size) ** 2 for name, t in VIEW_TYPES.items())
+    return sum(int(v.count) * int(v.size) ** 2 for v in job_cfg.views.types.values()) / default
+
+
+def evaluation_only(job_cfg: DictConfig) -> bool:
+    return int(job_cfg.train.epochs) == 0 or job_cfg.eval.get("weights") is not None
+
+
+def job_hours(cfg: DictConfig, planned: PlannedJob) -> float:
+    """The estimated wall-clock hours of one planned job (the rule is printed with the estimate: ESTIMATE_RULE)."""
+    resources = cfg.budget.resources
+    if evaluation_only(planned.config) and resources.get("eval_only_hours") is not None:
+        return float(resources.eval_only_hours) * planned.size
+    return hours_per_job(cfg, planned.backbone) * planned.size * view_pixels(planned.config)
+
+
+ESTIMATE_RULE = ("budget.resources.hours_per_job of the job's backbone, for the default views, times the job's view "
+                 "pixels over theirs{work}; an evaluation-only job: budget.resources.eval_only_hours")
+
+
 def print_plan(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob], resources: Resources, kind: str) -> None:
     action = {JobStatus.COMPLETED: "skip (done)", JobStatus.DIVERGED: "skip (done)", JobStatus.FAILED: "rerun",
               JobStatus.UNFINISHED: "resume", JobStatus.MALFORMED: "resume", JobStatus.PENDING: "submit",
@@ -241,10 +275,10 @@ def print_plan(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob], reso
         if cfg.dry_run:
             print(f"    {p.recipe}")
     to_run = [p for p in planned if p.state not in (*FINAL_STATUSES, JobStatus.RUNNING)]
-    hours = sum(hours_per_job(cfg, p.backbone) * p.size for p in to_run)
-    all_hours = sum(hours_per_job(cfg, p.backbone) * p.size for p in planned)
-    source = "budget.resources.hours_per_job" + (", scaled to each job's epochs and training images"
-                                                 if any(p.size != 1.0 for p in planned) else "")
+    hours = sum(job_hours(cfg, p) for p in to_run)
+    all_hours = sum(job_hours(cfg, p) for p in planned)
+    source = ESTIMATE_RULE.format(work=", and its epochs x training images over the budget's"
+                                  if any(p.size != 1.0 for p in planned) else "")
     if resources.gpus:
         print(f"Estimate: {resources.ranks} GPUs x {_hours(all_hours)} job-hours = {_hours(resources.ranks * all_hours)} "
               f"GPU-hours for the sweep, {_hours(resources.ranks * hours)} GPU-hours for the {len(to_run)} job(s) to "
@@ -261,8 +295,11 @@ def _hours(hours: float) -> str:
 def write_sweep_json(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob]) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     axes = list(planned[0].job.axes) if planned else []
+    axes_in_use, replaced = budget_axes(cfg)
     spec = {"ablation": cfg.ablation.name, "budget": cfg.budget.name, "regime": cfg.budget.regime, "axes": axes,
             "jobs": [p.job.to_json() for p in planned]}
+    if replaced:  # the tables say which values stand in for the ablation's (CPU-sized backbones)
+        spec[REPLACED_AXES] = {key: {"ablation": values, "budget": axes_in_use[key]} for key, values in replaced.items()}
     tmp = sweep_dir / f"{SWEEP_SPEC}.tmp"
     tmp.write_text(json.dumps(spec, indent=2))
     os.replace(tmp, sweep_dir / SWEEP_SPEC)

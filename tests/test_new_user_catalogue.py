@@ -334,7 +334,23 @@ def test_item13_estimate_follows_the_jobs_epochs_and_subset(tmp_path, sweep_data
     expected = round(2 * 1.2 * (1 * 8) / (3 * 32), 3)
     out = capsys.readouterr().out
     assert f"about {expected:g} hours of wall time for the 2 job(s)" in out, out
-    assert "scaled to each job's epochs and training images" in out
+    assert "and its epochs x training images over the budget's" in out
+
+
+def test_item13_estimate_follows_the_jobs_views_and_counts_evaluation_only_jobs_apart(tmp_path, sweep_data, capsys):
+    """hours_per_job is for the default views (2 global 32 px + 2 local 16 px + 1 cutout 32 px = 3,584 pixels a
+    sample); a job with fewer views costs its share, an evaluation-only job budget.resources.eval_only_hours."""
+    from sweeps.launch import launch
+
+    cfg = sweep_config(tmp_path / "sweep", sweep_data, "dry_run=true", axes={"views": ["global", "global_local"]})
+    with open_dict(cfg):
+        cfg.budget.random_init_reference = True
+        cfg.budget.resources.eval_only_hours = 0.05
+    assert launch(cfg) == 0
+    expected = round(1.2 * (2 * 32**2) / 3584 + 1.2 * (2 * 32**2 + 2 * 16**2) / 3584 + 0.05, 3)  # 0.686 + 0.857 + ref
+    out = capsys.readouterr().out
+    assert f"about {expected:g} hours of wall time for the 3 job(s)" in out, out
+    assert "over theirs" in out and "eval_only_hours" in out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -76,6 +76,16 @@ def test_one_seed_is_a_fixed_override_not_an_axis():
     assert all("train.seed=3" in job.overrides for job in jobs)
 
 
+def test_a_budgets_axes_replace_the_ablations_axis_of_the_same_key_only():
+    from sweeps.grid import sweep_axes
+
+    ablation = {"backbone": ["resnet50", "vit_small"], "method": ["byol"]}
+    axes, replaced = sweep_axes(ablation, {"backbone": ["resnet18", "vit_micro"], "views": ["global"]})
+    assert axes == {"backbone": ["resnet18", "vit_micro"], "method": ["byol"]}  # views: not swept, not added
+    assert replaced == {"backbone": ["resnet50", "vit_small"]}
+    assert sweep_axes(ablation, None) == (ablation, {})
+
+
 def test_job_names_are_filesystem_safe():
     assert job_name({"data.root": "/a b/c", "x": [1, 2]}) == "data.root=_a_b_c,x=_1,2_"
 
@@ -653,13 +663,15 @@ def test_random_init_reference_jobs_one_per_distinct_backbone_and_budget_seeds(d
     assert out.returncode == 0, out.stderr
     listed = re.findall(r"^  (\S+)\s+submit", out.stdout, flags=re.M)
     assert [n for n in listed if n.startswith("random_init")] == [
-        f"random_init,backbone={b}" for b in ("resnet50", "vit_small", "vit_base")]
+        f"random_init,backbone={b}" for b in ("resnet10t", "resnet18", "vit_micro")]  # the budget's CPU members
     out = launch("ablation=predictor_sharing", "budget=cifar10_gpu", "launcher=slurm", "cluster=example_gpu",
                  f"sweep_dir={tmp_path / 'c'}", "--dry-run", timeout=180)
     assert out.returncode == 0, out.stderr
     listed = re.findall(r"^  (\S+)\s+submit", out.stdout, flags=re.M)
     assert len(listed) == 18 and all("train.seed=" in n for n in listed)
-    assert "= 54 GPU-hours" in out.stdout
+    # 18 jobs x 4.2 GPU-hours (hours_per_job, for the default views) x global_local's pixels over theirs:
+    # (2 x 32^2 + 2 x 16^2) / (2 x 32^2 + 2 x 16^2 + 32^2) = 3 GPU-hours a job
+    assert f"= {round(18 * 4.2 * 2560 / 3584, 3):g} GPU-hours" in out.stdout
 
 
 def test_random_init_backbone_does_not_depend_on_the_method():
