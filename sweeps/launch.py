@@ -234,11 +234,11 @@ def hours_per_job(cfg: DictConfig, backbone: str) -> float:
 def view_pixels(job_cfg: DictConfig) -> float:
     """Pixels of one sample's views over those of the default views (global_local_cutout at the data preset's
     sizes, which ``hours_per_job`` is stated for): the training compute a job's views cost, roughly."""
-    from mtssl.data.views import VIEW_TYPES
+    from mtssl.data.views import VIEW_TYPES, build_view_layout
 
-    sizes = job_cfg.data.get("view_sizes") or {}
-    default = sum(t.count * int(sizes.get(name) or t.size) ** 2 for name, t in VIEW_TYPES.items())
-    return sum(int(v.count) * int(v.size) ** 2 for v in job_cfg.views.types.values()) / default
+    default = build_view_layout({name: None for name in VIEW_TYPES}, job_cfg.data.get("view_sizes"))
+    default_pixels = sum(t.count * t.size ** 2 for t in default.types)
+    return sum(int(v.count) * int(v.size) ** 2 for v in job_cfg.views.types.values()) / default_pixels
 
 
 def evaluation_only(job_cfg: DictConfig) -> bool:
@@ -298,7 +298,7 @@ def write_sweep_json(cfg: DictConfig, sweep_dir: Path, planned: list[PlannedJob]
     axes_in_use, replaced = budget_axes(cfg)
     spec = {"ablation": cfg.ablation.name, "budget": cfg.budget.name, "regime": cfg.budget.regime, "axes": axes,
             "jobs": [p.job.to_json() for p in planned]}
-    if replaced:  # the tables say which values stand in for the ablation's (CPU-sized backbones)
+    if replaced:  # which values stood in for the ablation's (the CPU budget's backbones)
         spec[REPLACED_AXES] = {key: {"ablation": values, "budget": axes_in_use[key]} for key, values in replaced.items()}
     tmp = sweep_dir / f"{SWEEP_SPEC}.tmp"
     tmp.write_text(json.dumps(spec, indent=2))
